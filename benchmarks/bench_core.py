@@ -34,9 +34,7 @@ def reference_loop(acts: list[list[float]], means: list[float], ablate: list[int
     # The seed's algorithm: a Python loop over every entry with a set lookup.
     ablate_set = set(ablate)
     n = len(acts[0])
-    return [
-        [round(means[j], 6) if j in ablate_set else row[j] for j in range(n)] for row in acts
-    ]
+    return [[round(means[j], 6) if j in ablate_set else row[j] for j in range(n)] for row in acts]
 
 
 def main() -> None:
@@ -52,8 +50,10 @@ def main() -> None:
     assert mean_ablation(acts, means, ablate) == reference_loop(acts, means, ablate)
     t_ref = best_of(lambda: reference_loop(acts, means, ablate), 5)
     t_list = best_of(lambda: mean_ablation(acts, means, ablate), 5)
-    print(f"(a) lists {b}x{n}, 10% ablated: ours {t_list * 1e3:.1f} ms, "
-          f"reference {t_ref * 1e3:.1f} ms, ratio {t_list / t_ref:.2f} (target <= 1.0)")
+    print(
+        f"(a) lists {b}x{n}, 10% ablated: ours {t_list * 1e3:.1f} ms, "
+        f"reference {t_ref * 1e3:.1f} ms, ratio {t_list / t_ref:.2f} (target <= 1.0)"
+    )
 
     rows, n = (4096, 4096) if args.small else (65536, 4096)
     x = np.random.default_rng(0).standard_normal((rows, n), dtype=np.float32)
@@ -61,14 +61,18 @@ def main() -> None:
     ablate = rng.sample(range(n), n // 10)
     t_copy = best_of(lambda: x.copy(), 5)
     t_np = best_of(lambda: mean_ablation(x, means_np, ablate), 5)
-    print(f"(b) numpy {rows}x{n} float32: ours {t_np * 1e3:.1f} ms, x.copy() "
-          f"{t_copy * 1e3:.1f} ms, ratio {t_np / t_copy:.2f} (target <= 1.3)")
+    print(
+        f"(b) numpy {rows}x{n} float32: ours {t_np * 1e3:.1f} ms, x.copy() "
+        f"{t_copy * 1e3:.1f} ms, ratio {t_np / t_copy:.2f} (target <= 1.3)"
+    )
     xt = torch.from_numpy(x)
     means_t = torch.from_numpy(means_np)
     t_clone = best_of(lambda: xt.clone(), 5)
     t_t = best_of(lambda: mean_ablation(xt, means_t, ablate), 5)
-    print(f"(b) torch {rows}x{n} float32: ours {t_t * 1e3:.1f} ms, x.clone() "
-          f"{t_clone * 1e3:.1f} ms, ratio {t_t / t_clone:.2f} (target <= 1.3)")
+    print(
+        f"(b) torch {rows}x{n} float32: ours {t_t * 1e3:.1f} ms, x.clone() "
+        f"{t_clone * 1e3:.1f} ms, ratio {t_t / t_clone:.2f} (target <= 1.3)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,15 +7,39 @@ The seed API works on lists, numpy arrays and tensors of any leading shape::
     [[1.0, 0.25]]
     >>> ma.compute_ablation_effect([1.0, 2.0], [1.0, 0.25])
     1.75
+
+On models: name sites, compute dataset means, ablate inside a context manager::
+
+    means = ma.compute_means(model, ["blocks.0.mlp.hook_post"], batches)
+    with ma.ablate(model, "blocks.0.mlp.hook_post[neurons=3,7]", means):
+        logits = model(tokens)
 """
 
+from meanablate import metrics
 from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
+from meanablate.hooks import capture, run_model
+from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
+from meanablate.sites import Site, parse_site
+from meanablate.stats import MeanAccumulator, Means, compute_means
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Effect",
+    "MeanAccumulator",
+    "Means",
+    "Site",
     "__version__",
+    "ablate",
+    "ablation_effect",
+    "bootstrap_ci",
+    "capture",
     "compute_ablation_effect",
+    "compute_means",
     "mean_ablation",
+    "metrics",
+    "parse_site",
     "replace_where",
+    "run_ablated",
+    "run_model",
 ]

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "check_numeric_rows",
     "is_torch_tensor",
     "list_shape",
-    "check_numeric_rows",
-    "normalize_indices",
     "means_to_list",
+    "normalize_indices",
 ]
 
 
@@ -92,8 +92,7 @@ def _check_numeric_row(row: Sequence[Any], where: tuple[int, ...], what: str) ->
         for j, v in enumerate(row):
             if isinstance(v, (list, tuple)):
                 raise ValueError(
-                    f"{what} is ragged: element {list(where) + [j]} is a list, "
-                    "expected a number"
+                    f"{what} is ragged: element {list(where) + [j]} is a list, expected a number"
                 ) from None
             if not _is_real(v):
                 raise TypeError(
@@ -133,8 +132,7 @@ def normalize_indices(neurons_to_ablate: Any, n: int) -> list[int]:
                 i = operator.index(i)
             except TypeError:
                 raise TypeError(
-                    f"neurons_to_ablate[{pos}] = {i!r} is not an integer index "
-                    f"({type(i).__name__})"
+                    f"neurons_to_ablate[{pos}] = {i!r} is not an integer index ({type(i).__name__})"
                 ) from None
         i = int(i)
         if not 0 <= i < n:
@@ -155,8 +153,7 @@ def means_to_list(mean_activations: Any, n: int) -> list[Any]:
                 f"{tuple(mean_activations.shape)}"
             )
         if isinstance(mean_activations, np.ndarray) and not (
-            np.issubdtype(mean_activations.dtype, np.number)
-            or mean_activations.dtype == np.bool_
+            np.issubdtype(mean_activations.dtype, np.number) or mean_activations.dtype == np.bool_
         ):
             raise TypeError(f"mean_activations must be numeric, got dtype {mean_activations.dtype}")
         values = mean_activations.tolist()

@@ -25,7 +25,7 @@ from meanablate._checks import (
     normalize_indices,
 )
 
-__all__ = ["mean_ablation", "compute_ablation_effect", "replace_where", "ablation_plan"]
+__all__ = ["ablation_plan", "compute_ablation_effect", "mean_ablation", "replace_where"]
 
 ArrayT = TypeVar("ArrayT")
 

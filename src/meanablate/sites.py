@@ -29,11 +29,16 @@ from typing import Literal
 
 from torch import nn
 
-__all__ = ["Site", "parse_site", "as_sites", "resolve_module"]
+__all__ = ["Site", "as_sites", "parse_site", "resolve_module"]
 
 _SITE_RE = re.compile(r"^(?P<module>[^\[\]@]+)(?P<io>@input|@output)?(?:\[(?P<sel>[^\]]*)\])?$")
-_KEYS = {"neurons": "neurons", "heads": "heads", "pos": "positions", "positions": "positions",
-         "n_heads": "n_heads"}
+_KEYS = {
+    "neurons": "neurons",
+    "heads": "heads",
+    "pos": "positions",
+    "positions": "positions",
+    "n_heads": "n_heads",
+}
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,11 @@ class Site:
 
     def __str__(self) -> str:
         parts = []
-        for name, value in (("heads", self.heads), ("neurons", self.neurons),
-                            ("pos", self.positions)):
+        for name, value in (
+            ("heads", self.heads),
+            ("neurons", self.neurons),
+            ("pos", self.positions),
+        ):
             if value is not None:
                 parts.append(f"{name}={','.join(map(str, value))}")
         if self.n_heads is not None:
@@ -114,7 +122,9 @@ def parse_site(text: str) -> Site:
         raise TypeError(f"a site is a Site or a string, got {type(text).__name__}")
     match = _SITE_RE.match(text.strip())
     if not match:
-        raise ValueError(f"cannot parse site {text!r}; expected e.g. 'blocks.0.attn.hook_z[heads=1]'")
+        raise ValueError(
+            f"cannot parse site {text!r}; expected e.g. 'blocks.0.attn.hook_z[heads=1]'"
+        )
     kwargs: dict[str, object] = {}
     sel = match.group("sel")
     if sel:
@@ -154,22 +164,33 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
 def check_units_in_range(site: Site, shape: Sequence[int]) -> None:
     """``IndexError`` if a selected unit lies outside the activation's ``shape``."""
     if site.neurons is not None and max(site.neurons) >= shape[-1]:
-        raise IndexError(f"site {site}: neuron {max(site.neurons)} out of range for "
-                         f"activation shape {tuple(shape)} (last dim {shape[-1]})")
+        raise IndexError(
+            f"site {site}: neuron {max(site.neurons)} out of range for "
+            f"activation shape {tuple(shape)} (last dim {shape[-1]})"
+        )
     if site.heads is not None:
-        n_heads = site.n_heads if site.n_heads is not None else (shape[-2] if len(shape) >= 2 else 0)
+        n_heads = (
+            site.n_heads if site.n_heads is not None else (shape[-2] if len(shape) >= 2 else 0)
+        )
         if site.n_heads is not None and shape[-1] % site.n_heads:
-            raise ValueError(f"site {site}: last dim {shape[-1]} is not divisible by "
-                             f"n_heads={site.n_heads}")
+            raise ValueError(
+                f"site {site}: last dim {shape[-1]} is not divisible by n_heads={site.n_heads}"
+            )
         if site.n_heads is None and len(shape) < 3:
-            raise ValueError(f"site {site}: activation shape {tuple(shape)} has no head dim; "
-                             "pass n_heads to view a flat [..., n_heads*d_head] activation")
+            raise ValueError(
+                f"site {site}: activation shape {tuple(shape)} has no head dim; "
+                "pass n_heads to view a flat [..., n_heads*d_head] activation"
+            )
         if max(site.heads) >= n_heads:
-            raise IndexError(f"site {site}: head {max(site.heads)} out of range for "
-                             f"{n_heads} heads (activation shape {tuple(shape)})")
+            raise IndexError(
+                f"site {site}: head {max(site.heads)} out of range for "
+                f"{n_heads} heads (activation shape {tuple(shape)})"
+            )
     if site.positions is not None:
-        if len(shape) < 3 and site.heads is None or len(shape) < 2:
+        if (len(shape) < 3 and site.heads is None) or len(shape) < 2:
             raise ValueError(f"site {site}: activation shape {tuple(shape)} has no position dim")
         if max(site.positions) >= shape[1]:
-            raise IndexError(f"site {site}: position {max(site.positions)} out of range for "
-                             f"sequence length {shape[1]} (activation shape {tuple(shape)})")
+            raise IndexError(
+                f"site {site}: position {max(site.positions)} out of range for "
+                f"sequence length {shape[1]} (activation shape {tuple(shape)})"
+            )

@@ -173,8 +173,13 @@ def test_bad_input_arrays():
 
 
 # -- compute_ablation_effect -----------------------------------------------------------
-@given(st.integers(0, 10).flatmap(lambda d: st.tuples(st.lists(number, min_size=d, max_size=d),
-                                                       st.lists(number, min_size=d, max_size=d))))
+@given(
+    st.integers(0, 10).flatmap(
+        lambda d: st.tuples(
+            st.lists(number, min_size=d, max_size=d), st.lists(number, min_size=d, max_size=d)
+        )
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_effect_equals_oracle(pair):
     a, b = pair
@@ -195,8 +200,9 @@ def test_effect_arrays_per_leading_index(b, p, d, data):
     nested = compute_ablation_effect(x.tolist(), y.tolist())
     for i in range(b):
         for j in range(p):
-            assert math.isclose(got[i, j], oracle_effect(x[i, j].tolist(), y[i, j].tolist()),
-                                abs_tol=1.1e-6)
+            assert math.isclose(
+                got[i, j], oracle_effect(x[i, j].tolist(), y[i, j].tolist()), abs_tol=1.1e-6
+            )
             assert nested[i][j] == oracle_effect(x[i, j].tolist(), y[i, j].tolist())
     got_t = compute_ablation_effect(torch.from_numpy(x), torch.from_numpy(y))
     assert isinstance(got_t, torch.Tensor) and got_t.shape == (b, p)

@@ -1,0 +1,248 @@
+"""The ``ablate()`` context manager and the effect of an ablation on a metric.
+
+Inside ``with ablate(model, sites, means):`` every forward pass sees the selected units
+replaced — by their dataset mean (default), by zero, or by their activation on other
+inputs (resample ablation) — through the one kernel :func:`meanablate.core.replace_where`.
+On exit, including on exceptions, every hook is removed; weights are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from meanablate.core import replace_where
+from meanablate.hooks import capture, hooked, output_tensor, run_model
+from meanablate.metrics import Metric, get_metric
+from meanablate.sites import Site, as_sites, check_units_in_range, resolve_module
+from meanablate.stats import Means
+
+__all__ = ["Effect", "ablate", "ablation_effect", "bootstrap_ci", "run_ablated", "unit_mask"]
+
+Method = Literal["mean", "zero", "resample"]
+
+
+def view_shape(site: Site, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a site's selector indexes: flat heads are split into ``[n_heads, d_head]``."""
+    if site.n_heads is None:
+        return shape
+    return (*shape[:-1], site.n_heads, shape[-1] // site.n_heads)
+
+
+def unit_mask(site: Site, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Bool mask over ``view_shape(site, shape)[1:]`` (no batch dim): True = ablate."""
+    check_units_in_range(site, shape)
+    vshape = view_shape(site, shape)[1:]
+    mask = torch.ones(vshape, dtype=torch.bool, device=device)
+    nd = len(vshape)
+    for dim, chosen in ((nd - 1, site.neurons), (nd - 2, site.heads), (0, site.positions)):
+        if chosen is None:
+            continue
+        keep = torch.zeros(vshape[dim], dtype=torch.bool, device=device)
+        keep[list(chosen)] = True
+        mask = mask & keep.reshape([-1 if d == dim else 1 for d in range(nd)])
+    return mask
+
+
+def _fill_for(
+    site: Site,
+    act: Tensor,
+    means: Means | None,
+    method: Method,
+    source: Mapping[str, Tensor] | None,
+) -> Tensor:
+    vshape = view_shape(site, tuple(act.shape))
+    if method == "zero":
+        return torch.zeros((), dtype=act.dtype, device=act.device)
+    if method == "resample":
+        assert source is not None
+        src = source[site.key]
+        if src.shape != act.shape:
+            raise ValueError(
+                f"site {site.key}: resample source activation has shape "
+                f"{tuple(src.shape)}, the ablated run has {tuple(act.shape)}"
+            )
+        return src.to(act.dtype).reshape(vshape)
+    assert means is not None
+    mean = means[site.key]
+    if means.per_position:
+        if mean.shape[0] < act.shape[1]:
+            raise ValueError(
+                f"site {site.key}: per-position means cover {mean.shape[0]} "
+                f"positions, the input has {act.shape[1]}"
+            )
+        mean = mean[: act.shape[1]]
+    want = tuple(act.shape[-mean.ndim :]) if mean.ndim else ()
+    if tuple(mean.shape) != want or mean.ndim >= act.ndim:
+        raise ValueError(
+            f"site {site.key}: mean has shape {tuple(mean.shape)}, which does not "
+            f"fit the activation {tuple(act.shape)} (wanted {want} trailing dims)"
+        )
+    mean = mean.to(device=act.device, dtype=act.dtype)
+    return mean.reshape(vshape[act.ndim - mean.ndim :])
+
+
+def _make_hook(
+    sites: list[Site], means: Means | None, method: Method, source: Mapping[str, Tensor] | None
+) -> Any:
+    cache: dict[tuple[int, ...], Tensor] = {}
+
+    def hook(act: Tensor) -> Tensor:
+        shape = tuple(act.shape)
+        site0 = sites[0]
+        if shape not in cache:
+            mask = unit_mask(sites[0], shape, act.device)
+            for s in sites[1:]:
+                mask = mask | unit_mask(s, shape, act.device)
+            cache[shape] = mask
+        fill = _fill_for(site0, act, means, method, source)
+        out = replace_where(act.reshape(view_shape(site0, shape)), cache[shape], fill)
+        return out.reshape(shape)
+
+    return hook
+
+
+def _group(sites: list[Site]) -> dict[str, list[Site]]:
+    groups: dict[str, list[Site]] = {}
+    for s in sites:
+        groups.setdefault(s.key, []).append(s)
+    for key, group in groups.items():
+        if len({s.n_heads for s in group}) > 1:
+            raise ValueError(f"site {key}: all selectors on one activation need the same n_heads")
+    return groups
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    ablations: Site | str | Iterable[Site | str],
+    means: Means | None = None,
+    *,
+    method: Method = "mean",
+    source: Tensor | Mapping[str, Any] | None = None,
+) -> Iterator[nn.Module]:
+    """Within the block, forward passes see the chosen units ablated.
+
+    ``ablations``: sites (objects or strings like ``"blocks.1.attn.hook_z[heads=0]"``).
+    ``method``: ``"mean"`` (needs ``means`` from :func:`compute_means`), ``"zero"``, or
+    ``"resample"`` (needs ``source``: a batch of other inputs of the same shape, whose
+    activations replace the chosen units example by example).
+
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> with ablate(m, "1[neurons=0]", method="zero"):
+    ...     y = m(torch.ones(4, 2))
+    >>> len(m[1]._forward_hooks)
+    0
+    """
+    sites = as_sites(ablations)
+    if method not in ("mean", "zero", "resample"):
+        raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
+    for s in sites:
+        resolve_module(model, s.module)
+    groups = _group(sites)
+    if method == "mean":
+        if means is None:
+            raise ValueError("mean ablation needs means; compute them with compute_means()")
+        for key in groups:
+            means[key]
+    captured = None
+    if method == "resample":
+        if source is None:
+            raise ValueError("resample ablation needs `source`: a batch of other inputs")
+        with torch.no_grad(), capture(model, list(groups)) as store:
+            run_model(model, source)
+        captured = dict(store)
+    hooks = {key: _make_hook(group, means, method, captured) for key, group in groups.items()}
+    with hooked(model, hooks):
+        yield model
+
+
+def run_ablated(
+    model: nn.Module,
+    batch: Tensor | Mapping[str, Any],
+    ablations: Site | str | Iterable[Site | str],
+    means: Means | None = None,
+    *,
+    method: Method = "mean",
+    source: Any = None,
+) -> Any:
+    """One forward pass of ``batch`` with ``ablations`` applied; returns the model's output."""
+    with ablate(model, ablations, means, method=method, source=source):
+        return run_model(model, batch)
+
+
+def bootstrap_ci(
+    values: Tensor | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values [n]`` over examples."""
+    v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, np.float64)
+    if v.ndim != 1 or v.size < 2:
+        raise ValueError(f"a confidence interval needs at least 2 examples, got {v.size}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, size=(n_boot, v.size))
+    boots = v[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+
+
+@dataclass(frozen=True)
+class Effect:
+    """The effect of an ablation on a metric, with its spread over examples.
+
+    ``value``: mean per-example effect; ``per_example [batch]``; ``ci``: bootstrap
+    interval of the mean; ``clean`` / ``ablated``: the metric's mean before and after.
+    """
+
+    value: float
+    per_example: Tensor
+    ci: tuple[float, float]
+    clean: float
+    ablated: float
+    metric: str
+
+
+def ablation_effect(
+    model: nn.Module,
+    batch: Tensor | Mapping[str, Any],
+    ablations: Site | str | Iterable[Site | str],
+    means: Means | None = None,
+    *,
+    metric: str | Metric = "l2",
+    method: Method = "mean",
+    source: Any = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Effect:
+    """Effect of ablating ``ablations`` on ``metric`` over one batch, with a bootstrap CI.
+
+    For comparing metrics (``l2``, ``kl``) the effect is the distance from the clean
+    output; for task metrics it is ``metric(ablated) - metric(clean)`` per example.
+    """
+    m = get_metric(metric)
+    with torch.no_grad():
+        clean = output_tensor(run_model(model, batch))
+        ablated = output_tensor(
+            run_ablated(model, batch, ablations, means, method=method, source=source)
+        )
+        per_example = m.effect(ablated, batch, clean)
+        clean_v = m(clean, batch, clean)
+        ablated_v = m(ablated, batch, clean)
+    ci = bootstrap_ci(per_example, n_boot=n_boot, level=level, seed=seed)
+    return Effect(
+        float(per_example.mean()),
+        per_example.cpu(),
+        ci,
+        float(clean_v.mean()),
+        float(ablated_v.mean()),
+        m.name,
+    )
