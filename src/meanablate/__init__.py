@@ -17,6 +17,15 @@ On models: name sites, compute dataset means, ablate inside a context manager::
 
 from meanablate import metrics
 from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
+from meanablate.discovery import (
+    Circuit,
+    Scores,
+    attribute,
+    discover,
+    score_circuit,
+    sweep,
+    transformer_units,
+)
 from meanablate.hooks import capture, run_model
 from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
 from meanablate.sites import Site, parse_site
@@ -25,21 +34,28 @@ from meanablate.stats import MeanAccumulator, Means, compute_means
 __version__ = "0.1.0"
 
 __all__ = [
+    "Circuit",
     "Effect",
     "MeanAccumulator",
     "Means",
+    "Scores",
     "Site",
     "__version__",
     "ablate",
     "ablation_effect",
+    "attribute",
     "bootstrap_ci",
     "capture",
     "compute_ablation_effect",
     "compute_means",
+    "discover",
     "mean_ablation",
     "metrics",
     "parse_site",
     "replace_where",
     "run_ablated",
     "run_model",
+    "score_circuit",
+    "sweep",
+    "transformer_units",
 ]

@@ -1,0 +1,168 @@
+"""Exact single-unit ablations on our transformer, re-running only what lies downstream.
+
+A head writes into the residual stream through ``W_O`` and an MLP neuron through its row
+of ``W_out``; both are linear, so ablating the unit changes the stream by exactly
+``(fill - act) @ W``. The downstream part therefore starts from ``resid + delta`` — at the
+next block for an MLP unit (and for a head in an attention-only block), at the MLP of the
+same block for a head — instead of re-running the whole model. The last step computes
+logits only at the positions the metric reads. Many units can ride one forward pass as
+stacked copies of the batch (``stack``); the result is the same ablation, unit by unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meanablate.hooks import capture
+from meanablate.intervene import _fill_for, unit_mask, view_shape
+from meanablate.organisms.transformer import HookedTransformer
+from meanablate.sites import Site, parse_site
+from meanablate.stats import Means
+
+__all__ = ["Plan", "plan_unit", "clean_state", "ablated_logits"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to ablate one unit: which activation, and where the stream resumes.
+
+    ``resume``: ``"post"`` (add delta to resid_post of ``layer``, run from ``layer+1``),
+    ``"mid"`` (add to resid_mid, finish the block's MLP, then ``layer+1``) or ``"pre"``
+    (replace resid_pre of ``layer``, run from ``layer``).
+    """
+
+    site: Site
+    layer: int
+    kind: str
+    resume: str
+
+
+def plan_unit(model: HookedTransformer, unit: str | Site) -> Plan | None:
+    """A :class:`Plan` for units the fast path handles, ``None`` for the others."""
+    site = parse_site(unit) if isinstance(unit, str) else unit
+    if site.io != "output":
+        return None
+    parts = site.module.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return None
+    layer, rest = int(parts[1]), ".".join(parts[2:])
+    if layer >= model.cfg.n_layers:
+        return None
+    has_mlp = model.cfg.d_mlp is not None
+    table = {
+        "attn.hook_z": ("head", "mid" if has_mlp else "post"),
+        "hook_attn_out": ("attn_out", "mid" if has_mlp else "post"),
+        "mlp.hook_post": ("neuron", "post"),
+        "hook_mlp_out": ("mlp_out", "post"),
+        "hook_resid_pre": ("resid", "pre"),
+        "hook_resid_post": ("resid", "post"),
+    }
+    if rest not in table or (rest.startswith("mlp") or rest == "hook_mlp_out") and not has_mlp:
+        return None
+    kind, resume = table[rest]
+    return Plan(site, layer, kind, resume)
+
+
+@dataclass
+class CleanState:
+    """Clean activations of one batch: residual streams per layer and unit activations."""
+
+    resid_pre: list[Tensor]
+    resid_mid: list[Tensor]
+    resid_post: list[Tensor]
+    acts: dict[str, Tensor]
+    logits: Tensor
+
+
+def clean_state(
+    model: HookedTransformer, tokens: Tensor, attention_mask: Tensor | None, keys: list[str]
+) -> CleanState:
+    """One clean forward recording every residual stream and the activations at ``keys``."""
+    n = model.cfg.n_layers
+    stream = [f"blocks.{i}.hook_resid_pre" for i in range(n)]
+    stream += [f"blocks.{i}.hook_resid_post" for i in range(n)]
+    if model.cfg.d_mlp is not None:
+        stream += [f"blocks.{i}.hook_resid_mid" for i in range(n)]
+    with capture(model, sorted(set(stream) | set(keys))) as store:
+        logits = model(tokens, attention_mask)
+    mids = [store.get(f"blocks.{i}.hook_resid_mid") for i in range(n)]
+    return CleanState(
+        [store[f"blocks.{i}.hook_resid_pre"] for i in range(n)],
+        mids,  # type: ignore[arg-type]
+        [store[f"blocks.{i}.hook_resid_post"] for i in range(n)],
+        {k: store[k] for k in keys},
+        logits,
+    )
+
+
+def _delta(
+    model: HookedTransformer, plan: Plan, act: Tensor, means: Means | None, method: str
+) -> Tensor:
+    """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes."""
+    site = plan.site
+    mask = unit_mask(site, tuple(act.shape), act.device)
+    fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+    vact = act.reshape(view_shape(site, tuple(act.shape)))
+    diff = torch.where(mask, fill - vact, torch.zeros((), dtype=act.dtype, device=act.device))
+    block = model.blocks[plan.layer]
+    if plan.kind == "head":
+        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O)
+    if plan.kind == "neuron":
+        return diff @ block.mlp.W_out
+    return diff.reshape(act.shape)  # attn_out, mlp_out, resid: the activation is the stream
+
+
+def ablated_logits(
+    model: HookedTransformer,
+    plans: list[Plan],
+    state: CleanState,
+    means: Means | None,
+    method: str,
+    attention_mask: Tensor | None,
+    positions: Tensor | None,
+) -> Tensor:
+    """Logits ``[len(plans), batch, n_positions, vocab]`` with each plan ablated alone.
+
+    All plans must share ``layer`` and ``resume`` (they are stacked along the batch).
+    ``positions``: indices of the positions whose logits are needed (``None``: all).
+    """
+    layer, resume = plans[0].layer, plans[0].resume
+    b = state.logits.shape[0]
+    deltas = [_delta(model, p, state.acts[p.site.key], means, method) for p in plans]
+    delta = torch.cat(deltas, dim=0)
+    k = len(plans)
+    mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+
+    def rep(t: Tensor) -> Tensor:
+        return t.repeat(k, *([1] * (t.ndim - 1)))
+
+    if resume == "pre":
+        resid = rep(state.resid_pre[layer]) + delta
+        start = layer
+    elif resume == "mid":
+        block = model.blocks[layer]
+        mid = rep(state.resid_mid[layer]) + delta
+        resid = mid + block.mlp(block.ln2(mid))
+        start = layer + 1
+    else:
+        resid = rep(state.resid_post[layer]) + delta
+        start = layer + 1
+    for block in model.blocks[start:]:
+        resid = block(resid, mask)
+    if positions is not None:
+        resid = resid[:, positions]
+    logits = model.unembed(resid)
+    return logits.reshape(k, b, *logits.shape[1:])
+
+
+def group_key(plan: Plan) -> tuple[int, str]:
+    return plan.layer, plan.resume
+
+
+def any_hooks(model: Any) -> bool:
+    """True if any module carries hooks (the fast path would bypass them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

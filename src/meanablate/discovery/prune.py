@@ -1,0 +1,222 @@
+"""Pruning to a minimal circuit: ACDC-style greedy, and score-then-prune.
+
+Every algorithm has one signature, ``discover(model, batches, means, *, units, metric,
+algorithm, threshold, target_faithfulness)``, and returns one type, :class:`Circuit`.
+
+- ``"acdc"``: walk units from the output backwards; ablate a unit for good if the metric
+  moves by less than ``threshold`` (absolute, in the metric's units) when it is ablated on
+  top of everything already removed.
+- ``"sweep"`` / ``"attribution"`` / ``"attribute_verify"``: rank units by the exact sweep,
+  by attribution, or by attribution with the top ``verify_top`` re-measured exactly; keep
+  the smallest top set whose faithfulness reaches ``target_faithfulness``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from meanablate.discovery.attribution import attribute
+from meanablate.discovery.evaluate import faithfulness, metric_per_example
+from meanablate.discovery.scores import Scores, auroc, roc_curve
+from meanablate.discovery.sweep import check_units, sweep
+from meanablate.discovery.units import reverse_topological
+from meanablate.intervene import Method
+from meanablate.metrics import Metric, get_metric
+from meanablate.stats import Means
+
+__all__ = ["Circuit", "discover", "ALGORITHMS"]
+
+Algorithm = Literal["acdc", "sweep", "attribution", "attribute_verify"]
+ALGORITHMS: tuple[str, ...] = ("acdc", "sweep", "attribution", "attribute_verify")
+
+
+@dataclass
+class Circuit:
+    """The units kept, their scores, and the metric for full / circuit / empty models.
+
+    ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
+    the unit was tried; score-based: the unit's effect). ``curve``: faithfulness against
+    circuit size for score-based algorithms (``(size, faithfulness)`` pairs).
+    """
+
+    algorithm: str
+    units: list[str]
+    kept: list[str]
+    scores: dict[str, float]
+    metric: str
+    metric_full: float
+    metric_circuit: float
+    metric_empty: float
+    threshold: float | None = None
+    target_faithfulness: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    unit_scores: Scores | None = None
+    seconds: float = 0.0
+
+    @property
+    def faithfulness(self) -> float:
+        return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
+
+    def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
+        """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
+        truth = set(ground_truth)
+        missing = truth - set(self.units)
+        if missing:
+            raise ValueError(f"ground-truth units not among the units: {sorted(missing)}")
+        s = [abs(self.scores[u]) for u in self.units]
+        y = [u in truth for u in self.units]
+        fpr, tpr = roc_curve(s, y)
+        return fpr, tpr, auroc(s, y)
+
+
+def discover(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    means: Means | None,
+    *,
+    units: Sequence[str],
+    metric: str | Metric = "kl",
+    algorithm: Algorithm = "acdc",
+    threshold: float | None = None,
+    target_faithfulness: float = 0.95,
+    verify_top: int | None = None,
+    method: Method = "mean",
+    progress: bool = False,
+) -> Circuit:
+    """Find a small set of ``units`` that keeps the model's behaviour under ``metric``.
+
+    Returns a :class:`Circuit`. ``threshold`` (ACDC, required there, >= 0) is the largest
+    metric change a unit may cause and still be removed; ``target_faithfulness`` in
+    (0, 1] is what score-based pruning must reach.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not (0 < target_faithfulness <= 1):
+        raise ValueError(f"target_faithfulness must lie in (0, 1], got {target_faithfulness}")
+    if algorithm == "acdc":
+        if threshold is None or not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(f"ACDC needs a finite threshold >= 0, got {threshold}")
+    elif threshold is not None:
+        raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
+    m = get_metric(metric)
+    units = check_units(model, units)
+    batches = list(batches)
+    t0 = time.perf_counter()
+
+    def value(ablated: Sequence[str]) -> float:
+        return float(metric_per_example(model, batches, ablated, means, m, method=method).mean())
+
+    m_full, m_empty = value([]), value(units)
+    if algorithm == "acdc":
+        circuit = _acdc(units, value, m_full, float(threshold), progress)  # type: ignore[arg-type]
+        circuit.metric_empty = m_empty
+    else:
+        scores = _rank_scores(
+            model, batches, units, means, m, algorithm, verify_top, method, progress
+        )
+        circuit = _prune_to_target(units, scores, value, m_full, m_empty, target_faithfulness)
+    circuit.algorithm, circuit.metric = algorithm, m.name
+    circuit.threshold = threshold
+    circuit.seconds = time.perf_counter() - t0
+    return circuit
+
+
+def _acdc(units: list[str], value: Any, m_full: float, threshold: float, progress: bool) -> Circuit:
+    ablated: list[str] = []
+    current = m_full
+    scores: dict[str, float] = {}
+    order = reverse_topological(units)
+    iterator: Iterable[str] = order
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(order, desc="acdc", unit="unit")
+    for u in iterator:
+        trial = value([*ablated, u])
+        scores[u] = abs(trial - current)
+        if scores[u] < threshold:
+            ablated.append(u)
+            current = trial
+    kept = [u for u in units if u not in set(ablated)]
+    return Circuit("acdc", units, kept, scores, "", m_full, current, float("nan"))
+
+
+def _rank_scores(
+    model: nn.Module,
+    batches: list,
+    units: list[str],
+    means: Any,
+    m: Metric,
+    algorithm: str,
+    verify_top: int | None,
+    method: Method,
+    progress: bool,
+) -> Scores:
+    if algorithm == "sweep":
+        return sweep(model, batches, units, means, metric=m, method=method, progress=progress)
+    grad_metric = m if m.name != "accuracy" else get_metric("loss")
+    scores = attribute(model, batches, units, means, metric=grad_metric, method=method)
+    if algorithm == "attribution":
+        return scores
+    k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * len(units)))
+    if not 1 <= k <= len(units):
+        raise ValueError(f"verify_top must lie in [1, {len(units)}], got {k}")
+    top = scores.ranking()[:k]
+    exact = sweep(model, batches, top, means, metric=m, method=method, progress=progress)
+    # Verified units rank above the rest, by their exact effects.
+    values = scores.values.clone()
+    per_example = scores.per_example.clone()
+    is_exact = torch.zeros(len(units), dtype=torch.bool)
+    bump = float(scores.magnitude().max()) + 1.0
+    for j, u in enumerate(exact.units):
+        i = units.index(u)
+        values[i] = exact.values[j].abs() + bump
+        per_example[i] = exact.per_example[j]
+        is_exact[i] = True
+    return Scores(
+        units,
+        values,
+        per_example,
+        m.name,
+        "attribute_verify",
+        exact=is_exact,
+        seconds=scores.seconds + exact.seconds,
+    )
+
+
+def _prune_to_target(
+    units: list[str], scores: Scores, value: Any, m_full: float, m_empty: float, target: float
+) -> Circuit:
+    ranking = scores.ranking()
+    curve: list[tuple[int, float]] = [(0, 0.0)]
+    chosen = len(units)
+    m_circuit = m_full
+    for size in range(1, len(units) + 1):
+        kept = set(ranking[:size])
+        m_c = value([u for u in units if u not in kept])
+        f = faithfulness(m_c, m_full, m_empty)
+        curve.append((size, f))
+        if f >= target:
+            chosen, m_circuit = size, m_c
+            break
+    kept_units = [u for u in units if u in set(ranking[:chosen])]
+    return Circuit(
+        "",
+        units,
+        kept_units,
+        scores.as_dict(),
+        "",
+        m_full,
+        m_circuit,
+        m_empty,
+        target_faithfulness=target,
+        curve=curve,
+        unit_scores=scores,
+    )

@@ -1,0 +1,90 @@
+"""The one result type of every scoring algorithm, and ROC / rank statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from meanablate.intervene import bootstrap_ci
+
+__all__ = ["Scores", "roc_curve", "auroc", "spearman"]
+
+
+@dataclass
+class Scores:
+    """Per-unit effects from a sweep or an attribution (the shared result type).
+
+    ``units [n]`` site strings; ``values [n]`` mean effect over examples;
+    ``per_example [n, examples]``; ``exact [n]`` which values come from a real ablation
+    (``False``: a linear estimate); ``method`` says which algorithm produced them.
+    """
+
+    units: list[str]
+    values: Tensor
+    per_example: Tensor
+    metric: str
+    method: str
+    exact: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.exact.numel() == 0:
+            self.exact = torch.full((len(self.units),), self.method == "sweep")
+
+    def as_dict(self) -> dict[str, float]:
+        """``{unit: value}``."""
+        return dict(zip(self.units, self.values.tolist()))
+
+    def magnitude(self) -> Tensor:
+        """``|values|``: how much each unit matters, whatever the metric's sign."""
+        return self.values.abs()
+
+    def ranking(self) -> list[str]:
+        """Units by decreasing ``|value|`` (ties keep the input order)."""
+        order = torch.argsort(-self.magnitude(), stable=True)
+        return [self.units[i] for i in order.tolist()]
+
+    def ci(self, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Tensor:
+        """Bootstrap intervals of each unit's mean effect over examples: ``[n, 2]``."""
+        return torch.tensor(
+            [bootstrap_ci(row, n_boot=n_boot, level=level, seed=seed) for row in self.per_example],
+            dtype=torch.float64,
+        )
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> tuple[list[float], list[float]]:
+    """False- and true-positive rates as the threshold sweeps down through ``scores``."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("ROC needs both ground-truth positives and negatives")
+    fpr, tpr = [0.0], [0.0]
+    for t in np.unique(s)[::-1]:
+        keep = s >= t
+        tpr.append(float((keep & y).sum() / y.sum()))
+        fpr.append(float((keep & ~y).sum() / (~y).sum()))
+    return fpr, tpr
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve (ties count one half: the Mann-Whitney statistic)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("AUROC needs both ground-truth positives and negatives")
+    pos, neg = s[y], s[~y]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+def spearman(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> float:
+    """Spearman rank correlation of two score vectors."""
+    from scipy.stats import spearmanr
+
+    x = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64)
+    y = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64)
+    return float(spearmanr(x, y).statistic)

@@ -1,0 +1,194 @@
+"""Exact sweep: the mean-ablation effect of every unit, each ablated alone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from meanablate.discovery import fastpath
+from meanablate.discovery.scores import Scores
+from meanablate.hooks import model_device, output_tensor, run_model, to_device
+from meanablate.intervene import Method, ablate
+from meanablate.metrics import Metric, get_metric, scored_mask
+from meanablate.organisms.transformer import HookedTransformer
+from meanablate.sites import as_sites, resolve_module
+from meanablate.stats import Means
+
+__all__ = ["sweep", "restrict_positions", "check_units"]
+
+Stack = int | Literal["auto"]
+
+
+def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """Normalize unit strings, checking each names a module of ``model``."""
+    if isinstance(units, str) or not len(units):
+        raise ValueError("units must be a non-empty list of sites")
+    out = []
+    for site in as_sites(units):
+        resolve_module(model, site.module)
+        out.append(str(site))
+    if len(set(out)) != len(out):
+        raise ValueError("units contain duplicates")
+    return out
+
+
+def restrict_positions(batch: Mapping[str, Any], logits: Tensor) -> tuple[Tensor | None, dict]:
+    """Positions the metric reads (``None``: all) and the batch's ``[b, p]`` fields cut to them."""
+    if logits.ndim != 3:
+        return None, dict(batch)
+    mask = scored_mask(batch, logits)
+    keep = torch.nonzero(mask.any(0)).reshape(-1)
+    if keep.numel() == logits.shape[1]:
+        return None, dict(batch)
+    b, p = logits.shape[:2]
+    sub = {
+        k: (v[:, keep] if isinstance(v, Tensor) and tuple(v.shape[:2]) == (b, p) else v)
+        for k, v in batch.items()
+    }
+    return keep, sub
+
+
+def _choose_stack(stack: Stack, device: torch.device) -> int:
+    if stack != "auto":
+        if not isinstance(stack, int) or stack < 1:
+            raise ValueError(f"stack must be a positive int or 'auto', got {stack!r}")
+        return stack
+    # On a CPU the arithmetic is the limit and stacking copies only costs memory traffic
+    # (measured: 8 stacked copies made a sweep 1.4x slower); on a GPU, small batches
+    # leave the device idle, so stack until the calibration stops improving.
+    return 1 if device.type == "cpu" else 0  # 0: calibrate on the first group
+
+
+def _calibrate(run: Any, n: int) -> int:
+    best_k, best_t = 1, float("inf")
+    k = 1
+    while k <= min(n, 256):
+        try:
+            run(k)  # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(k)
+            torch.cuda.synchronize()
+            per_unit = (time.perf_counter() - t0) / k
+        except torch.OutOfMemoryError:
+            break
+        if per_unit > best_t * 0.95:
+            break
+        best_k, best_t = k, per_unit
+        k *= 2
+    return best_k
+
+
+def sweep(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    units: Sequence[str],
+    means: Means | None,
+    *,
+    metric: str | Metric = "kl",
+    method: Method = "mean",
+    stack: Stack = "auto",
+    fast: bool = True,
+    progress: bool = False,
+) -> Scores:
+    """The effect of ablating each unit alone, on every example: exact, batched.
+
+    ``units``: site strings (see :func:`transformer_units`). Returns :class:`Scores`
+    with ``values [n_units]`` and ``per_example [n_units, n_examples]``; effects are as
+    in :func:`ablation_effect` (distance for ``kl``/``l2``, change for task metrics).
+
+    On our :class:`HookedTransformer` (``fast=True``) the clean run is cached and only
+    the downstream layers re-run, from ``resid + (fill - act) @ W``; ``stack`` ablations
+    share one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and
+    sites run one hooked forward per unit. Both give the same numbers (to float error).
+    """
+    m = get_metric(metric)
+    units = check_units(model, units)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sweep needs at least one batch")
+    device = model_device(model)
+    is_fast_model = fast and isinstance(model, HookedTransformer) and method != "resample"
+    plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
+    k_stack = _choose_stack(stack, device)
+    per_batch: list[Tensor] = []
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units) * len(batches), desc="sweep", unit="unit")
+    try:
+        with torch.inference_mode():
+            for raw in batches:
+                batch = to_device(raw, device)
+                effects = _sweep_batch(model, batch, units, plans, means, m, method, k_stack, bar)
+                per_batch.append(torch.stack([effects[u] for u in units]))
+    finally:
+        if bar is not None:
+            bar.close()
+    per_example = torch.cat(per_batch, dim=1).double().cpu()
+    return Scores(
+        units, per_example.mean(1), per_example, m.name, "sweep", seconds=time.perf_counter() - t0
+    )
+
+
+def _sweep_batch(
+    model: nn.Module,
+    batch: Any,
+    units: list[str],
+    plans: dict,
+    means: Any,
+    m: Metric,
+    method: Method,
+    k_stack: int,
+    bar: Any,
+) -> dict[str, Tensor]:
+    effects: dict[str, Tensor] = {}
+    slow = [u for u in units if plans[u] is None or fastpath.any_hooks(model)]
+    fast_units = [u for u in units if u not in set(slow)]
+    if slow:
+        clean = output_tensor(run_model(model, batch))
+        for u in slow:
+            with ablate(model, u, means, method=method):
+                out = output_tensor(run_model(model, batch))
+            effects[u] = m.effect(out, batch, clean)
+            if bar is not None:
+                bar.update(1)
+    if not fast_units:
+        return effects
+    assert isinstance(model, HookedTransformer)
+    tokens = batch["tokens"] if isinstance(batch, Mapping) else batch
+    amask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
+    keys = sorted({plans[u].site.key for u in fast_units})
+    state = fastpath.clean_state(model, tokens, amask, keys)
+    positions, sub = restrict_positions(bdict, state.logits)
+    clean = state.logits if positions is None else state.logits[:, positions]
+    groups: dict[tuple[int, str], list[str]] = {}
+    for u in fast_units:
+        groups.setdefault(fastpath.group_key(plans[u]), []).append(u)
+    for group in groups.values():
+        k = k_stack
+        if k == 0:
+
+            def run(kk: int, g: list[str] = group) -> Tensor:
+                return fastpath.ablated_logits(
+                    model, [plans[x] for x in g[:kk]], state, means, method, amask, positions
+                )
+
+            k = _calibrate(run, len(group))
+        for start in range(0, len(group), k):
+            chunk = group[start : start + k]
+            logits = fastpath.ablated_logits(
+                model, [plans[u] for u in chunk], state, means, method, amask, positions
+            )
+            for i, u in enumerate(chunk):
+                effects[u] = m.effect(logits[i], sub, clean)
+            if bar is not None:
+                bar.update(len(chunk))
+    return effects
