@@ -151,12 +151,43 @@ def ablated_logits(
     else:
         resid = rep(state.resid_post[layer]) + delta
         start = layer + 1
-    for block in model.blocks[start:]:
-        resid = block(resid, mask)
-    if positions is not None:
-        resid = resid[:, positions]
+    blocks = list(model.blocks[start:])
+    if positions is not None and blocks:
+        for block in blocks[:-1]:
+            resid = block(resid, mask)
+        resid = last_block_at(blocks[-1], resid, positions, mask)
+    else:
+        for block in blocks:
+            resid = block(resid, mask)
+        if positions is not None:
+            resid = resid[:, positions]
     logits = model.unembed(resid)
     return logits.reshape(k, b, *logits.shape[1:])
+
+
+def last_block_at(block: Any, resid: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+    """The last block's output ``[batch, len(positions), d_model]`` at ``positions`` only.
+
+    Keys and values still come from every position; queries, the MLP and the residual
+    update run only where the metric reads, which is all the unembedding needs.
+    """
+    attn = block.attn
+    x = block.ln1(resid)
+    q = torch.einsum("bpd,hde->bphe", x[:, positions], attn.W_Q) + attn.b_Q
+    k = torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K
+    v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / attn.cfg.d_head**0.5
+    if attn.cfg.causal:
+        later = torch.arange(x.shape[1], device=x.device)[None, :] > positions[:, None]
+        scores = scores.masked_fill(later, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+    out = resid[:, positions] + attn.head_outputs_to_resid(z)
+    if hasattr(block, "mlp"):
+        out = out + block.mlp(block.ln2(out))
+    return out
 
 
 def group_key(plan: Plan) -> tuple[int, str]:

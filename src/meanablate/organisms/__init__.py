@@ -1,5 +1,6 @@
 """Built-in model organisms: small transformers whose circuits are known."""
 
+from meanablate.organisms.registry import Organism, load, names
 from meanablate.organisms.transformer import (
     HookedTransformer,
     HookPoint,
@@ -8,4 +9,13 @@ from meanablate.organisms.transformer import (
     save_model,
 )
 
-__all__ = ["HookPoint", "HookedTransformer", "TransformerConfig", "load_model", "save_model"]
+__all__ = [
+    "HookPoint",
+    "HookedTransformer",
+    "Organism",
+    "TransformerConfig",
+    "load",
+    "load_model",
+    "names",
+    "save_model",
+]

@@ -44,6 +44,8 @@ class Organism:
     - ``metric``: the name of the metric in :mod:`meanablate.metrics` that fits the task.
     - ``units``: candidate units for discovery (site strings: heads, MLPs).
     - ``ground_truth``: the site strings of the true circuit, or ``None`` if unknown.
+    - ``per_position_means``: whether its ground truth is defined under per-position
+      means (fixed-length tasks whose positions play different roles).
     - ``card``: the JSON card (vocabulary, input length, task, ground truth, notes).
     """
 
@@ -55,6 +57,7 @@ class Organism:
     ground_truth: list[str] | None
     card: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    per_position_means: bool = False
 
 
 def names() -> list[str]:

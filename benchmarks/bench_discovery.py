@@ -1,0 +1,143 @@
+"""Discovery speed, as ratios against baselines measured in the same run.
+
+Model: a 4-layer GPT-2-style HookedTransformer (d_model 256, 4 heads, 512 MLP neurons per
+layer, vocab 1000, LayerNorm, GELU), batch 32 prompts x 32 tokens, sweeping the 512
+neurons of layer 1 with a KL metric (all positions, and last token only).
+
+Prints:
+- exact sweep vs the naive loop (one hooked full forward per neuron, the way a
+  TransformerLens user writes it), and vs N x one plain forward of the downstream layers;
+- attribution time vs one plain forward, and its Spearman correlation with the sweep;
+- discovery: attribute-then-verify vs the full exact sweep, to reach the same circuit;
+- per organism: discovery wall time.
+
+Run: ``python benchmarks/bench_discovery.py [--neurons N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import meanablate as ma
+from meanablate.discovery import attribute, discover, spearman, sweep, transformer_units
+from meanablate.hooks import hooked
+from meanablate.organisms import HookedTransformer, TransformerConfig
+
+
+def timed(fn, repeats: int = 1):  # type: ignore[no-untyped-def]
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def build() -> tuple[HookedTransformer, dict]:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layers=4, d_model=256, n_heads=4, d_head=64, d_vocab=1000,
+                            n_ctx=32, d_mlp=512, act_fn="gelu", normalization="LN")
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.08)
+    tokens = torch.randint(0, 1000, (32, 32), generator=torch.Generator().manual_seed(1))
+    return model, {"tokens": tokens}
+
+
+def naive_loop(model: HookedTransformer, batch: dict, means: ma.Means, n: int,
+               last_only: bool) -> torch.Tensor:
+    """One full forward per neuron with a hand-written hook, TransformerLens style."""
+    mean = means["blocks.1.mlp.hook_post"].float()
+    out = torch.empty(n, batch["tokens"].shape[0], dtype=torch.float64)
+    with torch.inference_mode():
+        clean = model(batch["tokens"])
+        if last_only:
+            clean = clean[:, -1:]
+        lq = torch.log_softmax(clean.double(), -1)
+        for i in range(n):
+            def hook(act: torch.Tensor, i: int = i) -> torch.Tensor:
+                act = act.clone()
+                act[..., i] = mean[i]
+                return act
+
+            with hooked(model, {"blocks.1.mlp.hook_post": hook}):
+                logits = model(batch["tokens"])
+            if last_only:
+                logits = logits[:, -1:]
+            lp = torch.log_softmax(logits.double(), -1)
+            out[i] = (lq.exp() * (lq - lp)).sum(-1).mean(-1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--neurons", type=int, default=512)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, batch = build()
+    n = args.neurons
+    units = transformer_units(model, "neurons", layers=[1])[:n]
+    means = ma.compute_means(model, ["blocks.1.mlp.hook_post"], [batch])
+    with torch.inference_mode():
+        t_fwd, _ = timed(lambda: model(batch["tokens"]), 5)
+        resid = model.embed(batch["tokens"])
+        for blk in model.blocks[:2]:
+            resid = blk(resid)
+        t_down, _ = timed(lambda: model.run_from(resid, 2), 5)
+    print(f"one plain forward: {t_fwd * 1e3:.1f} ms; downstream layers 2-3 + unembed: "
+          f"{t_down * 1e3:.1f} ms")
+
+    for last_only in (False, True):
+        b = dict(batch)
+        label = "all positions"
+        if last_only:
+            mask = torch.zeros_like(batch["tokens"], dtype=torch.bool)
+            mask[:, -1] = True
+            b["metric_mask"] = mask
+            label = "last token"
+        t_naive, ref = timed(lambda: naive_loop(model, batch, means, n, last_only))  # noqa: B023
+        t_sweep, scores = timed(lambda: sweep(model, [b], units, means, metric="kl"))  # noqa: B023
+        err = (scores.per_example - ref).abs().max().item()
+        print(f"[KL, {label}] sweep {t_sweep:.2f} s, naive loop {t_naive:.2f} s: "
+              f"{t_naive / t_sweep:.2f}x faster (target >= 1.5x); sweep / (N x downstream "
+              f"forward) = {t_sweep / (n * t_down):.2f} (target <= 1.1); max |diff| {err:.1e}")
+
+    t_attr, attr = timed(lambda: attribute(model, [batch], units, means, metric="kl"))
+    print(f"attribution: {t_attr * 1e3:.0f} ms = {t_attr / t_fwd:.2f} x one forward "
+          f"(target <= 3); Spearman with the exact sweep {spearman(attr.values, scores.values):.3f}")
+
+    all_units = transformer_units(model, "components")
+    mc = ma.compute_means(model, sorted({ma.parse_site(u).key for u in all_units}), [batch])
+    t_full, c_full = timed(lambda: discover(model, [batch], mc, units=all_units, metric="kl",
+                                            algorithm="sweep", target_faithfulness=0.9))
+    t_av, c_av = timed(lambda: discover(model, [batch], mc, units=all_units, metric="kl",
+                                        algorithm="attribute_verify",
+                                        target_faithfulness=0.9))
+    same = sorted(c_full.kept) == sorted(c_av.kept)
+    print(f"discovery (components, faithfulness 0.9): sweep-ranked {t_full:.2f} s, "
+          f"attribute-then-verify {t_av:.2f} s: {t_full / t_av:.2f}x; same circuit: {same}")
+
+    for name in ma.organisms.names():
+        try:
+            org = ma.organisms.load(name)
+        except Exception as exc:  # an optional extra may be missing
+            print(f"organism {name}: skipped ({exc})")
+            continue
+        batches = org.make_batches(64, 32, 0)
+        t0 = time.perf_counter()
+        per_pos = bool(org.card.get("per_position_means", False))
+        keys = sorted({ma.parse_site(u).key for u in org.units})
+        om = ma.compute_means(org.model, keys, batches, per_position=per_pos)
+        circ = discover(org.model, batches, om, units=org.units, metric=org.metric,
+                        algorithm="sweep")
+        print(f"organism {name}: discovery {time.perf_counter() - t0:.2f} s, "
+              f"{len(circ.kept)}/{len(org.units)} units kept")
+
+
+if __name__ == "__main__":
+    main()
