@@ -62,16 +62,27 @@ def _need(batch: Mapping[str, Any], key: str, metric: str) -> Tensor:
 def scored_mask(batch: Mapping[str, Any] | Tensor, logits: Tensor) -> Tensor:
     """Bool ``[batch, pos]``: the positions a metric reads."""
     lg = _seq(logits)
-    if isinstance(batch, Mapping):
-        if "metric_mask" in batch:
-            return _seq_target(batch["metric_mask"]).bool()
-        if "target" in batch:
-            return _seq_target(batch["target"]) != IGNORE
-        if "target_value" in batch:
-            return ~torch.isnan(_seq_target(batch["target_value"]))
-        if "attention_mask" in batch and logits.ndim == 3:
-            return batch["attention_mask"].bool()
-    return torch.ones(lg.shape[:2], dtype=torch.bool, device=lg.device)
+    ones = torch.ones(lg.shape[:2], dtype=torch.bool, device=lg.device)
+    if not isinstance(batch, Mapping):
+        return ones
+    if "metric_mask" in batch:
+        key, mask = "metric_mask", _seq_target(batch["metric_mask"]).bool()
+    elif "target" in batch:
+        key, mask = "target", _seq_target(batch["target"]) != IGNORE
+    elif "target_value" in batch:
+        key, mask = "target_value", ~torch.isnan(_seq_target(batch["target_value"]))
+    elif "attention_mask" in batch and logits.ndim == 3:
+        key, mask = "attention_mask", batch["attention_mask"].bool()
+    else:
+        return ones
+    if tuple(mask.shape) != tuple(lg.shape[:2]):
+        # A field of another shape would be gathered or broadcast silently (a [batch]
+        # target against [batch, pos, vocab] logits would score position 0 only).
+        raise ValueError(
+            f"batch[{key!r}] has shape {tuple(batch[key].shape)}, which does not fit the "
+            f"output's [batch, pos] {tuple(lg.shape[:2])}"
+        )
+    return mask
 
 
 def _masked_mean(values: Tensor, mask: Tensor, metric: str) -> Tensor:
@@ -129,8 +140,9 @@ def logit_diff(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tenso
     w = _check_classes(
         _seq_target(_need(batch, "wrong", "logit_diff")), mask, lg.shape[-1], "logit_diff"
     )
-    diff = lg.gather(-1, t[..., None])[..., 0] - lg.gather(-1, w[..., None])[..., 0]
-    return _masked_mean(diff.double(), mask, "logit_diff")
+    # subtract in float64 like every other metric (a float32 difference is rounded)
+    picked = lg.gather(-1, torch.stack([t, w], -1)).double()
+    return _masked_mean(picked[..., 0] - picked[..., 1], mask, "logit_diff")
 
 
 def loss(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
@@ -193,6 +205,27 @@ class Metric:
         if self.compares:
             return self.fn(logits, batch, clean)
         return self.fn(logits, batch, clean) - self.fn(clean, batch, clean)
+
+    def bind(self, batch: Any, clean: Tensor) -> Callable[[Tensor], Tensor]:
+        """``effect`` with the clean side computed once, for sweeps over many ablations."""
+        if self.fn is kl_div:
+            lq = torch.log_softmax(_seq(clean).double(), -1)
+            q = lq.exp()
+            mask = scored_mask(batch, clean)
+            counts = mask.sum(1)
+            if torch.any(counts == 0):
+                raise ValueError("metric 'kl': an example has no scored position")
+
+            def kl_bound(logits: Tensor) -> Tensor:
+                lp = torch.log_softmax(_seq(logits).double(), -1)
+                kl = (q * (lq - lp)).sum(-1)
+                return torch.where(mask, kl, torch.zeros_like(kl)).sum(1) / counts
+
+            return kl_bound
+        if self.compares:
+            return lambda logits: self.fn(logits, batch, clean)
+        base = self.fn(clean, batch, clean)
+        return lambda logits: self.fn(logits, batch, clean) - base
 
 
 METRICS: dict[str, Metric] = {

@@ -153,10 +153,11 @@ def _sweep_batch(
     fast_units = [u for u in units if u not in set(slow)]
     if slow:
         clean = output_tensor(run_model(model, batch))
+        slow_effect = m.bind(batch, clean)
         for u in slow:
             with ablate(model, u, means, method=method):
                 out = output_tensor(run_model(model, batch))
-            effects[u] = m.effect(out, batch, clean)
+            effects[u] = slow_effect(out)
             if bar is not None:
                 bar.update(1)
     if not fast_units:
@@ -169,6 +170,7 @@ def _sweep_batch(
     state = fastpath.clean_state(model, tokens, amask, keys)
     positions, sub = restrict_positions(bdict, state.logits)
     clean = state.logits if positions is None else state.logits[:, positions]
+    effect_of = m.bind(sub, clean)
     groups: dict[tuple[int, str], list[str]] = {}
     for u in fast_units:
         groups.setdefault(fastpath.group_key(plans[u]), []).append(u)
@@ -188,7 +190,7 @@ def _sweep_batch(
                 model, [plans[u] for u in chunk], state, means, method, amask, positions
             )
             for i, u in enumerate(chunk):
-                effects[u] = m.effect(logits[i], sub, clean)
+                effects[u] = effect_of(logits[i])
             if bar is not None:
                 bar.update(len(chunk))
     return effects
