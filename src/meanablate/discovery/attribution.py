@@ -24,7 +24,7 @@ from meanablate.discovery.sweep import check_units
 from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
-from meanablate.sites import as_sites
+from meanablate.sites import as_sites, check_units_in_range
 from meanablate.stats import Means
 
 __all__ = ["attribute"]
@@ -97,6 +97,45 @@ def attribute(
     )
 
 
+def _contribution(
+    site: Any,
+    act: Tensor,
+    grad: Tensor,
+    means: Any,
+    method: Method,
+    cache: dict[tuple[str, int | None, int], Tensor],
+) -> Tensor:
+    """``sum over the unit's entries of (fill - act) * grad`` per example: ``[batch]``.
+
+    The product over the whole activation is formed once per site key; single-axis
+    selectors (neurons, heads or positions alone) then read a reduced copy of it, so
+    attributing 512 neurons costs one pass over the activation, not 512.
+    """
+    check_units_in_range(site, tuple(act.shape))
+    vshape = view_shape(site, tuple(act.shape))
+    prod_key = (site.key, site.n_heads, -1)
+    if prod_key not in cache:
+        fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+        cache[prod_key] = (fill - act.reshape(vshape)).double() * grad.reshape(vshape).double()
+    prod = cache[prod_key]
+    axis = _single_axis(site, len(vshape))
+    if axis is None:
+        umask = unit_mask(site, tuple(act.shape), act.device)
+        return torch.where(umask, prod, 0.0).flatten(1).sum(1)
+    dim, chosen = axis
+    red_key = (site.key, site.n_heads, dim)
+    if red_key not in cache:
+        others = [d for d in range(1, prod.ndim) if d != dim]
+        cache[red_key] = prod.sum(dim=others) if others else prod
+    return cache[red_key][:, list(chosen)].sum(1)
+
+
+def _single_axis(site: Any, ndim: int) -> tuple[int, tuple[int, ...]] | None:
+    chosen = [(ndim - 1, site.neurons), (ndim - 2, site.heads), (1, site.positions)]
+    given = [(d, c) for d, c in chosen if c is not None]
+    return given[0] if len(given) == 1 else None
+
+
 def _one_pass(
     model: nn.Module,
     batch: Any,
@@ -133,17 +172,14 @@ def _one_pass(
         grads = torch.autograd.grad(objective, [zs[k] for k in keys], allow_unused=True)
     grad_of = dict(zip(keys, grads))
     rows = []
+    reduced: dict[tuple[str, int | None, int], Tensor] = {}
     for site in sites:
         act = acts[site.key]
         g = grad_of[site.key]
         if g is None:
             rows.append(torch.zeros(act.shape[0], dtype=torch.float64, device=act.device))
             continue
-        vshape = view_shape(site, tuple(act.shape))
-        umask = unit_mask(site, tuple(act.shape), act.device)
-        fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
-        delta = torch.where(umask, fill - act.reshape(vshape), 0.0)
-        rows.append((delta.double() * g.reshape(vshape).double()).flatten(1).sum(1))
+        rows.append(_contribution(site, act, g, means, method, reduced))
     contrib = torch.stack(rows)
     if m.compares:
         contrib = contrib.pow(2) if m.name == "kl" else contrib.abs()
