@@ -28,7 +28,7 @@ from meanablate.intervene import Method, ablate
 from meanablate.metrics import Metric, get_metric
 from meanablate.stats import Means
 
-__all__ = ["metric_per_example", "CircuitScores", "score_circuit", "faithfulness"]
+__all__ = ["CircuitScores", "faithfulness", "metric_per_example", "score_circuit"]
 
 
 def metric_per_example(

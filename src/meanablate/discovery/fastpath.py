@@ -23,7 +23,7 @@ from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import Site, parse_site
 from meanablate.stats import Means
 
-__all__ = ["Plan", "plan_unit", "clean_state", "ablated_logits"]
+__all__ = ["Plan", "ablated_logits", "clean_state", "plan_unit"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def plan_unit(model: HookedTransformer, unit: str | Site) -> Plan | None:
         "hook_resid_pre": ("resid", "pre"),
         "hook_resid_post": ("resid", "post"),
     }
-    if rest not in table or (rest.startswith("mlp") or rest == "hook_mlp_out") and not has_mlp:
+    if rest not in table or ((rest.startswith("mlp") or rest == "hook_mlp_out") and not has_mlp):
         return None
     kind, resume = table[rest]
     return Plan(site, layer, kind, resume)
@@ -104,11 +104,30 @@ def _delta(
 ) -> Tensor:
     """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes."""
     site = plan.site
-    mask = unit_mask(site, tuple(act.shape), act.device)
     fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+    block = model.blocks[plan.layer]
+    pos_w = None
+    if site.positions is not None:
+        pos_w = torch.zeros(act.shape[1], 1, dtype=act.dtype, device=act.device)
+        pos_w[list(site.positions)] = 1
+    if plan.kind == "neuron" and site.neurons is not None:
+        # Only the chosen columns move: a thin matmul instead of a masked full one.
+        idx = list(site.neurons)
+        f = fill if fill.ndim == 0 else fill[..., idx]
+        diff = f - act[..., idx]
+        if pos_w is not None:
+            diff = diff * pos_w
+        return diff @ block.mlp.W_out[idx]
+    if plan.kind == "head" and site.heads is not None:
+        idx = list(site.heads)
+        f = fill if fill.ndim == 0 else fill[..., idx, :]
+        diff = f - act[..., idx, :]
+        if pos_w is not None:
+            diff = diff * pos_w[..., None]
+        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O[idx])
+    mask = unit_mask(site, tuple(act.shape), act.device)
     vact = act.reshape(view_shape(site, tuple(act.shape)))
     diff = torch.where(mask, fill - vact, torch.zeros((), dtype=act.dtype, device=act.device))
-    block = model.blocks[plan.layer]
     if plan.kind == "head":
         return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O)
     if plan.kind == "neuron":

@@ -31,7 +31,7 @@ from meanablate.intervene import Method
 from meanablate.metrics import Metric, get_metric
 from meanablate.stats import Means
 
-__all__ = ["Circuit", "discover", "ALGORITHMS"]
+__all__ = ["ALGORITHMS", "Circuit", "discover"]
 
 Algorithm = Literal["acdc", "sweep", "attribution", "attribute_verify"]
 ALGORITHMS: tuple[str, ...] = ("acdc", "sweep", "attribution", "attribute_verify")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from meanablate.intervene import bootstrap_ci
 
-__all__ = ["Scores", "roc_curve", "auroc", "spearman"]
+__all__ = ["Scores", "auroc", "roc_curve", "spearman"]
 
 
 @dataclass

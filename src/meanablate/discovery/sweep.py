@@ -18,7 +18,7 @@ from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
 
-__all__ = ["sweep", "restrict_positions", "check_units"]
+__all__ = ["check_units", "restrict_positions", "sweep"]
 
 Stack = int | Literal["auto"]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from meanablate.sites import Site, as_sites
 
-__all__ = ["transformer_units", "unit_layer", "unit_kind", "reverse_topological"]
+__all__ = ["reverse_topological", "transformer_units", "unit_kind", "unit_layer"]
 
 Granularity = Literal["heads", "mlps", "components", "neurons", "layers", "positions"]
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|h|layer|layers)\.(\d+)(?:\.|$)")
