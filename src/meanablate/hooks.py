@@ -117,11 +117,18 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     if not isinstance(batch, Mapping):
         raise TypeError(f"a batch is a tensor or a dict of tensors, got {type(batch).__name__}")
     accepted, var_kw = _accepted_kwargs(model)
-    kwargs = {k: v for k, v in batch.items() if k not in TASK_KEYS and (k in accepted or var_kw)}
-    if "tokens" in kwargs and "tokens" not in accepted:
-        kwargs["input_ids"] = kwargs.pop("tokens")
-    if "input_ids" in kwargs and "input_ids" not in accepted and "tokens" in accepted:
-        kwargs["tokens"] = kwargs.pop("input_ids")
+    items = {k: v for k, v in batch.items() if k not in TASK_KEYS}
+    # Token ids go by the name the forward declares (renamed before filtering, so that a
+    # name the forward lacks is not dropped first): ``tokens``, ``input_ids``, or
+    # ``input`` (TransformerLens's TransformerBridge.forward).
+    for name in ("tokens", "input_ids"):
+        if name in items and name not in accepted:
+            to = next((t for t in ("input_ids", "tokens", "input") if t in accepted), None)
+            if to is None and name == "tokens" and var_kw:
+                to = "input_ids"
+            if to is not None and to not in items:
+                items[to] = items.pop(name)
+    kwargs = {k: v for k, v in items.items() if k in accepted or var_kw}
     if not kwargs:
         raise ValueError(
             f"none of the batch's keys {sorted(batch)} is an input of "

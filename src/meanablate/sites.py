@@ -71,6 +71,8 @@ class Site:
                 value = tuple(sorted({_as_index(i, field) for i in value}))
             except TypeError as exc:
                 raise TypeError(f"site {self.module}: {exc}") from None
+            except IndexError as exc:
+                raise IndexError(f"site {self.module}: {exc}") from None
             if not value:
                 raise ValueError(f"site {self.module}: {field} is empty; use None for all units")
             object.__setattr__(self, field, value)
@@ -139,6 +141,10 @@ def parse_site(text: str) -> Site:
                 numbers = [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
                 raise ValueError(f"site {text!r}: {name} must be integers, got {value!r}") from None
+            if _KEYS[name] in kwargs:
+                raise ValueError(f"site {text!r}: {name} is given twice")
+            if name == "n_heads" and len(numbers) != 1:
+                raise ValueError(f"site {text!r}: n_heads must be one integer, got {value!r}")
             kwargs[_KEYS[name]] = numbers[0] if name == "n_heads" else tuple(numbers)
     io = "input" if match.group("io") == "@input" else "output"
     return Site(match.group("module"), io=io, **kwargs)  # type: ignore[arg-type]
@@ -156,6 +162,13 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     modules = dict(model.named_modules())
     if path in modules:
         return modules[path]
+    if path:
+        # named_modules() lists a module shared by two parents under one path only
+        # (TransformerLens bridges alias hook points this way); the other path is valid.
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            pass
     close = difflib.get_close_matches(path, list(modules), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise ValueError(f"{type(model).__name__} has no module named {path!r}{hint}")
