@@ -121,10 +121,12 @@ def score_circuit(
     circ, without = per_ex(rest), per_ex(list(circuit))
     mf, me = float(full.mean()), float(empty.mean())
     faith = faithfulness(float(circ.mean()), mf, me)
-    if full.size >= 2:
-        ci = _ratio_ci(circ - empty, full - empty, n_boot, level, seed)
-    else:
-        ci = (float("nan"), float("nan"))
+    if full.size < 2:
+        raise ValueError(
+            f"a confidence interval needs at least 2 examples, got {full.size}; "
+            "score the circuit on more examples"
+        )
+    ci = _ratio_ci(circ - empty, full - empty, n_boot, level, seed)
     denom = mf - me
     completeness = (mf - float(without.mean())) / denom
     minimality: dict[str, float] = {}

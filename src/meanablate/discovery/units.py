@@ -101,12 +101,34 @@ def unit_kind(unit: Site | str) -> str:
     return "other"
 
 
+# Where a block's modules run, in order (first match wins: "attn_out" before "attn").
+_STAGES = (
+    ("resid_pre", 0),
+    ("ln1", 1),
+    ("attn_in", 1),
+    ("attn_out", 3),
+    ("attn", 2),
+    ("attention", 2),
+    ("resid_mid", 4),
+    ("ln2", 5),
+    ("mlp_in", 5),
+    ("mlp_out", 7),
+    ("mlp", 6),
+    ("resid_post", 8),
+)
+
+
 def _order_in_layer(unit: str) -> int:
-    # Within a block the attention runs before the MLP.
-    kind = unit_kind(unit)
-    return 0 if kind in ("head", "attn", "resid", "position") else 1
+    # The stage of the unit's module within its block, read from the module path (the
+    # selector says nothing about it: "hook_mlp_out[pos=2]" is an MLP output, and
+    # "attn.hook_z" with no heads is attention); anything else counts as the MLP.
+    module = as_sites(unit)[0].module
+    m = _LAYER_RE.search(module)
+    rest = module[m.end() :] if m else module
+    return next((stage for word, stage in _STAGES if word in rest), 6)
 
 
 def reverse_topological(units: Sequence[str]) -> list[str]:
-    """Units from the output backwards: later layers first, MLP before attention."""
+    """Units from the output backwards: later layers first, and within a layer the order
+    of the forward pass reversed (resid_post, MLP, resid_mid, attention, resid_pre)."""
     return sorted(units, key=lambda u: (unit_layer(u), _order_in_layer(u)), reverse=True)

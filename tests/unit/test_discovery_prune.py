@@ -1,0 +1,251 @@
+"""discover() on micro models whose answer is known, and its argument checks.
+
+- Heads with ``W_O = 0`` provably do nothing (their output is multiplied by zero), so
+  every algorithm must drop them and ACDC must keep exactly the others.
+- A linear model where neuron ``i`` writes only to output ``i`` with weight ``w_i`` gives
+  ACDC's metric changes in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from meanablate.discovery import (
+    Circuit,
+    discover,
+    faithfulness,
+    score_circuit,
+    sweep,
+    transformer_units,
+)
+from meanablate.organisms import HookedTransformer, TransformerConfig
+from meanablate.stats import Means, compute_means
+
+CFG = TransformerConfig(
+    n_layers=2, d_model=12, n_heads=4, d_head=3, d_vocab=9, n_ctx=6, d_mlp=10, normalization="LN"
+)
+DEAD_HEADS = {(0, 1), (1, 0), (1, 3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors on a shared 2-core machine: one intra-op thread is faster and steadier
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def micro_transformer(dead: set[tuple[int, int]] = DEAD_HEADS, dead_mlps=()) -> HookedTransformer:
+    torch.manual_seed(0)
+    model = HookedTransformer(CFG).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.6 + name.endswith(".w"))
+        for layer, h in dead:
+            model.blocks[layer].attn.W_O[h] = 0.0
+        for layer in dead_mlps:
+            model.blocks[layer].mlp.W_out.zero_()
+    return model
+
+
+def data(n: int = 24, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(CFG.d_vocab, (n, 6), generator=gen)
+    target = torch.randint(CFG.d_vocab, (n, 6), generator=gen)
+    target[:, :2] = -100
+    return [{"tokens": t, "target": y} for t, y in zip(tokens.split(12), target.split(12))]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    model = micro_transformer()
+    batches = data()
+    units = transformer_units(model, "components")
+    means = compute_means(model, units, batches, per_position=True)
+    alive = [
+        u
+        for u in units
+        if not any(f"blocks.{L}.attn.hook_z[heads={h}]" == u for L, h in DEAD_HEADS)
+    ]
+    return model, batches, units, means, alive
+
+
+@pytest.mark.parametrize("metric", ["kl", "l2", "loss"])
+def test_acdc_keeps_exactly_the_units_that_matter(micro, metric) -> None:
+    model, batches, units, means, alive = micro
+    circuit = discover(model, batches, means, units=units, metric=metric, threshold=1e-7)
+    assert isinstance(circuit, Circuit) and circuit.algorithm == "acdc"
+    assert circuit.kept == alive
+    assert set(circuit.scores) == set(units)
+    for u in set(units) - set(alive):
+        assert circuit.scores[u] == 0.0  # provably nothing: the output is bit-identical
+    assert min(circuit.scores[u] for u in alive) > 1e-4
+    assert circuit.metric_circuit == circuit.metric_full  # dead heads change nothing
+    assert circuit.faithfulness == 1.0
+    assert circuit.threshold == 1e-7 and circuit.metric == metric
+
+
+def test_acdc_with_a_dead_mlp_too() -> None:
+    model = micro_transformer(dead={(0, 2)}, dead_mlps=(0,))
+    batches = data(12)
+    units = transformer_units(model, "components")
+    means = compute_means(model, units, batches)
+    circuit = discover(model, batches, means, units=units, metric="kl", threshold=1e-7)
+    assert circuit.kept == [
+        u for u in units if u not in ("blocks.0.attn.hook_z[heads=2]", "blocks.0.hook_mlp_out")
+    ]
+
+
+@pytest.mark.parametrize("algorithm", ["sweep", "attribution", "attribute_verify"])
+def test_score_then_prune_never_needs_a_dead_head(micro, algorithm) -> None:
+    model, batches, units, means, alive = micro
+    circuit = discover(
+        model,
+        batches,
+        means,
+        units=units,
+        metric="loss",
+        algorithm=algorithm,
+        target_faithfulness=0.9,
+    )
+    assert set(circuit.kept) <= set(alive)
+    assert circuit.faithfulness >= 0.9
+    assert circuit.target_faithfulness == 0.9 and circuit.threshold is None
+    # the smallest top-k of the ranking: one unit fewer misses the target
+    sizes = [s for s, _ in circuit.curve]
+    assert sizes == list(range(len(circuit.kept) + 1))
+    assert circuit.curve[-1][1] >= 0.9
+    assert all(f < 0.9 for _, f in circuit.curve[:-1])
+    ranking = circuit.unit_scores.ranking()
+    assert set(circuit.kept) == set(ranking[: len(circuit.kept)])
+    if algorithm == "sweep":
+        exact = sweep(model, batches, units, means, metric="loss")
+        assert circuit.scores == exact.as_dict()
+        # dead heads: zero up to float error (the fast path re-runs only downstream layers)
+        assert all(abs(exact.as_dict()[u]) < 1e-6 for u in set(units) - set(alive))
+
+
+# -- ACDC in closed form -----------------------------------------------------------------
+def diagonal_model(w: list[float]) -> nn.Sequential:
+    n = len(w)
+    model = nn.Sequential(nn.Linear(n, n, bias=False), nn.Linear(n, n, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(n))
+        model[1].weight.copy_(torch.diag(torch.tensor(w)))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("threshold", "kept"),
+    [(0.05, [0, 1, 2]), (0.5, [0, 2]), (2.0, [0]), (3.5, [])],
+)
+def test_acdc_metric_changes_in_closed_form(threshold, kept) -> None:
+    # l2 after ablating neurons S: sqrt(sum_{i in S} w_i^2 (x_i - mean_i)^2) = sqrt(sum w_i^2)
+    w = [3.0, 0.1, 2.0]
+    model = diagonal_model(w)
+    x = torch.tensor([[0.5, -1.0, 2.0]])
+    means = Means({"0": (x[0] - 1).double()}, {"0": torch.tensor(1.0)})
+    units = ["0[neurons=0]", "0[neurons=1]", "0[neurons=2]"]
+    circuit = discover(model, [x], means, units=units, metric="l2", threshold=threshold)
+    assert circuit.kept == [units[i] for i in kept]
+    removed = [i for i in range(3) if i not in kept]
+    assert circuit.metric_circuit == pytest.approx(math.sqrt(sum(w[i] ** 2 for i in removed)))
+    assert circuit.metric_empty == pytest.approx(math.sqrt(sum(v**2 for v in w)))
+    # the walk: neuron 0 first (input order among equals), each tried on top of the removed
+    current, expect = 0.0, {}
+    for i in range(3):
+        trial = math.sqrt(sum(w[j] ** 2 for j in [*[r for r in removed if r < i], i]))
+        expect[units[i]] = abs(trial - current)
+        if i in removed:
+            current = trial
+    assert circuit.scores == pytest.approx(expect)
+
+
+# -- argument checks -----------------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [None, -0.1, float("nan"), float("inf"), -float("inf")])
+def test_acdc_threshold_out_of_range_raises(micro, threshold) -> None:
+    model, batches, units, means, _ = micro
+    with pytest.raises(ValueError, match="threshold"):
+        discover(model, batches, means, units=units, threshold=threshold)
+
+
+@pytest.mark.parametrize("algorithm", ["sweep", "attribution", "attribute_verify"])
+def test_threshold_given_to_score_based_pruning_raises(micro, algorithm) -> None:
+    model, batches, units, means, _ = micro
+    with pytest.raises(ValueError, match="threshold"):
+        discover(model, batches, means, units=units, algorithm=algorithm, threshold=0.1)
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.01, float("nan")])
+def test_target_faithfulness_out_of_range_raises(micro, target) -> None:
+    model, batches, units, means, _ = micro
+    with pytest.raises(ValueError, match="target_faithfulness"):
+        discover(model, batches, means, units=units, algorithm="sweep", target_faithfulness=target)
+
+
+def test_unknown_units_algorithm_and_verify_top_raise(micro) -> None:
+    model, batches, units, means, _ = micro
+    for bad in (["blocks.5.hook_mlp_out"], ["blocks.0.attn.hook_q[heads=0]", "nope"]):
+        for algorithm, thr in (("acdc", 0.1), ("sweep", None)):
+            with pytest.raises(ValueError, match="no module"):
+                discover(model, batches, means, units=bad, algorithm=algorithm, threshold=thr)
+    with pytest.raises(IndexError):  # a module that exists, a head that does not
+        discover(model, batches, means, units=["blocks.0.attn.hook_z[heads=9]"], threshold=0.1)
+    with pytest.raises(ValueError, match="algorithm"):
+        discover(model, batches, means, units=units, algorithm="greedy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="verify_top"):
+        discover(model, batches, means, units=units, algorithm="attribute_verify", verify_top=99)
+    with pytest.raises(ValueError, match="duplicates"):
+        discover(model, batches, means, units=[units[0], units[0]], threshold=0.1)
+
+
+def test_faithfulness_is_undefined_when_full_equals_empty() -> None:
+    with pytest.raises(ValueError, match="undefined"):
+        faithfulness(0.3, 0.7, 0.7)
+    assert faithfulness(0.5, 1.0, 0.0) == 0.5
+    # a model whose every head is dead: ablating all of them changes nothing
+    dead = {(L, h) for L in range(2) for h in range(4)}
+    model = micro_transformer(dead=dead)
+    batches = data(8)
+    units = transformer_units(model, "heads")
+    means = compute_means(model, units, batches)
+    for metric in ("kl", "loss"):
+        with pytest.raises(ValueError, match="undefined"):
+            discover(model, batches, means, units=units, metric=metric, algorithm="sweep")
+        circuit = discover(model, batches, means, units=units, metric=metric, threshold=1e-9)
+        assert circuit.kept == []
+        with pytest.raises(ValueError, match="undefined"):
+            _ = circuit.faithfulness
+        with pytest.raises(ValueError, match="undefined"):
+            score_circuit(model, batches, units[:2], units, means, metric)
+
+
+def test_a_confidence_interval_from_one_example_raises(micro) -> None:
+    model, batches, units, means, alive = micro
+    one = [{k: v[:1] for k, v in batches[0].items()}]
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        score_circuit(model, one, alive, units, means, "loss")
+    scores = sweep(model, one, units, means, metric="loss")
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        scores.ci()
+    # with two examples it works, and the interval is ordered
+    two = [{k: v[:2] for k, v in batches[0].items()}]
+    lo, hi = score_circuit(model, two, alive[:3], units, means, "loss").faithfulness_ci
+    assert lo <= hi
+
+
+def test_roc_needs_known_units_and_both_classes(micro) -> None:
+    model, batches, units, means, alive = micro
+    circuit = discover(model, batches, means, units=units, metric="kl", threshold=1e-7)
+    fpr, tpr, area = circuit.roc(alive)
+    assert area == 1.0 and fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+    with pytest.raises(ValueError, match="not among the units"):
+        circuit.roc(["blocks.9.hook_mlp_out"])
+    with pytest.raises(ValueError, match="positives and negatives"):
+        circuit.roc(units)
