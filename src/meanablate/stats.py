@@ -11,13 +11,16 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from meanablate.hooks import capture, model_device, run_model, to_device
 from meanablate.sites import Site, as_sites, resolve_module
+
+if TYPE_CHECKING:
+    from meanablate.executors import Executor
 
 __all__ = ["MeanAccumulator", "Means", "compute_means"]
 
@@ -196,6 +199,7 @@ def compute_means(
     per_position: bool = False,
     progress: bool = False,
     accumulator: MeanAccumulator | None = None,
+    executor: Executor | None = None,
 ) -> Means:
     """Stream over ``batches`` and return the exact dataset mean at each site.
 
@@ -203,6 +207,8 @@ def compute_means(
     ``attention_mask [batch, pos]`` marks real tokens, and padding is excluded). The model
     runs under ``torch.inference_mode()``. Means cover the whole activation at each site
     (selectors are ignored), shape ``[...]`` or ``[pos, ...]`` with ``per_position``.
+    ``executor``: where to run (default: here); a ``meanablate.executors.RayExecutor``
+    sends shards of the data to workers and merges their float64 sums.
 
     >>> from torch import nn
     >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
@@ -214,6 +220,18 @@ def compute_means(
         raise ValueError("compute_means needs at least one site")
     for key in keys:
         resolve_module(model, key.removesuffix("@input"))
+    if executor is not None and not executor.in_process:
+        from meanablate.executors import sharded_means
+
+        return sharded_means(
+            executor,
+            model,
+            keys,
+            batches,
+            per_position=per_position,
+            progress=progress,
+            accumulator=accumulator,
+        )
     acc = accumulator if accumulator is not None else MeanAccumulator(per_position)
     device = model_device(model)
     n_batches = 0
