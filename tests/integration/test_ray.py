@@ -213,3 +213,22 @@ def test_bad_line_read_on_a_worker_is_the_same_error(ex, tmp_path):
     source = stream_batches(path, lambda t: [int(w) for w in t.split()], ids_key="tokens")
     with pytest.raises(ValueError, match=r"bad.jsonl, line 34: invalid JSON"):
         compute_means(make_model(), SITES, source, executor=ex)
+
+
+def test_sweep_and_attribute_on_ray_equal_local(ex) -> None:
+    from meanablate.discovery import attribute, sweep, transformer_units
+
+    model = make_model(3)
+    batches = make_batches(4, seed=5)
+    for b in batches:
+        b["target"] = torch.where(b["attention_mask"].bool(), b["tokens"], -100)
+    units = transformer_units(model, "components") + ["blocks.1.mlp.hook_post[neurons=3]"]
+    keys = sorted({u.split("[")[0] for u in units})
+    means = compute_means(model, keys, batches)
+    local = sweep(model, batches, units, means, metric="loss")
+    remote = sweep(model, batches, units, means, metric="loss", executor=ex)
+    assert remote.units == local.units
+    torch.testing.assert_close(remote.per_example, local.per_example, rtol=0, atol=1e-6)
+    a_local = attribute(model, batches, units, means, metric="loss")
+    a_remote = attribute(model, batches, units, means, metric="loss", executor=ex)
+    torch.testing.assert_close(a_remote.per_example, a_local.per_example, rtol=0, atol=1e-6)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,9 @@ from meanablate.metrics import Metric, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
+
+if TYPE_CHECKING:
+    from meanablate.executors import Executor
 
 __all__ = ["check_units", "restrict_positions", "sweep"]
 
@@ -94,6 +98,7 @@ def sweep(
     stack: Stack = "auto",
     fast: bool = True,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> Scores:
     """The effect of ablating each unit alone, on every example: exact, batched.
 
@@ -105,12 +110,20 @@ def sweep(
     the downstream layers re-run, from ``resid + (fill - act) @ W``; ``stack`` ablations
     share one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and
     sites run one hooked forward per unit. Both give the same numbers (to float error).
+
+    ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
+    chunks, one model replica per worker, and concatenates the rows in unit order; the
+    result equals the local run.
     """
     m = get_metric(metric)
     units = check_units(model, units)
     batches = list(batches)
     if not batches:
         raise ValueError("sweep needs at least one batch")
+    if executor is not None and not executor.in_process:
+        return _sweep_distributed(
+            executor, model, batches, units, means, m, method, stack, fast, progress
+        )
     device = model_device(model)
     is_fast_model = fast and isinstance(model, HookedTransformer) and method != "resample"
     plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
@@ -132,6 +145,49 @@ def sweep(
         if bar is not None:
             bar.close()
     per_example = torch.cat(per_batch, dim=1).double().cpu()
+    return Scores(
+        units, per_example.mean(1), per_example, m.name, "sweep", seconds=time.perf_counter() - t0
+    )
+
+
+def _sweep_chunk(
+    model: nn.Module,
+    chunk: list[str],
+    *,
+    batches: list,
+    means: Any,
+    metric: Metric,
+    method: Method,
+    stack: Stack,
+    fast: bool,
+) -> Tensor:
+    """One worker's share of a distributed sweep: ``per_example [len(chunk), examples]``."""
+    return sweep(
+        model, batches, chunk, means, metric=metric, method=method, stack=stack, fast=fast
+    ).per_example
+
+
+def _sweep_distributed(
+    executor: Executor,
+    model: nn.Module,
+    batches: list,
+    units: list[str],
+    means: Any,
+    m: Metric,
+    method: Method,
+    stack: Stack,
+    fast: bool,
+    progress: bool,
+) -> Scores:
+    t0 = time.perf_counter()
+    n_chunks = max(1, min(len(units), 4 * max(1, executor.num_workers)))
+    size = -(-len(units) // n_chunks)
+    chunks = [units[i : i + size] for i in range(0, len(units), size)]
+    fn = partial(
+        _sweep_chunk, batches=batches, means=means, metric=m, method=method, stack=stack, fast=fast
+    )
+    rows = executor.map(fn, chunks, model=model, progress=progress, desc="sweep chunks")
+    per_example = torch.cat(rows, dim=0).double().cpu()
     return Scores(
         units, per_example.mean(1), per_example, m.name, "sweep", seconds=time.perf_counter() - t0
     )
