@@ -38,7 +38,7 @@ class MeanAccumulator:
     counts: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, key: str, act: Tensor, mask: Tensor | None) -> None:
-        """Add ``act [batch, pos, ...]`` (or ``[batch, ...]``), weighting by ``mask [batch, pos]``."""
+        """Add ``act [batch, pos, ...]`` or ``[batch, ...]``, weighted by ``mask [batch, pos]``."""
         x = act.detach().to(torch.float64)
         # Dim 1 is the token position for [batch, pos, ...] activations (and for
         # [batch, pos] ones when the mask says so); [batch, n] has none.
@@ -154,8 +154,13 @@ class Means:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | None = None) -> Means:
-        """Read means saved by :meth:`save`; with ``model``, check they belong to it."""
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module | None = None,
+        batch: Tensor | Mapping[str, Any] | None = None,
+    ) -> Means:
+        """Read means saved by :meth:`save`; with ``model`` (and a ``batch``), check them."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -172,22 +177,37 @@ class Means:
                 counts[k[len("count::") :]] = v if per_position else v.reshape(())
         means = cls(tensors, counts, per_position, json.loads(meta.get("metadata", "{}")))
         if model is not None:
-            means.check_model(model)
+            means.check_model(model, batch)
         return means
 
-    def check_model(self, model: nn.Module) -> None:
-        """``ValueError`` if these means were made for another model class or sites."""
+    def check_model(
+        self, model: nn.Module, batch: Tensor | Mapping[str, Any] | None = None
+    ) -> None:
+        """``ValueError`` if these means do not belong to ``model``.
+
+        Checks the model class and that every site exists; with ``batch`` (one example is
+        enough) it also runs the model once and checks each mean's shape against the real
+        activation: ``[...]`` (or ``[pos, ...]`` per position) after ``[batch, pos]``.
+        """
         made_for = self.metadata.get("model_class")
         if made_for and made_for != type(model).__name__:
             raise ValueError(f"means were computed on a {made_for}, not a {type(model).__name__}")
         for key in self.tensors:
             resolve_module(model, key.removesuffix("@input"))
-        shapes = self.metadata.get("activation_shapes", {})
-        for key, shape in shapes.items():
-            if key in self.tensors and list(self.tensors[key].shape)[-len(shape) :] != shape:
+        if batch is None:
+            return
+        keys = sorted(self.tensors)
+        with torch.inference_mode(), capture(model, keys) as store:
+            run_model(model, to_device(batch, model_device(model)))
+        for key in keys:
+            act = tuple(store[key].shape)
+            mean = tuple(self.tensors[key].shape)
+            lead = 1 if self.per_position else 0
+            want = act[2:] if len(act) >= 3 else act[1:]
+            if mean[lead:] != want:
                 raise ValueError(
-                    f"site {key}: stored mean has shape "
-                    f"{tuple(self.tensors[key].shape)}, model gives {tuple(shape)}"
+                    f"site {key}: stored mean has shape {mean}, but the model's "
+                    f"activation is {act} (wanted {want} after batch and position)"
                 )
 
 

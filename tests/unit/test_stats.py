@@ -353,3 +353,17 @@ def test_selectors_are_ignored_for_means() -> None:
     assert a.keys() == b.keys() and torch.equal(
         a["blocks.0.attn.hook_z"], b["blocks.0.attn.hook_z"]
     )
+
+
+def test_load_with_a_batch_checks_shapes_against_the_model(tmp_path) -> None:
+    from torch import nn
+
+    import meanablate as ma
+
+    small = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    wide = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    path = tmp_path / "m.safetensors"
+    ma.compute_means(small, ["1"], [torch.ones(2, 3)]).save(path)
+    ma.Means.load(path, small, torch.ones(1, 3))  # the right model passes
+    with pytest.raises(ValueError, match=r"site 1: stored mean has shape \(4,\).*\(1, 5\)"):
+        ma.Means.load(path, wide, torch.ones(1, 3))
