@@ -38,8 +38,17 @@ def timed(fn, repeats: int = 1):  # type: ignore[no-untyped-def]
 
 def build() -> tuple[HookedTransformer, dict]:
     torch.manual_seed(0)
-    cfg = TransformerConfig(n_layers=4, d_model=256, n_heads=4, d_head=64, d_vocab=1000,
-                            n_ctx=32, d_mlp=512, act_fn="gelu", normalization="LN")
+    cfg = TransformerConfig(
+        n_layers=4,
+        d_model=256,
+        n_heads=4,
+        d_head=64,
+        d_vocab=1000,
+        n_ctx=32,
+        d_mlp=512,
+        act_fn="gelu",
+        normalization="LN",
+    )
     model = HookedTransformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -49,8 +58,9 @@ def build() -> tuple[HookedTransformer, dict]:
     return model, {"tokens": tokens}
 
 
-def naive_loop(model: HookedTransformer, batch: dict, means: ma.Means, n: int,
-               last_only: bool) -> torch.Tensor:
+def naive_loop(
+    model: HookedTransformer, batch: dict, means: ma.Means, n: int, last_only: bool
+) -> torch.Tensor:
     """One full forward per neuron with a hand-written hook, TransformerLens style."""
     mean = means["blocks.1.mlp.hook_post"].float()
     out = torch.empty(n, batch["tokens"].shape[0], dtype=torch.float64)
@@ -60,6 +70,7 @@ def naive_loop(model: HookedTransformer, batch: dict, means: ma.Means, n: int,
             clean = clean[:, -1:]
         lq = torch.log_softmax(clean.double(), -1)
         for i in range(n):
+
             def hook(act: torch.Tensor, i: int = i) -> torch.Tensor:
                 act = act.clone()
                 act[..., i] = mean[i]
@@ -89,8 +100,10 @@ def main() -> None:
         for blk in model.blocks[:2]:
             resid = blk(resid)
         t_down, _ = timed(lambda: model.run_from(resid, 2), 5)
-    print(f"one plain forward: {t_fwd * 1e3:.1f} ms; downstream layers 2-3 + unembed: "
-          f"{t_down * 1e3:.1f} ms")
+    print(
+        f"one plain forward: {t_fwd * 1e3:.1f} ms; downstream layers 2-3 + unembed: "
+        f"{t_down * 1e3:.1f} ms"
+    )
 
     for last_only in (False, True):
         b = dict(batch)
@@ -103,24 +116,48 @@ def main() -> None:
         t_naive, ref = timed(lambda: naive_loop(model, batch, means, n, last_only))  # noqa: B023
         t_sweep, scores = timed(lambda: sweep(model, [b], units, means, metric="kl"))  # noqa: B023
         err = (scores.per_example - ref).abs().max().item()
-        print(f"[KL, {label}] sweep {t_sweep:.2f} s, naive loop {t_naive:.2f} s: "
-              f"{t_naive / t_sweep:.2f}x faster (target >= 1.5x); sweep / (N x downstream "
-              f"forward) = {t_sweep / (n * t_down):.2f} (target <= 1.1); max |diff| {err:.1e}")
+        print(
+            f"[KL, {label}] sweep {t_sweep:.2f} s, naive loop {t_naive:.2f} s: "
+            f"{t_naive / t_sweep:.2f}x faster (target >= 1.5x); sweep / (N x downstream "
+            f"forward) = {t_sweep / (n * t_down):.2f} (target <= 1.1); max |diff| {err:.1e}"
+        )
 
     t_attr, attr = timed(lambda: attribute(model, [batch], units, means, metric="kl"))
-    print(f"attribution: {t_attr * 1e3:.0f} ms = {t_attr / t_fwd:.2f} x one forward "
-          f"(target <= 3); Spearman with the exact sweep {spearman(attr.values, scores.values):.3f}")
+    rho = spearman(attr.values, scores.values)
+    print(
+        f"attribution: {t_attr * 1e3:.0f} ms = {t_attr / t_fwd:.2f} x one forward "
+        f"(target <= 3); Spearman with the exact sweep {rho:.3f}"
+    )
 
     all_units = transformer_units(model, "components")
     mc = ma.compute_means(model, sorted({ma.parse_site(u).key for u in all_units}), [batch])
-    t_full, c_full = timed(lambda: discover(model, [batch], mc, units=all_units, metric="kl",
-                                            algorithm="sweep", target_faithfulness=0.9))
-    t_av, c_av = timed(lambda: discover(model, [batch], mc, units=all_units, metric="kl",
-                                        algorithm="attribute_verify",
-                                        target_faithfulness=0.9))
+    t_full, c_full = timed(
+        lambda: discover(
+            model,
+            [batch],
+            mc,
+            units=all_units,
+            metric="kl",
+            algorithm="sweep",
+            target_faithfulness=0.9,
+        )
+    )
+    t_av, c_av = timed(
+        lambda: discover(
+            model,
+            [batch],
+            mc,
+            units=all_units,
+            metric="kl",
+            algorithm="attribute_verify",
+            target_faithfulness=0.9,
+        )
+    )
     same = sorted(c_full.kept) == sorted(c_av.kept)
-    print(f"discovery (components, faithfulness 0.9): sweep-ranked {t_full:.2f} s, "
-          f"attribute-then-verify {t_av:.2f} s: {t_full / t_av:.2f}x; same circuit: {same}")
+    print(
+        f"discovery (components, faithfulness 0.9): sweep-ranked {t_full:.2f} s, "
+        f"attribute-then-verify {t_av:.2f} s: {t_full / t_av:.2f}x; same circuit: {same}"
+    )
 
     for name in ma.organisms.names():
         try:
@@ -133,10 +170,13 @@ def main() -> None:
         per_pos = bool(org.card.get("per_position_means", False))
         keys = sorted({ma.parse_site(u).key for u in org.units})
         om = ma.compute_means(org.model, keys, batches, per_position=per_pos)
-        circ = discover(org.model, batches, om, units=org.units, metric=org.metric,
-                        algorithm="sweep")
-        print(f"organism {name}: discovery {time.perf_counter() - t0:.2f} s, "
-              f"{len(circ.kept)}/{len(org.units)} units kept")
+        circ = discover(
+            org.model, batches, om, units=org.units, metric=org.metric, algorithm="sweep"
+        )
+        print(
+            f"organism {name}: discovery {time.perf_counter() - t0:.2f} s, "
+            f"{len(circ.kept)}/{len(org.units)} units kept"
+        )
 
 
 if __name__ == "__main__":

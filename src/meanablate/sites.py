@@ -47,8 +47,8 @@ class Site:
 
     >>> str(Site("blocks.1.attn.hook_z", heads=(0, 2)))
     'blocks.1.attn.hook_z[heads=0,2]'
-    >>> parse_site("blocks.0.mlp.hook_post[neurons=5;pos=3]")
-    Site(module='blocks.0.mlp.hook_post', neurons=(5,), heads=None, positions=(3,), n_heads=None, io='output')
+    >>> parse_site("blocks.0.mlp.hook_post[neurons=5;pos=3]").positions
+    (3,)
     """
 
     module: str
@@ -135,7 +135,8 @@ def parse_site(text: str) -> Site:
             name = name.strip()
             if not sep or name not in _KEYS:
                 raise ValueError(
-                    f"site {text!r}: unknown selector {part!r}; use heads=, neurons=, pos=, n_heads="
+                    f"site {text!r}: unknown selector {part!r}; "
+                    "use heads=, neurons=, pos=, n_heads="
                 )
             try:
                 numbers = [int(v) for v in value.split(",") if v.strip()]

@@ -34,7 +34,7 @@ def test_head_ablation_equals_hand_written_hook(organism) -> None:
         for b in batches:
             store = {}
             h = model.encoder.layer[2].attention.output.dense.register_forward_pre_hook(
-                lambda _m, a: store.__setitem__("x", a[0].detach())
+                lambda _m, a, store=store: store.__setitem__("x", a[0].detach())
             )
             model(**b)
             h.remove()

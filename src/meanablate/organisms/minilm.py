@@ -15,7 +15,7 @@ import torch
 
 from meanablate.organisms.registry import Batch, Organism
 
-__all__ = ["load_minilm", "SENTENCES", "minilm_units"]
+__all__ = ["SENTENCES", "load_minilm", "minilm_units"]
 
 SENTENCES: list[str] = [
     "The cat sat on the mat.",

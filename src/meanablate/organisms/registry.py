@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Organism", "load", "names", "card", "data_path"]
+__all__ = ["Organism", "card", "data_path", "load", "names"]
 
 Batch = dict[str, torch.Tensor]
 

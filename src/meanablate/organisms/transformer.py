@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HookPoint", "TransformerConfig", "HookedTransformer", "save_model", "load_model"]
+__all__ = ["HookPoint", "HookedTransformer", "TransformerConfig", "load_model", "save_model"]
 
 
 class HookPoint(nn.Identity):
