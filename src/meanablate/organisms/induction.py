@@ -179,17 +179,18 @@ def head_scores(
 ) -> dict[str, Tensor]:
     """Per-head previous-token and induction scores from attention patterns.
 
-    Returns ``{"prev_token": [n_layers, n_heads], "induction": [n_layers, n_heads]}``:
+    Returns ``{"prev_token", "induction", "current_token"}``, each ``[n_layers, n_heads]``:
 
     - ``prev_token``: mean over sequences and positions ``i >= 1`` of ``pattern[i, i-1]``;
     - ``induction``: mean over sequences and positions ``q`` of the second copy of ``A`` of
       ``pattern[q, q - period + 1]`` (the position after the earlier occurrence of the
-      token at ``q``).
+      token at ``q``);
+    - ``current_token`` (informational): mean over positions ``i >= 1`` of ``pattern[i, i]``.
 
     Computed on fresh data from :func:`sample_sequences` (seeded with ``seed``).
     """
     gen = torch.Generator().manual_seed(int(seed))
-    prev_sum = induction_sum = None
+    prev_sum = induction_sum = self_sum = None
     n_prev = n_ind = 0
     was_training = model.training
     model.eval()
@@ -205,6 +206,7 @@ def head_scores(
             pats = torch.stack(_patterns(model, tokens), dim=1)  # [batch, layer, head, q, k]
             q = torch.arange(1, n_pos)
             prev = pats[..., q, q - 1].sum(dim=(0, -1))  # [layer, head]
+            cur = pats[..., q, q].sum(dim=(0, -1))
             pos = torch.arange(n_pos).expand(n, n_pos)
             in_copy = pos >= _second_copy_start(tokens, period)[:, None]  # [batch, q]
             key = (pos - period[:, None] + 1).clamp(min=0)  # [batch, q]
@@ -213,12 +215,17 @@ def head_scores(
             ind = (att * in_copy[:, None, None, :]).sum(dim=(0, -1))
             prev_sum = prev if prev_sum is None else prev_sum + prev
             induction_sum = ind if induction_sum is None else induction_sum + ind
+            self_sum = cur if self_sum is None else self_sum + cur
             n_prev += n * (n_pos - 1)
             n_ind += int(in_copy.sum())
     finally:
         model.train(was_training)
-    assert prev_sum is not None and induction_sum is not None
-    return {"prev_token": prev_sum / n_prev, "induction": induction_sum / n_ind}
+    assert prev_sum is not None and induction_sum is not None and self_sum is not None
+    return {
+        "prev_token": prev_sum / n_prev,
+        "induction": induction_sum / n_ind,
+        "current_token": self_sum / n_prev,
+    }
 
 
 def ground_truth_from_scores(
