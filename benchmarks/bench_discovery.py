@@ -88,6 +88,12 @@ def naive_loop(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--neurons", type=int, default=512)
+    parser.add_argument(
+        "--minilm-neurons",
+        type=int,
+        default=9216,
+        help="how many of MiniLM's 6 x 1536 neurons to sweep (0: skip)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, batch = build()
@@ -177,6 +183,53 @@ def main() -> None:
             f"organism {name}: discovery {time.perf_counter() - t0:.2f} s, "
             f"{len(circ.kept)}/{len(org.units)} units kept"
         )
+
+
+def bench_minilm(n_neurons: int) -> None:
+    """Exact sweep over all-MiniLM-L6-v2's intermediate neurons, vs the naive loop."""
+    try:
+        org = ma.organisms.load("minilm")
+    except ImportError as exc:
+        print(f"minilm: skipped ({exc})")
+        return
+    model = org.model
+    batches = org.make_batches(64, 64, 0)
+    layers = model.config.num_hidden_layers
+    width = model.config.intermediate_size
+    units = [
+        f"encoder.layer.{L}.intermediate[neurons={i}]" for L in range(layers) for i in range(width)
+    ][:n_neurons]
+    keys = sorted({u.split("[")[0] for u in units})
+    means = ma.compute_means(model, keys, batches)
+    t_sweep, _ = timed(lambda: sweep(model, batches, units, means, metric="l2"))
+    # Naive loop on a sample of the units (the same work per unit), scaled to all of them.
+    sample = units[:: max(1, len(units) // 64)]
+    mean_of = {k: means[k].float() for k in keys}
+
+    def naive() -> None:
+        with torch.inference_mode():
+            clean = model(**batches[0]).last_hidden_state
+            for u in sample:
+                site = ma.parse_site(u)
+                idx = site.neurons[0]
+
+                def hook(act: torch.Tensor, key: str = site.key, i: int = idx) -> torch.Tensor:
+                    act = act.clone()
+                    act[..., i] = mean_of[key][i]
+                    return act
+
+                with hooked(model, {site.key: hook}):
+                    out = model(**batches[0]).last_hidden_state
+                (out - clean).pow(2).sum((1, 2)).sqrt()
+
+    t_naive_sample, _ = timed(naive)
+    t_naive = t_naive_sample * len(units) / len(sample)
+    print(
+        f"minilm: exact sweep of {len(units)} intermediate neurons on 64 sentences "
+        f"{t_sweep:.1f} s; naive loop {t_naive:.1f} s (timed on {len(sample)} units, "
+        f"scaled): ratio {t_naive / t_sweep:.2f}x (HF models take the hooked path: one "
+        f"forward per unit)"
+    )
 
 
 if __name__ == "__main__":

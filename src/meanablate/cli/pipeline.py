@@ -1,0 +1,409 @@
+"""The pipeline behind ``meanablate discover`` / ``demo``, and the run folder.
+
+:func:`run_discovery` computes (or reads) the means, sweeps every unit, estimates effects by
+attribution, discovers the circuit, scores it, and returns a ``results.json`` object that
+validates against :mod:`meanablate.report.schema`. :func:`write_run` writes the run folder:
+``means.safetensors``, ``results.json`` (atomically: an interrupted run never leaves half a
+file), then the plots and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from meanablate.cli.inputs import Inputs, Log, one_line, quiet_log
+from meanablate.config import InputError, Resolved, dump_toml
+
+__all__ = [
+    "compute_or_load_means",
+    "default_run_dir",
+    "prepare_run_dir",
+    "run_discovery",
+    "scores_json",
+    "unit_cis",
+    "write_means",
+    "write_run",
+]
+
+
+def compute_or_load_means(
+    cfg: Resolved, inputs: Inputs, *, progress: bool, log: Log = quiet_log
+) -> Any:
+    """The means of every unit's site: read from ``--means`` or computed on the batches."""
+    from meanablate.sites import as_sites
+    from meanablate.stats import Means, compute_means
+
+    keys = sorted({s.key for s in as_sites(inputs.units)})
+    if cfg["means"]:
+        path = Path(cfg["means"])
+        if not path.is_file():
+            raise InputError(f"--means {path}: no such file")
+        try:
+            means = Means.load(path, inputs.model)
+        except Exception as exc:
+            raise InputError(f"--means {path}: {one_line(exc)}") from None
+        missing = [k for k in keys if k not in means]
+        if missing:
+            raise InputError(f"--means {path}: no means for site(s) {', '.join(missing[:5])}")
+        log(f"means: read {len(means.keys())} sites from {path}")
+        return means
+    if cfg["method"] == "zero":
+        return None
+    log(
+        f"means: {len(keys)} sites over {inputs.n_examples} examples"
+        + (" (per position)" if inputs.per_position else "")
+    )
+    return compute_means(
+        inputs.model, keys, inputs.batches, per_position=inputs.per_position, progress=progress
+    )
+
+
+def unit_cis(per_example: Tensor, n_boot: int, seed: int, progress: bool) -> list[Any]:
+    from meanablate.intervene import bootstrap_ci
+
+    if n_boot < 1 or per_example.shape[1] < 2:
+        return [None] * per_example.shape[0]
+    rows: Any = per_example
+    if progress and per_example.shape[0] > 50:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(per_example, desc="bootstrap", unit="unit")
+    return [list(bootstrap_ci(row, n_boot=n_boot, seed=seed)) for row in rows]
+
+
+def scores_json(scores: Any, cis: list[Any], cfg: Resolved) -> dict[str, Any]:
+    """A sweep's or an attribution's scores as a JSON object (``sweep.json`` etc.)."""
+    return {
+        "method": scores.method,
+        "metric": scores.metric,
+        "n_examples": int(scores.per_example.shape[1]),
+        "seconds": scores.seconds,
+        "config": {k.replace("_", "-"): v for k, v in cfg.saved().items()},
+        "units": [
+            {"name": u, "effect": float(v), "ci": ci, "exact": bool(e)}
+            for u, v, ci, e in zip(scores.units, scores.values.tolist(), cis, scores.exact.tolist())
+        ],
+    }
+
+
+def _unit_index(site: Any) -> int | None:
+    for chosen in (site.heads, site.neurons, site.positions):
+        if chosen is not None:
+            return int(chosen[0]) if len(chosen) == 1 else None
+    return None
+
+
+def _n_layers(model: nn.Module, units: Sequence[str]) -> int:
+    from meanablate.discovery import unit_layer
+
+    cfg = getattr(model, "cfg", None)
+    if isinstance(getattr(cfg, "n_layers", None), int):
+        return int(cfg.n_layers)  # type: ignore[union-attr]
+    hf = getattr(model, "config", None)
+    for name in ("n_layer", "num_hidden_layers", "n_layers"):
+        if isinstance(getattr(hf, name, None), int):
+            return int(getattr(hf, name))
+    return max([unit_layer(u) + 1 for u in units] + [0])
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _curve(
+    inputs: Inputs,
+    means: Any,
+    ranking: list[str],
+    cfg: Resolved,
+    m_full: float,
+    m_empty: float,
+    progress: bool,
+) -> dict[str, list] | None:
+    """Faithfulness of the top-k units by |effect|, for up to 17 sizes k (0 and all included)."""
+    from meanablate.discovery import faithfulness, metric_per_example
+
+    n = len(ranking)
+    steps = min(n, 16)
+    sizes = sorted({round(i * n / steps) for i in range(steps + 1)})
+    it: Any = sizes
+    if progress and n > 8:
+        from tqdm.auto import tqdm
+
+        it = tqdm(sizes, desc="curve", unit="size")
+    faith = []
+    for k in it:
+        keep = set(ranking[:k])
+        ablated = [u for u in inputs.units if u not in keep]
+        m = float(
+            metric_per_example(
+                inputs.model, inputs.batches, ablated, means, inputs.metric, method=cfg["method"]
+            ).mean()
+        )
+        # nothing kept is the empty circuit: 0 by definition (not -0.0 or 1e-16)
+        faith.append(faithfulness(m, m_full, m_empty) + 0.0 if k else 0.0)
+    return {"size": sizes, "faithfulness": faith}
+
+
+def _minimality(
+    inputs: Inputs, means: Any, kept: list[str], cs: Any, method: str, progress: bool
+) -> dict[str, float]:
+    """Per kept unit ``v``: ``(m(circuit) - m(circuit minus v)) / (m(full) - m(empty))``.
+
+    As :func:`~meanablate.discovery.score_circuit` computes it, with a progress bar (one
+    evaluation per kept unit).
+    """
+    from meanablate.discovery import metric_per_example
+
+    rest = [u for u in inputs.units if u not in set(kept)]
+    denom = cs.metric_full - cs.metric_empty
+    it: Any = kept
+    if progress and len(kept) > 8:
+        from tqdm.auto import tqdm
+
+        it = tqdm(kept, desc="minimality", unit="unit")
+    out = {}
+    for v in it:
+        m_minus = metric_per_example(
+            inputs.model, inputs.batches, [*rest, v], means, inputs.metric, method=method
+        )
+        out[v] = (cs.metric_circuit - float(m_minus.mean())) / denom
+    return out
+
+
+def run_discovery(
+    cfg: Resolved,
+    inputs: Inputs,
+    *,
+    progress: bool,
+    log: Log = quiet_log,
+    command: str = "discover",
+    timings: dict[str, float] | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Means, sweep, attribution, discovery and scores: ``(results, means)``."""
+    import meanablate as ma
+    from meanablate.discovery import score_circuit, unit_kind, unit_layer
+    from meanablate.metrics import get_metric
+    from meanablate.report import validate_results
+    from meanablate.sites import parse_site
+
+    timings = dict(timings or {})
+    model, batches, units, metric = inputs.model, inputs.batches, inputs.units, inputs.metric
+    method, seed, n_boot = cfg["method"], cfg["seed"], cfg["n_boot"]
+
+    t = time.perf_counter()
+    means = compute_or_load_means(cfg, inputs, progress=progress, log=log)
+    timings["means"] = time.perf_counter() - t
+
+    log(f"sweep: {len(units)} units, metric {metric}")
+    sweep = ma.sweep(model, batches, units, means, metric=metric, method=method, progress=progress)
+    timings["sweep"] = sweep.seconds
+    t = time.perf_counter()
+    cis = unit_cis(sweep.per_example, n_boot, seed, progress)
+    timings["bootstrap"] = time.perf_counter() - t
+
+    attribution: dict[str, float] | None = None
+    if cfg["attribution"]:
+        t = time.perf_counter()
+        grad_metric = "loss" if metric == "accuracy" else metric
+        try:
+            attr = ma.attribute(model, batches, units, means, metric=grad_metric, method=method)
+            attribution = attr.as_dict()
+        except Exception as exc:  # a model without gradients, say: the report does without
+            log(f"attribution skipped: {type(exc).__name__}: {one_line(exc)}")
+        timings["attribution"] = time.perf_counter() - t
+
+    algorithm = cfg["algorithm"]
+    threshold = cfg["threshold"] if algorithm == "acdc" else None
+    log(
+        f"discover: {algorithm}"
+        + (f", threshold {threshold:g}" if threshold is not None else "")
+        + (f", target faithfulness {cfg['target_faithfulness']:g}" if algorithm != "acdc" else "")
+    )
+    circuit = ma.discover(
+        model,
+        batches,
+        means,
+        units=units,
+        metric=metric,
+        algorithm=algorithm,
+        threshold=threshold,
+        target_faithfulness=cfg["target_faithfulness"] or 0.95,  # None: unused (acdc)
+        method=method,
+        progress=progress,
+    )
+    timings["search"] = circuit.seconds
+
+    log(f"score: circuit of {len(circuit.kept)} units")
+    t = time.perf_counter()
+    cs = score_circuit(
+        model, batches, circuit.kept, units, means, metric,
+        method=method, n_boot=max(n_boot, 1), seed=seed, with_minimality=False,
+    )  # fmt: skip
+    minimality = _minimality(inputs, means, circuit.kept, cs, method, progress)
+    timings["score"] = time.perf_counter() - t
+
+    auroc, roc = None, None
+    gt = inputs.ground_truth
+    if gt:
+        try:
+            fpr, tpr, auroc = circuit.roc(gt)
+            roc = {"fpr": fpr, "tpr": tpr}
+        except ValueError as exc:
+            log(f"AUROC skipped: {one_line(exc)}")
+            auroc = None
+
+    if circuit.curve:
+        curve = {
+            "size": [s for s, _ in circuit.curve],
+            "faithfulness": [f for _, f in circuit.curve],
+        }
+    elif len(units) <= 512:
+        t = time.perf_counter()
+        curve = _curve(
+            inputs, means, sweep.ranking(), cfg, cs.metric_full, cs.metric_empty, progress
+        )
+        timings["curve"] = time.perf_counter() - t
+    else:
+        curve = None
+
+    kept = set(circuit.kept)
+    unit_rows = []
+    for u, effect, ci in zip(units, sweep.values.tolist(), cis):
+        unit_rows.append(
+            {
+                "name": u,
+                "layer": unit_layer(u),
+                "kind": unit_kind(u),
+                "index": _unit_index(parse_site(u)),
+                "effect": float(effect),
+                "ci": ci,
+                "attribution": None if attribution is None else float(attribution[u]),
+                "in_circuit": u in kept,
+                "in_ground_truth": None if not gt else u in set(gt),
+            }
+        )
+    m = get_metric(metric)
+    saved = {k.replace("_", "-"): v for k, v in cfg.saved().items()}
+    ci = cs.faithfulness_ci if n_boot >= 1 and all(map(math.isfinite, cs.faithfulness_ci)) else None
+    results = {
+        "schema_version": 1,
+        "meanablate_version": ma.__version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": _version("torch"),
+            "numpy": _version("numpy"),
+            **inputs.versions,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "config": saved,
+        "command": command,
+        "model": {
+            "name": inputs.name,
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "n_layers": _n_layers(model, units),
+        },
+        "metric": {"name": m.name, "higher_is_better": m.higher_is_better},
+        "units": unit_rows,
+        "circuit": {
+            "algorithm": algorithm,
+            "threshold": threshold,
+            "target_faithfulness": None if algorithm == "acdc" else cfg["target_faithfulness"],
+            "units": [u for u in units if u in kept],
+            "metric_full": cs.metric_full,
+            "metric_circuit": cs.metric_circuit,
+            "metric_empty": cs.metric_empty,
+        },
+        "scores": {
+            "faithfulness": cs.faithfulness,
+            "faithfulness_ci": list(ci) if ci else None,
+            "completeness": _finite_or_none(cs.completeness),
+            "minimality": minimality,
+            "auroc": auroc,
+            "roc": roc,
+        },
+        "curve": curve,
+        "edges": None,
+        "timings": {k: max(0.0, float(v)) for k, v in timings.items()},
+        "title": f"{inputs.name}: {algorithm} circuit",
+        "notes": inputs.description or None,
+    }
+    validate_results(results)
+    return results, means
+
+
+# -- the run folder --------------------------------------------------------------------------
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``... if taken)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{safe}-{stamp}"
+    n = 2
+    while path.exists():
+        path = Path(root) / f"{safe}-{stamp}-{n}"
+        n += 1
+    return path
+
+
+def prepare_run_dir(out: Path, cfg: Resolved, command: str) -> None:
+    """Create the run folder and write ``config.toml`` (the options, to rerun with --config)."""
+    from meanablate.report import write_bytes_atomic
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    header = (
+        f"meanablate {command}: rerun with `meanablate {command} --config {out / 'config.toml'}`"
+    )
+    text = dump_toml(cfg.saved(), header=header)
+    write_bytes_atomic(out / "config.toml", text.encode("utf-8"))
+
+
+def write_means(means: Any, path: Path) -> None:
+    """Save ``means`` as safetensors, atomically (a temp file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        means.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_run(out: Path, results: dict[str, Any], means: Any, on_results: Any = None) -> Path:
+    """``means.safetensors``, ``results.json`` (atomic), then the plots and ``report.html``.
+
+    ``on_results()`` is called once ``results.json`` is complete (before the report).
+    """
+    from meanablate.report import write_json_atomic, write_report
+
+    if means is not None:
+        write_means(means, out / "means.safetensors")
+    write_json_atomic(out / "results.json", results)
+    if on_results is not None:
+        on_results()
+    return write_report(out)
