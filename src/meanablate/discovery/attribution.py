@@ -94,15 +94,8 @@ def attribute(
         per_batch.append(est)
     if not per_batch:
         raise ValueError("attribute needs at least one batch")
-    per_example = torch.cat(per_batch, dim=1).cpu()
-    return Scores(
-        units,
-        per_example.mean(1),
-        per_example,
-        m.name,
-        "attribution",
-        exact=torch.zeros(len(units), dtype=torch.bool),
-        seconds=time.perf_counter() - t0,
+    return Scores.from_examples(
+        units, torch.cat(per_batch, dim=1), m.name, "attribution", time.perf_counter() - t0
     )
 
 
@@ -164,15 +157,8 @@ def _attribute_distributed(
         seed=seed,
     )
     rows = executor.map(fn, shards, model=model, desc="attribution shards")
-    per_example = torch.cat(rows, dim=1).cpu()
-    return Scores(
-        units,
-        per_example.mean(1),
-        per_example,
-        m.name,
-        "attribution",
-        exact=torch.zeros(len(units), dtype=torch.bool),
-        seconds=time.perf_counter() - t0,
+    return Scores.from_examples(
+        units, torch.cat(rows, dim=1), m.name, "attribution", time.perf_counter() - t0
     )
 
 

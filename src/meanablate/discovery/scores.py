@@ -35,6 +35,17 @@ class Scores:
         if self.exact.numel() == 0:
             self.exact = torch.full((len(self.units),), self.method == "sweep")
 
+    @classmethod
+    def from_examples(
+        cls, units: list[str], per_example: Tensor, metric: str, method: str, seconds: float
+    ) -> Scores:
+        """Scores whose values are the per-example effects' means (exact for a sweep)."""
+        per_example = per_example.double().cpu()
+        exact = torch.full((len(units),), method == "sweep")
+        return cls(
+            units, per_example.mean(1), per_example, metric, method, exact=exact, seconds=seconds
+        )
+
     def as_dict(self) -> dict[str, float]:
         """``{unit: value}``."""
         return dict(zip(self.units, self.values.tolist()))

@@ -144,9 +144,8 @@ def sweep(
     finally:
         if bar is not None:
             bar.close()
-    per_example = torch.cat(per_batch, dim=1).double().cpu()
-    return Scores(
-        units, per_example.mean(1), per_example, m.name, "sweep", seconds=time.perf_counter() - t0
+    return Scores.from_examples(
+        units, torch.cat(per_batch, dim=1), m.name, "sweep", time.perf_counter() - t0
     )
 
 
@@ -187,9 +186,8 @@ def _sweep_distributed(
         _sweep_chunk, batches=batches, means=means, metric=m, method=method, stack=stack, fast=fast
     )
     rows = executor.map(fn, chunks, model=model, progress=progress, desc="sweep chunks")
-    per_example = torch.cat(rows, dim=0).double().cpu()
-    return Scores(
-        units, per_example.mean(1), per_example, m.name, "sweep", seconds=time.perf_counter() - t0
+    return Scores.from_examples(
+        units, torch.cat(rows, dim=0), m.name, "sweep", time.perf_counter() - t0
     )
 
 
