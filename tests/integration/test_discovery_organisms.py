@@ -31,15 +31,6 @@ ORGANISMS = ["tracr-reverse", "tracr-frac_prevs", "tracr-sort", "induction"]
 _UNIT_RE = re.compile(r"^(blocks\.\d+\.attn\.hook_z)\[heads=(\d+)\]$|^(blocks\.\d+\.hook_mlp_out)$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is faster and steadier
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def parse(unit: str) -> tuple[str, int | None]:
     m = _UNIT_RE.match(unit)
     assert m, f"unexpected unit {unit!r}"

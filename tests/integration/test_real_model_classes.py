@@ -25,16 +25,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from meanablate.adapters import huggingface as hfa  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ATOL = 1e-6
 
 

@@ -9,7 +9,6 @@ hook and hand-written metrics, in float64 (no autograd, no library code).
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -19,30 +18,9 @@ from hypothesis import strategies as st
 from meanablate.discovery import attribute, spearman, sweep
 from meanablate.organisms import HookedTransformer, TransformerConfig
 from meanablate.stats import Means
+from reference import parse_unit
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is faster and steadier
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-_UNIT_RE = re.compile(r"^([^\[\]]+)(?:\[(.*)\])?$")
-
-
-def parse_unit(unit: str) -> tuple[str, dict[str, list[int]]]:
-    module, sel = _UNIT_RE.match(unit).groups()  # type: ignore[union-attr]
-    out: dict[str, list[int]] = {}
-    for part in (sel or "").split(";"):
-        if part:
-            name, value = part.split("=")
-            out[name] = [int(v) for v in value.split(",")]
-    return module, out
 
 
 def selected(shape: tuple[int, ...], sel: dict) -> torch.Tensor:

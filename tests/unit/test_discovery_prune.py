@@ -31,15 +31,6 @@ CFG = TransformerConfig(
 DEAD_HEADS = {(0, 1), (1, 0), (1, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is faster and steadier
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def micro_transformer(dead: set[tuple[int, int]] = DEAD_HEADS, dead_mlps=()) -> HookedTransformer:
     torch.manual_seed(0)
     model = HookedTransformer(CFG).eval()

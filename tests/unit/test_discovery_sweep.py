@@ -9,7 +9,6 @@ code with the library's ablation, fast path or metrics. Also: Ctrl-C safety of s
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -20,33 +19,10 @@ from torch import nn
 from meanablate.discovery import attribute, discover, sweep
 from meanablate.organisms import HookedTransformer, TransformerConfig
 from meanablate.stats import Means
+from reference import parse_unit
 
 IGNORE = -100
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is faster and steadier
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# -- the independent reference ---------------------------------------------------------
-_UNIT_RE = re.compile(r"^([^\[\]]+)(?:\[(.*)\])?$")
-
-
-def parse_unit(unit: str) -> tuple[str, dict[str, list[int]]]:
-    """``"blocks.0.attn.hook_z[heads=1;pos=2]"`` -> ``("blocks.0.attn.hook_z", {...})``."""
-    module, sel = _UNIT_RE.match(unit).groups()  # type: ignore[union-attr]
-    out: dict[str, list[int]] = {}
-    for part in (sel or "").split(";"):
-        if part:
-            name, value = part.split("=")
-            out[name] = [int(v) for v in value.split(",")]
-    return module, out
 
 
 def replaced(act: torch.Tensor, sel: dict, fill: torch.Tensor | None) -> torch.Tensor:

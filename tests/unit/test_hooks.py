@@ -13,16 +13,6 @@ from meanablate import Means, ablate, capture, run_model
 from meanablate.hooks import hooked, output_tensor
 from meanablate.organisms import HookedTransformer, TransformerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = TransformerConfig(
     n_layers=2,
     d_model=16,

@@ -14,16 +14,6 @@ from torch import nn
 from meanablate import Effect, Means, ablation_effect, bootstrap_ci, run_ablated
 from meanablate.organisms import HookedTransformer, TransformerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = TransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_vocab=11, n_ctx=8, d_mlp=24)
 
 

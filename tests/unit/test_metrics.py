@@ -13,15 +13,6 @@ from meanablate import metrics as M
 from meanablate.metrics import METRICS, Metric, get_metric
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- hand references: plain Python floats and loops ----------------------------------------
 def softmax_row(row: list[float]) -> list[float]:
     m = max(row)

@@ -16,15 +16,6 @@ from meanablate.organisms import HookedTransformer, TransformerConfig
 from meanablate.sites import as_sites, check_units_in_range, resolve_module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model() -> HookedTransformer:
     torch.manual_seed(0)
     cfg = TransformerConfig(

@@ -17,16 +17,6 @@ from torch import nn
 from meanablate import MeanAccumulator, Means, ablate, compute_means
 from meanablate.organisms import HookedTransformer, TransformerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster, and immune to contention on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = TransformerConfig(
     n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=9, n_ctx=10, d_mlp=12, normalization="LN"
 )
