@@ -8,7 +8,7 @@ position with ``per_position=True``), whatever the size of the data.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,6 +211,32 @@ class Means:
                 )
 
 
+def accumulate_batches(
+    acc: MeanAccumulator,
+    model: nn.Module,
+    keys: Sequence[str],
+    batches: Iterable[Tensor | Mapping[str, Any]],
+) -> int:
+    """Run ``model`` on ``batches``, adding the activations at ``keys`` to ``acc``.
+
+    Returns the number of batches (0 for none).
+    """
+    device = model_device(model)
+    n_batches = 0
+    with torch.inference_mode(), capture(model, list(keys)) as store:
+        for batch in batches:
+            batch = to_device(batch, device)
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            store.clear()
+            run_model(model, batch)
+            for key in keys:
+                if key not in store:
+                    raise ValueError(f"site {key} did not run during the forward pass")
+                acc.add(key, store[key], mask)
+            n_batches += 1
+    return n_batches
+
+
 def compute_means(
     model: nn.Module,
     sites: Site | str | Iterable[Site | str],
@@ -253,24 +279,12 @@ def compute_means(
             accumulator=accumulator,
         )
     acc = accumulator if accumulator is not None else MeanAccumulator(per_position)
-    device = model_device(model)
-    n_batches = 0
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="means", unit="batch")
-    with torch.inference_mode(), capture(model, keys) as store:
-        for batch in iterator:
-            batch = to_device(batch, device)
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            store.clear()
-            run_model(model, batch)
-            for key in keys:
-                if key not in store:
-                    raise ValueError(f"site {key} did not run during the forward pass")
-                acc.add(key, store[key], mask)
-            n_batches += 1
+    n_batches = accumulate_batches(acc, model, keys, iterator)
     if n_batches == 0:
         raise ValueError("compute_means got no batches")
     meta = {
