@@ -118,6 +118,16 @@ OPTIONS: dict[str, Option] = {
     "threads": Option(
         int, 0, "CPU threads (0: auto: the free cores, 1 for small models)", minimum=0
     ),
+    "ray": Option(
+        str,
+        None,
+        "run on a Ray cluster: its address (host:6379, ray://host:10001), auto (the cluster "
+        "of this node) or local (a new Ray instance on this machine)",
+        saved=False,
+    ),
+    "ray_workers": Option(
+        int, None, "Ray workers (default: one per GPU, else one per CPU)", minimum=1, saved=False
+    ),
     "out": Option(str, None, "run folder (default: runs/<name>-<timestamp>)", saved=False),
     "quiet": Option(bool, False, "no progress bars or logs", saved=False),
 }

@@ -391,3 +391,39 @@ def test_ctrl_c_leaves_no_half_written_results(demo_dir, tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert (run_dir / "results.json").read_bytes() == before
     assert not list(run_dir.glob(".results.json.*"))
+
+
+# -- Ray --------------------------------------------------------------------------------------
+def test_ray_local_sweep_matches_the_local_run(tmp_path):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialized in this process")
+    args = ("sweep", "--organism", "tracr-reverse", "-q", "--n-examples", 64, "--n-boot", 0)
+    ok(*args, "--out", tmp_path / "here")
+    ok(*args, "--out", tmp_path / "ray", "--ray", "local", "--ray-workers", 2)
+    assert not ray.is_initialized()  # the Ray instance started for the run is stopped
+    here, there = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("here", "ray"))
+    assert [u["name"] for u in there["units"]] == [u["name"] for u in here["units"]]
+    for a, b in zip(here["units"], there["units"]):
+        assert b["effect"] == pytest.approx(a["effect"], rel=1e-5, abs=1e-7)
+    saved = (tmp_path / "ray" / "config.toml").read_text()
+    assert "\nray" not in saved  # where it ran is not an option of the results
+
+
+def test_ray_unreachable_address_is_one_line_exit_2(tmp_path):
+    pytest.importorskip("ray")
+    result = run("sweep", "--organism", "tracr-reverse", "--ray", "127.0.0.1:1", "--out", tmp_path)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "--ray 127.0.0.1:1" in line and "cannot reach the Ray cluster" in line
+    assert not (tmp_path / "config.toml").exists()  # nothing was loaded or written
+
+
+def test_ray_workers_need_ray_and_missing_ray_names_the_extra(tmp_path, monkeypatch):
+    result = run("means", "--organism", "tracr-reverse", "--ray-workers", 2, "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "--ray-workers needs --ray" in one_error_line(result)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    result = run("means", "--organism", "tracr-reverse", "--ray", "auto", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "pip install 'meanablate[ray]'" in one_error_line(result)

@@ -14,9 +14,13 @@ see :mod:`meanablate.config`). Logs and progress bars go to stderr, results to f
 run folder. Bad input prints one line on stderr and exits with code 2 (``--debug`` shows the
 traceback); Ctrl-C exits with 130 and never leaves a half-written ``results.json``.
 
-Modules: :mod:`~meanablate.cli.app` (the commands), :mod:`~meanablate.cli.inputs` (models,
-data and units from the options), :mod:`~meanablate.cli.pipeline` (means, sweep, discovery,
-scores, the run folder).
+Modules: :mod:`~meanablate.cli.app` (the commands), :mod:`~meanablate.cli.options` (their
+flags), :mod:`~meanablate.cli.errors` (one-line errors, exit codes),
+:mod:`~meanablate.cli.runs` (what the run commands do), :mod:`~meanablate.cli.inputs` (models,
+data and units from the options: :mod:`~meanablate.cli.organism`, :mod:`~meanablate.cli.hf`,
+:mod:`~meanablate.cli.prompts`, :mod:`~meanablate.cli.custom`, :mod:`~meanablate.cli.units`),
+:mod:`~meanablate.cli.executor` (``--ray``), :mod:`~meanablate.cli.pipeline` (means, sweep,
+discovery, scores, the run folder), :mod:`~meanablate.cli.tables` (what is printed).
 """
 
 from meanablate.cli.app import app, main

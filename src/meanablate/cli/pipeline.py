@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from meanablate.cli.inputs import Inputs, Log, one_line, quiet_log
+from meanablate.cli.errors import one_line
+from meanablate.cli.records import Inputs, Log, quiet_log
 from meanablate.config import InputError, Resolved, dump_toml
 
 __all__ = [
@@ -37,9 +38,10 @@ __all__ = [
 
 
 def compute_or_load_means(
-    cfg: Resolved, inputs: Inputs, *, progress: bool, log: Log = quiet_log
+    cfg: Resolved, inputs: Inputs, *, progress: bool, log: Log = quiet_log, executor: Any = None
 ) -> Any:
-    """The means of every unit's site: read from ``--means`` or computed on the batches."""
+    """The means of every unit's site: read from ``--means`` or computed on the batches
+    (on ``executor``'s workers when given: see :mod:`meanablate.cli.executor`)."""
     from meanablate.sites import as_sites
     from meanablate.stats import Means, compute_means
 
@@ -64,7 +66,12 @@ def compute_or_load_means(
         + (" (per position)" if inputs.per_position else "")
     )
     return compute_means(
-        inputs.model, keys, inputs.batches, per_position=inputs.per_position, progress=progress
+        inputs.model,
+        keys,
+        inputs.batches,
+        per_position=inputs.per_position,
+        progress=progress,
+        executor=executor,
     )
 
 
@@ -197,8 +204,13 @@ def run_discovery(
     log: Log = quiet_log,
     command: str = "discover",
     timings: dict[str, float] | None = None,
+    executor: Any = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Means, sweep, attribution, discovery and scores: ``(results, means)``."""
+    """Means, sweep, attribution, discovery and scores: ``(results, means)``.
+
+    ``executor`` (a :class:`~meanablate.executors.RayExecutor`, say) runs the means, the
+    sweep and the attribution; the discovery and the scores run here.
+    """
     import meanablate as ma
     from meanablate.discovery import score_circuit, unit_kind, unit_layer
     from meanablate.metrics import get_metric
@@ -210,11 +222,14 @@ def run_discovery(
     method, seed, n_boot = cfg["method"], cfg["seed"], cfg["n_boot"]
 
     t = time.perf_counter()
-    means = compute_or_load_means(cfg, inputs, progress=progress, log=log)
+    means = compute_or_load_means(cfg, inputs, progress=progress, log=log, executor=executor)
     timings["means"] = time.perf_counter() - t
 
     log(f"sweep: {len(units)} units, metric {metric}")
-    sweep = ma.sweep(model, batches, units, means, metric=metric, method=method, progress=progress)
+    sweep = ma.sweep(
+        model, batches, units, means,
+        metric=metric, method=method, progress=progress, executor=executor,
+    )  # fmt: skip
     timings["sweep"] = sweep.seconds
     t = time.perf_counter()
     cis = unit_cis(sweep.per_example, n_boot, seed, progress)
@@ -225,7 +240,10 @@ def run_discovery(
         t = time.perf_counter()
         grad_metric = "loss" if metric == "accuracy" else metric
         try:
-            attr = ma.attribute(model, batches, units, means, metric=grad_metric, method=method)
+            attr = ma.attribute(
+                model, batches, units, means,
+                metric=grad_metric, method=method, executor=executor,
+            )  # fmt: skip
             attribution = attr.as_dict()
         except Exception as exc:  # a model without gradients, say: the report does without
             log(f"attribution skipped: {type(exc).__name__}: {one_line(exc)}")

@@ -86,6 +86,18 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def _finish(
+    fig: Any, ax: Any, path: str | os.PathLike[str], labels: tuple[str, str], title: str
+) -> Path:
+    """Axis labels, a grid, the legend (lower right) and the title; then save the figure."""
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
 def _title(results: Mapping[str, Any]) -> str:
     return f"{results['model']['name']} · {results['metric']['name']}"
 
@@ -298,12 +310,10 @@ def plot_faithfulness(results: Mapping[str, Any], path: str | os.PathLike[str]) 
             zorder=4,
         )
     ax.set_xlim(-0.3, xmax + 0.3)
-    ax.set_xlabel("circuit size (units kept)")
-    ax.set_ylabel("faithfulness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"Faithfulness vs circuit size — {_title(results)}", fontsize=11)
-    return _save(fig, path)
+    return _finish(
+        fig, ax, path, ("circuit size (units kept)", "faithfulness"),
+        f"Faithfulness vs circuit size — {_title(results)}",
+    )  # fmt: skip
 
 
 def _roc_points(results: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
@@ -362,9 +372,7 @@ def plot_roc(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path |
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"ROC vs ground truth — {results['model']['name']}", fontsize=11)
-    return _save(fig, path)
+    return _finish(
+        fig, ax, path, ("false positive rate", "true positive rate"),
+        f"ROC vs ground truth — {results['model']['name']}",
+    )  # fmt: skip

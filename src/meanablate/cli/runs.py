@@ -1,0 +1,122 @@
+"""What the run commands do once their options are resolved: load the inputs, run (here or on
+Ray, ``--ray``), write the run folder and print the results.
+
+:func:`run_discover` serves ``demo`` and ``discover``; :func:`run_scores` serves ``means``,
+``sweep`` and ``attribute``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from meanablate.cli.errors import Session
+from meanablate.cli.records import Inputs
+from meanablate.config import InputError, Resolved
+
+__all__ = ["SCORE_FILES", "run_discover", "run_scores"]
+
+# The file each scores command writes into the run folder (``means``: means.safetensors).
+SCORE_FILES = {"sweep": "sweep.json", "attribute": "attribution.json"}
+
+
+def _out_dir(cfg: Resolved, name: str) -> Path:
+    from meanablate.cli.pipeline import default_run_dir
+
+    return Path(cfg["out"]) if cfg["out"] else default_run_dir(name)
+
+
+def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
+    """Write the values a run actually used (metric, example count) into its options."""
+    for key, value in (("metric", inputs.metric), ("per_position", inputs.per_position)):
+        if cfg.sources[key] != "not used":  # an option of this command
+            cfg.values[key] = value
+    if inputs.source != "huggingface" or cfg["n_examples"] is not None:
+        cfg.values["n_examples"] = inputs.n_examples  # a prompts file: all its lines
+
+
+def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
+    """The inputs and the run folder (created, with its config.toml)."""
+    from meanablate.cli.inputs import load_inputs
+    from meanablate.cli.pipeline import prepare_run_dir
+
+    inputs = load_inputs(cfg, session.log)
+    out = _out_dir(cfg, inputs.name)
+    _record_effective(cfg, inputs)
+    if cfg.sources["algorithm"] != "not used":  # demo, discover
+        unused = "target_faithfulness" if cfg["algorithm"] == "acdc" else "threshold"
+        if cfg.sources[unused] != "default":
+            session.log(
+                f"note: {unused.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
+            )
+        cfg.values[unused] = None
+    prepare_run_dir(out, cfg, session.command)
+    return inputs, out
+
+
+def run_discover(session: Session, cfg: Resolved) -> None:
+    """Means, sweep, discovery and scores; the run folder; a summary on stdout."""
+    from meanablate.cli.executor import ray_executor
+    from meanablate.cli.pipeline import run_discovery, write_run
+    from meanablate.cli.tables import print_summary
+
+    with ray_executor(cfg, session.log) as executor:
+        t = time.perf_counter()
+        inputs, out = _load(session, cfg)
+        load_s = time.perf_counter() - t
+        session.log(
+            f"{inputs.name}: {len(inputs.units)} units, {inputs.n_examples} examples -> {out}"
+        )
+        results, means = run_discovery(
+            cfg,
+            inputs,
+            progress=not session.quiet,
+            log=session.log,
+            command=session.command,
+            timings={"load": load_s},
+            executor=executor,
+        )
+    session.log("writing results.json and the report")
+    write_run(out, results, means, on_results=lambda: setattr(session, "results_written", True))
+    print_summary(results, out, time.perf_counter() - session.started, inputs.ground_truth)
+
+
+def run_scores(session: Session, cfg: Resolved) -> None:
+    """``means``, ``sweep`` or ``attribute`` (``session.command``): its file in the run folder."""
+    import meanablate as ma
+    from meanablate.cli.executor import ray_executor
+    from meanablate.cli.pipeline import compute_or_load_means, scores_json, unit_cis, write_means
+    from meanablate.cli.tables import print_scores
+    from meanablate.report import write_json_atomic
+
+    command, progress = session.command, not session.quiet
+    with ray_executor(cfg, session.log) as executor:
+        inputs, out = _load(session, cfg)
+        means = compute_or_load_means(
+            cfg, inputs, progress=progress, log=session.log, executor=executor
+        )
+        if command == "means":
+            if means is None:
+                raise InputError("--method zero needs no means; nothing to compute")
+            path = out / "means.safetensors"
+            write_means(means, path)
+            how = "per position, " if means.per_position else ""
+            print(f"means of {len(means.keys())} sites ({how}{inputs.n_examples} examples): {path}")
+            return
+        if means is not None and not cfg["means"]:
+            write_means(means, out / "means.safetensors")
+        kind = "sweep" if command == "sweep" else "attribution"
+        session.log(f"{kind}: {len(inputs.units)} units, metric {inputs.metric}")
+        run = ma.sweep if command == "sweep" else ma.attribute
+        metric = inputs.metric
+        extra: dict[str, Any] = {"progress": progress} if command == "sweep" else {}
+        if command == "attribute" and metric == "accuracy":
+            metric = "loss"  # accuracy has no gradient
+        scores = run(
+            inputs.model, inputs.batches, inputs.units, means,
+            metric=metric, method=cfg["method"], executor=executor, **extra,
+        )  # fmt: skip
+    cis = unit_cis(scores.per_example, cfg["n_boot"], cfg["seed"], progress)
+    path = write_json_atomic(out / SCORE_FILES[command], scores_json(scores, cis, cfg))
+    print_scores(kind, scores, cis, path)

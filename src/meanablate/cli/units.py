@@ -1,0 +1,84 @@
+"""Units as the options name them: site strings, granularities (``heads``, ``neurons:1``,
+...) or ``@FILE`` (one site a line), resolved against the model (:func:`resolve_units`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from meanablate.cli.errors import one_line
+from meanablate.cli.hf import hf_units
+from meanablate.config import InputError
+
+__all__ = ["GRANULARITIES", "resolve_units", "site_str"]
+
+GRANULARITIES = ("heads", "mlps", "components", "neurons", "layers", "positions")
+_GRAN_RE = re.compile(rf"^({'|'.join(GRANULARITIES)})(?::(\d+(?:,\d+)*))?$")
+
+
+def site_str(text: str, where: str) -> str:
+    from meanablate.sites import parse_site
+
+    try:
+        return str(parse_site(text))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{where}: {one_line(exc)}") from None
+
+
+def resolve_units(model: nn.Module, specs: Sequence[str], batch: Any, *, where: str) -> list[str]:
+    """Site strings from ``specs`` (sites, granularities like ``heads``/``neurons:1``, @FILE)."""
+    from meanablate.discovery import transformer_units
+    from meanablate.sites import as_sites, resolve_module
+
+    out: list[str] = []
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("@"):
+            path = Path(spec[1:])
+            if not path.is_file():
+                raise InputError(f"{where}: units file {path}: no such file")
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    out.append(site_str(line.strip(), f"{path}, line {i}"))
+            continue
+        m = _GRAN_RE.match(spec)
+        if not m:
+            out.append(site_str(spec, where))
+            continue
+        gran, layers = m.group(1), m.group(2)
+        chosen = [int(x) for x in layers.split(",")] if layers else None
+        if getattr(getattr(model, "cfg", None), "n_heads", None) is not None:
+            n_pos = None
+            if gran == "positions":
+                tokens = (
+                    batch.get("tokens", batch.get("input_ids"))
+                    if isinstance(batch, Mapping)
+                    else batch
+                )
+                n_pos = int(tokens.shape[1])
+            try:
+                out += transformer_units(model, gran, layers=chosen, n_positions=n_pos)  # type: ignore[arg-type]
+            except (ValueError, IndexError, TypeError) as exc:
+                raise InputError(f"{where}: {spec!r}: {one_line(exc)}") from None
+            continue
+        units = hf_units(model, gran, chosen, batch) if isinstance(batch, Mapping) else None
+        if units is None:
+            raise InputError(
+                f"{where}: granularity {spec!r} needs a model with a TransformerLens-style "
+                f"cfg (or a GPT-2, BERT or Llama-style HF model); {type(model).__name__} has "
+                "neither, so list its units as site strings"
+            )
+        out += units
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise InputError(f"{where}: no units")
+    for site in as_sites(out):
+        try:
+            resolve_module(model, site.module)
+        except ValueError as exc:
+            raise InputError(f"{where}: unit {str(site)!r}: {one_line(exc)}") from None
+    return out
