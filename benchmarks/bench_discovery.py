@@ -89,13 +89,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--neurons", type=int, default=512)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: steady timings on a shared machine)",
+    )
+    parser.add_argument(
         "--minilm-neurons",
         type=int,
         default=9216,
         help="how many of MiniLM's 6 x 1536 neurons to sweep (0: skip)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     model, batch = build()
     n = args.neurons
     units = transformer_units(model, "neurons", layers=[1])[:n]

@@ -10,7 +10,8 @@
     and the agreement of the two means. Timings on a loaded machine are noisy: the load
     average is printed with them;
 (c) the merge: driver-side time to check and merge the workers' float64 sums, absolute
-    and as a fraction of the Ray run.
+    and as a fraction of the Ray run;
+(d) the same exact sweep locally and on the 2 Ray workers (units split in chunks).
 
 Run: ``python benchmarks/bench_scale.py [--small]`` (needs ``pip install 'meanablate[ray]'``
 for (b) and (c); (a) runs without Ray).
@@ -178,6 +179,21 @@ def main() -> None:
             print(
                 f"(c) merging {len(parts)} shards x {size} float64 sums: {t_merge * 1e3:.2f} ms "
                 f"({t_merge / t_ray * 100:.3f}% of the Ray run)"
+            )
+
+            # (d) the same sweep locally and on the 2 workers (unit chunks, one replica each)
+            from meanablate.discovery import sweep, transformer_units
+
+            batches = list(data)[:2]
+            units = transformer_units(model, "neurons", layers=[1])[: 64 if args.small else 256]
+            sweep_means = compute_means(model, ["blocks.1.mlp.hook_post"], batches)
+            t_sl, s_local = best_of(lambda: sweep(model, batches, units, sweep_means), 1)
+            sweep(model, batches, units[:8], sweep_means, executor=ex)  # warm the replicas
+            t_sr, s_ray = best_of(lambda: sweep(model, batches, units, sweep_means, executor=ex), 1)
+            diff = float((s_ray.per_example - s_local.per_example).abs().max())
+            print(
+                f"(d) sweep of {len(units)} neurons (KL) locally {t_sl:.2f} s, on Ray 2 workers "
+                f"{t_sr:.2f} s: ratio ray/local {t_sr / t_sl:.2f}; max |difference| {diff:.1e}"
             )
             ex.shutdown()
         finally:
