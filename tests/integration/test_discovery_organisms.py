@@ -183,13 +183,6 @@ def test_discovery_recovers_the_ground_truth(case, algorithm) -> None:
     faith = table.faithfulness(circuit.kept)
     assert circuit.faithfulness == pytest.approx(faith, abs=1e-5)
     assert faith >= TARGET, (org.name, algorithm, circuit.kept, faith)
-    if org.name == "induction" and area < 0.99:
-        pytest.xfail(
-            f"induction: AUROC {area:.3f}. Its ground truth (read off attention patterns) "
-            "holds three redundant induction heads: ablating any one alone moves the loss by "
-            "< 1e-5 (any one of them suffices), so no single-node score can rank them; and "
-            "head 0.1, outside the ground truth, raises the loss by ~0.5 when ablated"
-        )
     assert area >= 0.99, (org.name, algorithm, circuit.scores)
 
 

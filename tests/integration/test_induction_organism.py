@@ -1,4 +1,5 @@
-"""The shipped induction organism: its circuit (from attention patterns) and its skill."""
+"""The shipped induction organism: its circuit (from attention patterns and output norms,
+independently of ablation), its skill, and that the circuit is what mean ablation finds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from meanablate.organisms import induction, registry
 from meanablate.organisms.transformer import HookedTransformer
+from meanablate.stats import compute_means
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +64,25 @@ def test_attention_scores_recover_card_ground_truth(organism: registry.Organism)
     scores = induction.head_scores(organism.model, n_examples=512, seed=777)
     assert card["scores"]["seed"] != 777
     truth = induction.ground_truth_from_scores(
+        scores, thresholds["prev_token"], thresholds["induction"], thresholds["output_ratio"]
+    )
+    # the attention patterns alone give the same heads (the output ratio is a safeguard)
+    by_pattern = induction.ground_truth_from_scores(
         scores, thresholds["prev_token"], thresholds["induction"]
     )
+    assert by_pattern == truth
     assert truth["prev_token"] == card["previous_token_heads"]
     assert truth["induction"] == card["induction_heads"]
     assert truth["all"] == card["ground_truth"] == organism.ground_truth
-    # the mechanism: previous-token heads in layer 0 feed induction heads in layer 1
-    assert truth["prev_token"] and all(s.startswith("blocks.0.") for s in truth["prev_token"])
-    assert truth["induction"] and all(s.startswith("blocks.1.") for s in truth["induction"])
+    # the mechanism: one previous-token head in layer 0 feeds one induction head in layer 1,
+    # and at least one head lies outside the circuit (so AUROC against it is defined)
+    assert len(truth["prev_token"]) == 1 and truth["prev_token"][0].startswith("blocks.0.")
+    assert len(truth["induction"]) == 1 and truth["induction"][0].startswith("blocks.1.")
+    assert len(truth["all"]) < len(organism.units)
     # clear margins, and the card's numbers reproduce on fresh data
-    for key in ("prev_token", "induction"):
+    for key, margin in (("prev_token", 0.15), ("induction", 0.15), ("output_ratio", 0.04)):
         fresh = scores[key]
-        assert ((fresh - thresholds[key]).abs() > 0.15).all(), (key, fresh)
+        assert ((fresh - thresholds[key]).abs() > margin).all(), (key, fresh)
         torch.testing.assert_close(fresh, torch.tensor(card["scores"][key]), atol=0.03, rtol=0)
 
 
@@ -97,8 +106,50 @@ def test_model_does_induction(organism: registry.Organism) -> None:
 
 
 def test_head_scores_shapes() -> None:
-    model = HookedTransformer(induction.default_config())
+    cfg = induction.default_config()
+    model = HookedTransformer(cfg)
     scores = induction.head_scores(model, n_examples=16, seed=0, batch_size=8)
-    for key in ("prev_token", "induction"):
-        assert scores[key].shape == (2, 4)
-        assert ((scores[key] >= 0) & (scores[key] <= 1)).all()
+    for key in ("prev_token", "induction", "current_token", "output_ratio"):
+        assert scores[key].shape == (cfg.n_layers, cfg.n_heads)
+        assert (scores[key] >= 0).all()
+    for key in ("prev_token", "induction", "current_token"):
+        assert (scores[key] <= 1).all()
+
+
+def _mean_ablated(model, batches, means, heads: list[str]) -> dict[str, float]:
+    """Loss and accuracy with ``heads`` (site strings) replaced by their global means."""
+    handles = []
+    for layer, block in enumerate(model.blocks):
+        sel = [int(s.split("heads=")[1].rstrip("]")) for s in heads if f"blocks.{layer}." in s]
+        if not sel:
+            continue
+
+        def hook(_m, _i, out, layer=layer, sel=sel):
+            out = out.clone()
+            out[:, :, sel] = means[f"blocks.{layer}.attn.hook_z"].to(out.dtype)[sel]
+            return out
+
+        handles.append(block.attn.hook_z.register_forward_hook(hook))
+    try:
+        return induction.evaluate(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_circuit_is_not_redundant_under_mean_ablation(organism: registry.Organism) -> None:
+    """Each ground-truth head matters alone; all the other heads together do not."""
+    model, truth = organism.model, organism.ground_truth
+    assert not organism.per_position_means
+    ref = organism.make_batches(256, 256, 11)
+    means = compute_means(model, organism.units, ref, per_position=False)
+    batches = organism.make_batches(256, 256, 12)
+    clean = induction.evaluate(model, batches)
+    for head in truth:
+        ablated = _mean_ablated(model, batches, means, [head])
+        assert ablated["loss"] > clean["loss"] + 1.0, (head, ablated)
+        assert ablated["accuracy"] < 0.5, (head, ablated)
+    rest = [u for u in organism.units if u not in truth]
+    ablated = _mean_ablated(model, batches, means, rest)
+    assert ablated["loss"] < clean["loss"] + 0.01, ablated
+    assert ablated["accuracy"] > 0.99, ablated

@@ -12,10 +12,14 @@ Batches (the convention shared by all organisms) are dicts with ``tokens``
 positions (inside the second copy of ``A``, from its first token up to the last but one
 position, where induction predicts the next token) and ``-100`` elsewhere.
 
-The ground truth is read off the attention patterns, independently of any ablation: a
-head's previous-token score is its mean attention from position ``i`` to ``i - 1``, and
-its induction score its mean attention from a token in the second copy to the position
-right after that token's earlier occurrence. See :func:`head_scores`.
+The ground truth is read off the forward pass, independently of any ablation: a head's
+previous-token score is its mean attention from position ``i`` to ``i - 1``, its induction
+score its mean attention from a token in the second copy to the position right after that
+token's earlier occurrence, and its output ratio the mean norm of what it writes,
+``||z_h W_O[h]||``, relative to the norm of the residual stream it reads. A head is in the
+ground truth when it has a high previous-token or induction score *and* writes something
+(output ratio above a threshold). See :func:`head_scores` and
+:func:`ground_truth_from_scores`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "default_config",
     "evaluate",
     "ground_truth_from_scores",
+    "head_output_ratio",
     "head_scores",
     "head_sites",
     "load_induction",
@@ -62,12 +67,12 @@ Batch = dict[str, Tensor]
 
 
 def default_config() -> TransformerConfig:
-    """The organism's architecture: 2 attention-only layers, 4 heads of 16, LayerNorm."""
+    """The organism's architecture: 2 attention-only layers, 2 heads of 32, LayerNorm."""
     return TransformerConfig(
         n_layers=2,
         d_model=64,
-        n_heads=4,
-        d_head=16,
+        n_heads=2,
+        d_head=32,
         d_vocab=D_VOCAB,
         n_ctx=N_CTX,
         d_mlp=None,
@@ -157,40 +162,71 @@ def head_sites(n_layers: int, n_heads: int) -> list[str]:
     ]
 
 
+def head_output_ratio(model: HookedTransformer, z: list[Tensor], resid: list[Tensor]) -> Tensor:
+    """``||z_h W_O[h]|| / ||resid_pre||`` per head, averaged over positions ``i >= 1``.
+
+    ``z[layer]`` is ``hook_z`` ``[batch, pos, head, d_head]`` and ``resid[layer]``
+    ``hook_resid_pre`` ``[batch, pos, d_model]``; returns ``[n_layers, n_heads]`` (averaged
+    over the batch too). Differentiable: training penalises it (see
+    ``scripts/train_induction.py``).
+    """
+    rows = []
+    for layer, block in enumerate(model.blocks):
+        out = torch.einsum("bphe,hed->bphd", z[layer], block.attn.W_O).norm(dim=-1)
+        ratio = out / resid[layer].norm(dim=-1, keepdim=True)
+        rows.append(ratio[:, 1:].mean(dim=(0, 1)))
+    return torch.stack(rows)
+
+
 @torch.no_grad()
-def _patterns(model: HookedTransformer, tokens: Tensor) -> list[Tensor]:
-    """Attention patterns ``[batch, head, q, k]`` of every layer, via ``hook_pattern``."""
-    out: list[Tensor] = []
-    handles = [
-        block.attn.hook_pattern.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
-        for block in model.blocks
-    ]
+def _forward_parts(
+    model: HookedTransformer, tokens: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per layer: attention patterns ``[batch, head, q, k]`` (``hook_pattern``), ``hook_z``
+    and ``hook_resid_pre``."""
+    pats: list[Tensor] = []
+    zs: list[Tensor] = []
+    resids: list[Tensor] = []
+    handles = []
+    for block in model.blocks:
+        for hook, out in (
+            (block.attn.hook_pattern, pats),
+            (block.attn.hook_z, zs),
+            (block.hook_resid_pre, resids),
+        ):
+            handles.append(
+                hook.register_forward_hook(lambda _m, _i, o, out=out: out.append(o.detach()))
+            )
     try:
         model(tokens)
     finally:
         for h in handles:
             h.remove()
-    return out
+    return pats, zs, resids
 
 
 @torch.no_grad()
 def head_scores(
     model: HookedTransformer, n_examples: int = 512, seed: int = 1234, batch_size: int = 256
 ) -> dict[str, Tensor]:
-    """Per-head previous-token and induction scores from attention patterns.
+    """Per-head previous-token and induction scores (attention patterns) and output ratio.
 
-    Returns ``{"prev_token", "induction", "current_token"}``, each ``[n_layers, n_heads]``:
+    Returns ``{"prev_token", "induction", "current_token", "output_ratio"}``, each
+    ``[n_layers, n_heads]``:
 
     - ``prev_token``: mean over sequences and positions ``i >= 1`` of ``pattern[i, i-1]``;
     - ``induction``: mean over sequences and positions ``q`` of the second copy of ``A`` of
       ``pattern[q, q - period + 1]`` (the position after the earlier occurrence of the
       token at ``q``);
-    - ``current_token`` (informational): mean over positions ``i >= 1`` of ``pattern[i, i]``.
+    - ``current_token`` (informational): mean over positions ``i >= 1`` of ``pattern[i, i]``;
+    - ``output_ratio``: mean over sequences and positions ``i >= 1`` of
+      ``||z_h W_O[h]|| / ||resid_pre||`` (see :func:`head_output_ratio`).
 
     Computed on fresh data from :func:`sample_sequences` (seeded with ``seed``).
     """
     gen = torch.Generator().manual_seed(int(seed))
     prev_sum = induction_sum = self_sum = None
+    ratio_sum = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     n_prev = n_ind = 0
     was_training = model.training
     model.eval()
@@ -203,7 +239,9 @@ def head_scores(
                 d_vocab=model.cfg.d_vocab,
             )
             n, n_pos = tokens.shape
-            pats = torch.stack(_patterns(model, tokens), dim=1)  # [batch, layer, head, q, k]
+            pattern_list, zs, resids = _forward_parts(model, tokens)
+            pats = torch.stack(pattern_list, dim=1)  # [batch, layer, head, q, k]
+            ratio_sum += head_output_ratio(model, zs, resids) * n
             q = torch.arange(1, n_pos)
             prev = pats[..., q, q - 1].sum(dim=(0, -1))  # [layer, head]
             cur = pats[..., q, q].sum(dim=(0, -1))
@@ -225,28 +263,39 @@ def head_scores(
         "prev_token": prev_sum / n_prev,
         "induction": induction_sum / n_ind,
         "current_token": self_sum / n_prev,
+        "output_ratio": ratio_sum / n_examples,
     }
 
 
 def ground_truth_from_scores(
-    scores: dict[str, Tensor], prev_threshold: float, induction_threshold: float
+    scores: dict[str, Tensor],
+    prev_threshold: float,
+    induction_threshold: float,
+    output_threshold: float | None = None,
 ) -> dict[str, list[str]]:
     """Heads whose scores exceed the thresholds, as site strings.
 
-    Returns ``{"prev_token": [...], "induction": [...], "all": [...]}``; ``all`` is the
-    union in site order (a head counted in both roles appears once).
+    A head is a previous-token (induction) head when its ``prev_token`` (``induction``)
+    score exceeds ``prev_threshold`` (``induction_threshold``) and, if ``output_threshold``
+    is given, its ``output_ratio`` exceeds ``output_threshold`` (it writes to the residual
+    stream). Returns ``{"prev_token": [...], "induction": [...], "all": [...]}``; ``all``
+    is the union in site order (a head counted in both roles appears once).
     """
     n_layers, n_heads = scores["prev_token"].shape
     sites = head_sites(n_layers, n_heads)
+    if output_threshold is None:
+        writes = [True] * len(sites)
+    else:
+        writes = [v > output_threshold for v in scores["output_ratio"].flatten().tolist()]
     prev = [
         s
-        for s, v in zip(sites, scores["prev_token"].flatten().tolist(), strict=True)
-        if v > prev_threshold
+        for s, v, w in zip(sites, scores["prev_token"].flatten().tolist(), writes, strict=True)
+        if v > prev_threshold and w
     ]
     ind = [
         s
-        for s, v in zip(sites, scores["induction"].flatten().tolist(), strict=True)
-        if v > induction_threshold
+        for s, v, w in zip(sites, scores["induction"].flatten().tolist(), writes, strict=True)
+        if v > induction_threshold and w
     ]
     return {"prev_token": prev, "induction": ind, "all": [s for s in sites if s in {*prev, *ind}]}
 
@@ -283,7 +332,7 @@ def load_induction() -> registry.Organism:
         card=card,
         description=(
             "2-layer attention-only transformer trained on repeated random tokens; "
-            "previous-token heads in layer 0 feed induction heads in layer 1 "
+            "a previous-token head in layer 0 feeds an induction head in layer 1 "
             f"(loss {card['metrics']['loss']:.3f} vs log(vocab) {math.log(D_VOCAB):.2f})."
         ),
     )
