@@ -110,8 +110,16 @@ def discover(
     batches = list(batches)
     t0 = time.perf_counter()
 
+    memo: dict[frozenset[str], float] = {}
+
     def value(ablated: Sequence[str]) -> float:
-        return float(metric_per_example(model, batches, ablated, means, m, method=method).mean())
+        # Pruning asks for the same ablated sets again (attribute_verify re-prunes as it
+        # verifies more units); each set costs a forward over all batches, so remember it.
+        key = frozenset(ablated)
+        if key not in memo:
+            per_ex = metric_per_example(model, batches, list(ablated), means, m, method=method)
+            memo[key] = float(per_ex.mean())
+        return memo[key]
 
     m_full, m_empty = value([]), value(units)
     if algorithm == "acdc":
