@@ -217,8 +217,10 @@ class Metric:
                 raise ValueError("metric 'kl': an example has no scored position")
 
             def kl_bound(logits: Tensor) -> Tensor:
-                lp = torch.log_softmax(_seq(logits).double(), -1)
-                kl = (q * (lq - lp)).sum(-1)
+                # In place on one float64 buffer: a sweep calls this once per unit, and
+                # every fresh [batch, pos, vocab] float64 temporary costs page faults.
+                lp = torch.log_softmax(_seq(logits), -1, dtype=torch.float64)
+                kl = lp.sub_(lq).mul_(q).sum(-1).neg_()
                 return torch.where(mask, kl, torch.zeros_like(kl)).sum(1) / counts
 
             return kl_bound

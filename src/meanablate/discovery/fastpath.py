@@ -157,7 +157,7 @@ def ablated_logits(
     mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
 
     def rep(t: Tensor) -> Tensor:
-        return t.repeat(k, *([1] * (t.ndim - 1)))
+        return t if k == 1 else t.repeat(k, *([1] * (t.ndim - 1)))
 
     if resume == "pre":
         resid = rep(state.resid_pre[layer]) + delta
