@@ -292,3 +292,19 @@ def test_attribution_rejects_accuracy_and_bad_arguments() -> None:
     attribute(model, batches, units, means, metric="loss")
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_mse_attribution_has_a_second_order_term_at_a_perfect_fit() -> None:
+    """frac_prevs fits exactly (mse 0), so the linear term vanishes; the probed square
+    term must still estimate each unit's effect, and zero-effect units stay at zero."""
+    import meanablate as ma
+
+    org = ma.organisms.load("tracr-frac_prevs")
+    batches = org.make_batches(128, 64, 0)
+    keys = sorted({ma.parse_site(u).key for u in org.units})
+    means = ma.compute_means(org.model, keys, batches, per_position=True)
+    exact = sweep(org.model, batches, org.units, means, metric="mse").values
+    est = attribute(org.model, batches, org.units, means, metric="mse", n_probes=4).values
+    assert exact.max() > 0.05
+    for e, a in zip(exact.tolist(), est.tolist(), strict=True):
+        assert abs(a - e) <= 0.15 * max(e, 1e-3)

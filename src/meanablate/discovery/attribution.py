@@ -79,7 +79,7 @@ def attribute(
     per_batch = []
     for raw in batches:
         batch = to_device(raw, device)
-        rounds = n_probes if m.compares else 1
+        rounds = n_probes if m.compares or m.name == "mse" else 1
         acc = None
         for _ in range(rounds):
             contrib, npos = _one_pass(model, batch, sites, keys, means, m, method, gen)
@@ -90,7 +90,7 @@ def attribute(
         elif m.compares:  # l2: E|N(0, s^2)| = s * sqrt(2/pi)
             est = acc / rounds * math.sqrt(math.pi / 2)
         else:
-            est = acc
+            est = acc / rounds
         per_batch.append(est)
     if not per_batch:
         raise ValueError("attribute needs at least one batch")
@@ -201,6 +201,26 @@ def _single_axis(site: Any, ndim: int) -> tuple[int, tuple[int, ...]] | None:
     return given[0] if len(given) == 1 else None
 
 
+def _site_rows(
+    sites: list,
+    acts: dict[str, Tensor],
+    grad_of: dict[str, Tensor | None],
+    means: Any,
+    method: Method,
+) -> Tensor:
+    """``[n_units, batch]``: each unit's ``(fill - act) · grad``."""
+    rows = []
+    reduced: dict[tuple[str, int | None, int], Tensor] = {}
+    for site in sites:
+        act = acts[site.key]
+        g = grad_of[site.key]
+        if g is None:
+            rows.append(torch.zeros(act.shape[0], dtype=torch.float64, device=act.device))
+            continue
+        rows.append(_contribution(site, act, g, means, method, reduced))
+    return torch.stack(rows)
+
+
 def _one_pass(
     model: nn.Module,
     batch: Any,
@@ -231,21 +251,26 @@ def _one_pass(
         if m.compares:
             r = _probe(out.detach(), m.name, gen)
             lg = _seq(out).double()
-            objective = (torch.where(mask[..., None], r.reshape(lg.shape), 0.0) * lg).sum()
+            objectives = [(torch.where(mask[..., None], r.reshape(lg.shape), 0.0) * lg).sum()]
         else:
-            objective = m(out, batch, out.detach()).sum()
-        grads = torch.autograd.grad(objective, [zs[k] for k in keys], allow_unused=True)
-    grad_of = dict(zip(keys, grads))
-    rows = []
-    reduced: dict[tuple[str, int | None, int], Tensor] = {}
-    for site in sites:
-        act = acts[site.key]
-        g = grad_of[site.key]
-        if g is None:
-            rows.append(torch.zeros(act.shape[0], dtype=torch.float64, device=act.device))
-            continue
-        rows.append(_contribution(site, act, g, means, method, reduced))
-    contrib = torch.stack(rows)
+            objectives = [m(out, batch, out.detach()).sum()]
+        if m.name == "mse":
+            # At a perfect fit the error, and so the linear term, is zero: add the
+            # second-order term sum_p d_p^2 through a Rademacher probe on the prediction.
+            pred = _seq(out)[..., 0].double()
+            sign = torch.randint(0, 2, pred.shape, generator=gen).to(pred.device) * 2.0 - 1
+            objectives.append((torch.where(mask, sign, 0.0) * pred).sum())
+        inputs = [zs[k] for k in keys]
+        grads = [
+            torch.autograd.grad(
+                obj, inputs, allow_unused=True, retain_graph=i + 1 < len(objectives)
+            )
+            for i, obj in enumerate(objectives)
+        ]
+    parts = [_site_rows(sites, acts, dict(zip(keys, g)), means, method) for g in grads]
+    if m.name == "mse":
+        return parts[0] + parts[1].pow(2) / npos, npos
+    contrib = parts[0]
     if m.compares:
         contrib = contrib.pow(2) if m.name == "kl" else contrib.abs()
     return contrib, npos
