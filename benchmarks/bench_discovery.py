@@ -212,7 +212,8 @@ def bench_minilm(n_neurons: int) -> None:
     width = model.config.intermediate_size
     units = [
         f"encoder.layer.{L}.intermediate[neurons={i}]" for L in range(layers) for i in range(width)
-    ][:n_neurons]
+    ]
+    units = units[:: max(1, len(units) // n_neurons)][:n_neurons]  # spread over all layers
     keys = sorted({u.split("[")[0] for u in units})
     means = ma.compute_means(model, keys, batches)
     t_sweep, _ = timed(lambda: sweep(model, batches, units, means, metric="l2"))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from meanablate.discovery import fastpath
+from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -139,7 +139,9 @@ def sweep(
         with torch.inference_mode():
             for raw in batches:
                 batch = to_device(raw, device)
-                effects = _sweep_batch(model, batch, units, plans, means, m, method, k_stack, bar)
+                effects = _sweep_batch(
+                    model, batch, units, plans, means, m, method, k_stack, bar, skip_layers=fast
+                )
                 per_batch.append(torch.stack([effects[u] for u in units]))
     finally:
         if bar is not None:
@@ -191,6 +193,56 @@ def _sweep_distributed(
     )
 
 
+def _hooked_effects(
+    model: nn.Module,
+    batch: Any,
+    units: list[str],
+    means: Any,
+    m: Metric,
+    method: Method,
+    bar: Any,
+    skip_layers: bool,
+) -> dict[str, Tensor]:
+    """One hooked forward per unit; blocks before the unit's own return cached outputs.
+
+    The skipping is checked once per layer against a full forward (a model whose block
+    list is not a plain sequence of layers fails the check and runs in full).
+    """
+    found = layerskip.find_blocks(model) if skip_layers else None
+    if found is None:
+        clean = output_tensor(run_model(model, batch))
+        by_layer = {0: units}
+        outputs: list[Any] = []
+    else:
+        prefix, blocks = found
+        with layerskip.record_block_outputs(blocks) as outputs:
+            clean = output_tensor(run_model(model, batch))
+        by_layer = {}
+        for u in units:
+            layer = layerskip.block_of(as_sites(u)[0].module, prefix, len(blocks))
+            by_layer.setdefault(layer or 0, []).append(u)
+    effect_of = m.bind(batch, clean)
+    effects: dict[str, Tensor] = {}
+    for layer in sorted(by_layer):
+        checked = layer == 0 or found is None
+        for u in by_layer[layer]:
+            with ablate(model, u, means, method=method):
+                if found is None or layer == 0:
+                    out = output_tensor(run_model(model, batch))
+                else:
+                    with layerskip.skip_blocks(found[1], layer, outputs):
+                        out = output_tensor(run_model(model, batch))
+                    if not checked:
+                        full = output_tensor(run_model(model, batch))
+                        if not torch.allclose(out, full, rtol=1e-5, atol=1e-6):
+                            found, out = None, full  # not a plain layer sequence
+                        checked = True
+            effects[u] = effect_of(out)
+            if bar is not None:
+                bar.update(1)
+    return effects
+
+
 def _sweep_batch(
     model: nn.Module,
     batch: Any,
@@ -201,19 +253,17 @@ def _sweep_batch(
     method: Method,
     k_stack: int,
     bar: Any,
+    skip_layers: bool = False,
 ) -> dict[str, Tensor]:
     effects: dict[str, Tensor] = {}
     slow = [u for u in units if plans[u] is None or fastpath.any_hooks(model)]
     fast_units = [u for u in units if u not in set(slow)]
     if slow:
-        clean = output_tensor(run_model(model, batch))
-        slow_effect = m.bind(batch, clean)
-        for u in slow:
-            with ablate(model, u, means, method=method):
-                out = output_tensor(run_model(model, batch))
-            effects[u] = slow_effect(out)
-            if bar is not None:
-                bar.update(1)
+        effects.update(
+            _hooked_effects(
+                model, batch, slow, means, m, method, bar, skip_layers and method != "resample"
+            )
+        )
     if not fast_units:
         return effects
     assert isinstance(model, HookedTransformer)
