@@ -211,16 +211,19 @@ class Metric:
         if self.fn is kl_div:
             lq = torch.log_softmax(_seq(clean).double(), -1)
             q = lq.exp()
+            q_lq = (q * lq).sum(-1)
             mask = scored_mask(batch, clean)
             counts = mask.sum(1)
             if torch.any(counts == 0):
                 raise ValueError("metric 'kl': an example has no scored position")
 
             def kl_bound(logits: Tensor) -> Tensor:
-                # In place on one float64 buffer: a sweep calls this once per unit, and
-                # every fresh [batch, pos, vocab] float64 temporary costs page faults.
-                lp = torch.log_softmax(_seq(logits), -1, dtype=torch.float64)
-                kl = lp.sub_(lq).mul_(q).sum(-1).neg_()
+                # KL = sum q log q - sum q z + logsumexp(z): three reductions over one
+                # float64 copy of the logits, no [batch, pos, vocab] temporaries (a sweep
+                # calls this once per unit). Rounding can leave -1e-16: KL >= 0.
+                z = _seq(logits).double()
+                cross = torch.einsum("bpv,bpv->bp", q, z)
+                kl = torch.logsumexp(z, -1).add_(q_lq).sub_(cross).clamp_min_(0.0)
                 return torch.where(mask, kl, torch.zeros_like(kl)).sum(1) / counts
 
             return kl_bound

@@ -290,3 +290,22 @@ def test_other_misfits() -> None:
         get_metric("l3")
     with pytest.raises(TypeError, match="a metric is"):
         get_metric(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["kl", "l2", "loss", "prob", "logit_diff"])
+def test_bound_metric_equals_effect(name) -> None:
+    """``Metric.bind`` (the sweep's fast form) equals ``Metric.effect``, near and far."""
+    from meanablate.metrics import get_metric
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 4, 9, generator=g) * 4
+    target = torch.randint(0, 9, (3, 4), generator=g)
+    target[:, 0] = -100
+    batch = {"target": target, "wrong": (target + 1) % 9}
+    m = get_metric(name)
+    bound = m.bind(batch, clean)
+    for scale in (0.0, 1e-4, 1e-2, 3.0):
+        logits = clean + scale * torch.randn(3, 4, 9, generator=g)
+        torch.testing.assert_close(
+            bound(logits), m.effect(logits, batch, clean), rtol=1e-9, atol=1e-12
+        )
