@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
-from meanablate.metrics import Metric, get_metric
+from meanablate.metrics import METRICS, Metric, get_metric
 from meanablate.stats import Means
 
 __all__ = ["CircuitScores", "faithfulness", "metric_per_example", "score_circuit"]
@@ -43,16 +43,19 @@ def metric_per_example(
     """The metric on every example ``[n_examples]`` with ``ablated`` units ablated together."""
     m = get_metric(metric)
     device = model_device(model)
+    # Built-in task metrics never read the clean output: skip that forward for them
+    # (pruning calls this once per candidate set). Custom callables may read it.
+    needs_clean = bool(ablated) and (m.compares or m not in METRICS.values())
     values = []
     with torch.inference_mode():
         for raw in batches:
             batch = to_device(raw, device)
-            clean = output_tensor(run_model(model, batch)) if m.compares or ablated else None
             if ablated:
+                clean = output_tensor(run_model(model, batch)) if needs_clean else None
                 with ablate(model, list(ablated), means, method=method):
                     out = output_tensor(run_model(model, batch))
             else:
-                out = clean if clean is not None else output_tensor(run_model(model, batch))
+                out = clean = output_tensor(run_model(model, batch))
             values.append(m(out, batch, clean if clean is not None else out).double().cpu())
     return torch.cat(values)
 

@@ -141,9 +141,7 @@ def discover(
             progress,
         )
     else:
-        scores = _rank_scores(
-            model, batches, units, means, m, algorithm, verify_top, method, progress
-        )
+        scores = _rank_scores(model, batches, units, means, m, algorithm, method, progress)
         circuit = _prune_to_target(units, scores, value, m_full, m_empty, target_faithfulness)
     circuit.algorithm, circuit.metric = algorithm, m.name
     circuit.threshold = threshold
@@ -178,7 +176,6 @@ def _rank_scores(
     means: Any,
     m: Metric,
     algorithm: str,
-    verify_top: int | None,
     method: Method,
     progress: bool,
 ) -> Scores:
@@ -227,7 +224,7 @@ def _attribute_verify(
 ) -> Circuit:
     """Attribute, verify the top ``k`` exactly, prune; double ``k`` until the circuit
     consists of verified units only (so no unit is kept on an estimate alone)."""
-    attr = _rank_scores(model, batches, units, means, m, "attribution", None, method, False)
+    attr = _rank_scores(model, batches, units, means, m, "attribution", method, False)
     k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * len(units)))
     if not 1 <= k <= len(units):
         raise ValueError(f"verify_top must lie in [1, {len(units)}], got {k}")

@@ -256,8 +256,9 @@ def _sweep_batch(
     skip_layers: bool = False,
 ) -> dict[str, Tensor]:
     effects: dict[str, Tensor] = {}
-    slow = [u for u in units if plans[u] is None or fastpath.any_hooks(model)]
-    fast_units = [u for u in units if u not in set(slow)]
+    hooked_model = fastpath.any_hooks(model)  # the fast path would bypass foreign hooks
+    slow = [u for u in units if plans[u] is None or hooked_model]
+    fast_units = [u for u in units if plans[u] is not None and not hooked_model]
     if slow:
         effects.update(
             _hooked_effects(
