@@ -240,3 +240,51 @@ def test_roc_needs_known_units_and_both_classes(micro) -> None:
         circuit.roc(["blocks.9.hook_mlp_out"])
     with pytest.raises(ValueError, match="positives and negatives"):
         circuit.roc(units)
+
+
+@pytest.mark.parametrize("metric", ["kl", "l2", "loss", "prob"])
+def test_cached_clean_outputs_change_nothing(micro, metric) -> None:
+    """Pruning reuses the clean outputs; the metric of any set must be what a fresh
+    clean forward gives, and mismatched clean outputs are refused."""
+    from meanablate.discovery.evaluate import clean_outputs, metric_per_example
+
+    model, batches, units, means, _ = micro
+    clean = clean_outputs(model, batches)
+    assert clean is not None and len(clean) == len(batches)
+    for ablated in ([], units[:3], units):
+        fresh = metric_per_example(model, batches, ablated, means, metric)
+        cached = metric_per_example(model, batches, ablated, means, metric, clean=clean)
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="clean has 1 outputs for 2 batches"):
+        metric_per_example(model, batches, units[:1], means, metric, clean=clean[:1])
+
+
+def test_clean_outputs_over_budget_are_not_kept(micro, monkeypatch) -> None:
+    from meanablate.discovery import evaluate
+
+    model, batches, *_ = micro
+    monkeypatch.setattr(evaluate, "CLEAN_CACHE_BYTES", 100)
+    assert evaluate.clean_outputs(model, batches) is None
+
+
+def test_attribute_verify_keeps_only_verified_units(micro) -> None:
+    """However small verify_top starts, every kept unit ends up measured exactly, and its
+    score is its exact sweep effect."""
+    model, batches, units, means, _ = micro
+    exact = sweep(model, batches, units, means, metric="kl").as_dict()
+    c = discover(
+        model,
+        batches,
+        means,
+        units=units,
+        metric="kl",
+        algorithm="attribute_verify",
+        target_faithfulness=0.99,
+        verify_top=1,
+    )
+    assert c.unit_scores is not None and c.faithfulness >= 0.99
+    verified = {u for u, e in zip(c.unit_scores.units, c.unit_scores.exact) if bool(e)}
+    assert set(c.kept) <= verified
+    for u in c.kept:
+        measured = c.unit_scores.per_example[units.index(u)].mean().item()
+        assert math.isclose(measured, exact[u], rel_tol=1e-9, abs_tol=1e-12)

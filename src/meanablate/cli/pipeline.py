@@ -147,7 +147,14 @@ def _curve(
 ) -> dict[str, list] | None:
     """Faithfulness of the top-k units by |effect|, for up to 17 sizes k (0 and all included)."""
     from meanablate.discovery import faithfulness, metric_per_example
+    from meanablate.discovery.evaluate import clean_outputs, needs_clean
+    from meanablate.metrics import get_metric
 
+    clean = (
+        clean_outputs(inputs.model, inputs.batches)
+        if needs_clean(get_metric(inputs.metric))
+        else None
+    )
     n = len(ranking)
     steps = min(n, 16)
     sizes = sorted({round(i * n / steps) for i in range(steps + 1)})
@@ -162,7 +169,13 @@ def _curve(
         ablated = [u for u in inputs.units if u not in keep]
         m = float(
             metric_per_example(
-                inputs.model, inputs.batches, ablated, means, inputs.metric, method=cfg["method"]
+                inputs.model,
+                inputs.batches,
+                ablated,
+                means,
+                inputs.metric,
+                method=cfg["method"],
+                clean=clean,
             ).mean()
         )
         # nothing kept is the empty circuit: 0 by definition (not -0.0 or 1e-16)
@@ -179,7 +192,14 @@ def _minimality(
     evaluation per kept unit).
     """
     from meanablate.discovery import metric_per_example
+    from meanablate.discovery.evaluate import clean_outputs, needs_clean
+    from meanablate.metrics import get_metric
 
+    clean = (
+        clean_outputs(inputs.model, inputs.batches)
+        if needs_clean(get_metric(inputs.metric))
+        else None
+    )
     rest = [u for u in inputs.units if u not in set(kept)]
     denom = cs.metric_full - cs.metric_empty
     it: Any = kept
@@ -190,7 +210,13 @@ def _minimality(
     out = {}
     for v in it:
         m_minus = metric_per_example(
-            inputs.model, inputs.batches, [*rest, v], means, inputs.metric, method=method
+            inputs.model,
+            inputs.batches,
+            [*rest, v],
+            means,
+            inputs.metric,
+            method=method,
+            clean=clean,
         )
         out[v] = (cs.metric_circuit - float(m_minus.mean())) / denom
     return out

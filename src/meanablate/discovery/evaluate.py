@@ -28,7 +28,38 @@ from meanablate.intervene import Method, ablate
 from meanablate.metrics import METRICS, Metric, get_metric
 from meanablate.stats import Means
 
-__all__ = ["CircuitScores", "faithfulness", "metric_per_example", "score_circuit"]
+__all__ = [
+    "CircuitScores",
+    "clean_outputs",
+    "faithfulness",
+    "metric_per_example",
+    "score_circuit",
+]
+
+# Pruning evaluates many ablated sets against the same clean outputs; they are kept
+# when they take at most this many bytes (more would trade a forward for a lot of RAM).
+CLEAN_CACHE_BYTES = 1 << 30
+
+
+def needs_clean(metric: Metric) -> bool:
+    """Whether ``metric`` reads the clean output (built-in task metrics never do)."""
+    return metric.compares or metric not in METRICS.values()
+
+
+def clean_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor] | None:
+    """The clean outputs of ``batches`` (on the model's device), or ``None`` if together
+    they would take more than ``CLEAN_CACHE_BYTES``."""
+    device = model_device(model)
+    outs: list[Tensor] = []
+    total = 0
+    with torch.inference_mode():
+        for raw in batches:
+            out = output_tensor(run_model(model, to_device(raw, device)))
+            total += out.numel() * out.element_size()
+            if total > CLEAN_CACHE_BYTES:
+                return None
+            outs.append(out)
+    return outs
 
 
 def metric_per_example(
@@ -39,24 +70,34 @@ def metric_per_example(
     metric: str | Metric,
     *,
     method: Method = "mean",
+    clean: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """The metric on every example ``[n_examples]`` with ``ablated`` units ablated together."""
+    """The metric on every example ``[n_examples]`` with ``ablated`` units ablated together.
+
+    ``clean``: the clean outputs of ``batches`` (from :func:`clean_outputs`), to save
+    the clean forward that comparing metrics need for every call.
+    """
     m = get_metric(metric)
+    if clean is not None and len(clean) != len(batches):
+        raise ValueError(f"clean has {len(clean)} outputs for {len(batches)} batches")
     device = model_device(model)
     # Built-in task metrics never read the clean output: skip that forward for them
     # (pruning calls this once per candidate set). Custom callables may read it.
-    needs_clean = bool(ablated) and (m.compares or m not in METRICS.values())
+    want_clean = bool(ablated) and needs_clean(m)
     values = []
     with torch.inference_mode():
-        for raw in batches:
+        for i, raw in enumerate(batches):
             batch = to_device(raw, device)
+            ref = clean[i] if clean is not None else None
             if ablated:
-                clean = output_tensor(run_model(model, batch)) if needs_clean else None
+                if ref is None and want_clean:
+                    ref = output_tensor(run_model(model, batch))
                 with ablate(model, list(ablated), means, method=method):
                     out = output_tensor(run_model(model, batch))
             else:
-                out = clean = output_tensor(run_model(model, batch))
-            values.append(m(out, batch, clean if clean is not None else out).double().cpu())
+                out = ref if ref is not None else output_tensor(run_model(model, batch))
+                ref = out
+            values.append(m(out, batch, ref if ref is not None else out).double().cpu())
     return torch.cat(values)
 
 
@@ -116,9 +157,13 @@ def score_circuit(
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")
     rest = [u for u in units if u not in set(circuit)]
+    m = get_metric(metric)
+    clean = clean_outputs(model, batches) if needs_clean(m) else None
 
     def per_ex(ablated: Sequence[str]) -> np.ndarray:
-        return metric_per_example(model, batches, ablated, means, metric, method=method).numpy()
+        return metric_per_example(
+            model, batches, ablated, means, m, method=method, clean=clean
+        ).numpy()
 
     full, empty = per_ex([]), per_ex(list(units))
     circ, without = per_ex(rest), per_ex(list(circuit))

@@ -23,7 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.attribution import attribute
-from meanablate.discovery.evaluate import faithfulness, metric_per_example
+from meanablate.discovery.evaluate import (
+    clean_outputs,
+    faithfulness,
+    metric_per_example,
+    needs_clean,
+)
 from meanablate.discovery.scores import Scores, auroc, roc_curve
 from meanablate.discovery.sweep import check_units, sweep
 from meanablate.discovery.units import reverse_topological
@@ -111,13 +116,17 @@ def discover(
     t0 = time.perf_counter()
 
     memo: dict[frozenset[str], float] = {}
+    # Comparing metrics read the clean output for every ablated set: run it once.
+    clean = clean_outputs(model, batches) if needs_clean(m) else None
 
     def value(ablated: Sequence[str]) -> float:
         # Pruning asks for the same ablated sets again (attribute_verify re-prunes as it
         # verifies more units); each set costs a forward over all batches, so remember it.
         key = frozenset(ablated)
         if key not in memo:
-            per_ex = metric_per_example(model, batches, list(ablated), means, m, method=method)
+            per_ex = metric_per_example(
+                model, batches, list(ablated), means, m, method=method, clean=clean
+            )
             memo[key] = float(per_ex.mean())
         return memo[key]
 
@@ -222,8 +231,12 @@ def _attribute_verify(
     target: float,
     progress: bool,
 ) -> Circuit:
-    """Attribute, verify the top ``k`` exactly, prune; double ``k`` until the circuit
-    consists of verified units only (so no unit is kept on an estimate alone)."""
+    """Attribute, verify the top ``k`` exactly, prune; grow ``k`` until the circuit
+    consists of verified units only (so no unit is kept on an estimate alone).
+
+    ``k`` grows to a quarter more than the circuit just found (at least doubling), so
+    a circuit much larger than ``verify_top`` costs one more round, not log2 of them.
+    """
     attr = _rank_scores(model, batches, units, means, m, "attribution", method, False)
     k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * len(units)))
     if not 1 <= k <= len(units):
@@ -239,7 +252,7 @@ def _attribute_verify(
         circuit = _prune_to_target(units, scores, value, m_full, m_empty, target)
         if len(circuit.kept) < k or k == len(units):
             return circuit
-        k = min(len(units), 2 * k)
+        k = min(len(units), max(2 * k, math.ceil(1.25 * len(circuit.kept)) + 1))
 
 
 def _prune_to_target(

@@ -32,8 +32,11 @@ def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
     if isinstance(units, str) or not len(units):
         raise ValueError("units must be a non-empty list of sites")
     out = []
+    seen: set[str] = set()
     for site in as_sites(units):
-        resolve_module(model, site.module)
+        if site.module not in seen:  # resolving walks every module: once per path
+            resolve_module(model, site.module)
+            seen.add(site.module)
         out.append(str(site))
     if len(set(out)) != len(out):
         raise ValueError("units contain duplicates")

@@ -210,8 +210,10 @@ class HookedTransformer(nn.Module):
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise IndexError(f"token ids must lie in [0, {self.cfg.d_vocab}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+            raise IndexError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}), got "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
         pos = self.W_pos[: tokens.shape[1]].unsqueeze(0)
         return self.hook_embed(self.W_E[tokens]) + self.hook_pos_embed(pos)
 
