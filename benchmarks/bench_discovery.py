@@ -195,12 +195,20 @@ def main() -> None:
         per_pos = org.per_position_means
         keys = sorted({ma.parse_site(u).key for u in org.units})
         om = ma.compute_means(org.model, keys, batches, per_position=per_pos)
-        circ = discover(
-            org.model, batches, om, units=org.units, metric=org.metric, algorithm="sweep"
-        )
+        t_means = time.perf_counter() - t0
+        runs = {}
+        for algorithm in ("sweep", "attribute_verify"):
+            t1 = time.perf_counter()
+            circ = discover(
+                org.model, batches, om, units=org.units, metric=org.metric, algorithm=algorithm
+            )
+            runs[algorithm] = (time.perf_counter() - t1, circ)
+        (t_s, c_s), (t_av, c_av) = runs["sweep"], runs["attribute_verify"]
         print(
-            f"organism {name}: discovery {time.perf_counter() - t0:.2f} s, "
-            f"{len(circ.kept)}/{len(org.units)} units kept"
+            f"organism {name} ({len(org.units)} units): means {t_means:.2f} s; discovery by "
+            f"sweep {t_s:.3f} s ({len(c_s.kept)} kept), attribute-then-verify {t_av:.3f} s "
+            f"({len(c_av.kept)} kept): {t_s / t_av:.2f}x; same circuit: "
+            f"{sorted(c_s.kept) == sorted(c_av.kept)}"
         )
     if args.minilm_neurons:
         bench_minilm(args.minilm_neurons)

@@ -144,8 +144,8 @@ def ablate(
     sites = as_sites(ablations)
     if method not in ("mean", "zero", "resample"):
         raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
-    for s in sites:
-        resolve_module(model, s.module)
+    for path in {s.module for s in sites}:  # resolving walks every module: once per path
+        resolve_module(model, path)
     groups = _group(sites)
     if method == "mean":
         if means is None:

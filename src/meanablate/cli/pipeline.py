@@ -146,14 +146,11 @@ def _curve(
     progress: bool,
 ) -> dict[str, list] | None:
     """Faithfulness of the top-k units by |effect|, for up to 17 sizes k (0 and all included)."""
-    from meanablate.discovery import faithfulness, metric_per_example
-    from meanablate.discovery.evaluate import clean_outputs, needs_clean
-    from meanablate.metrics import get_metric
+    from meanablate.discovery import faithfulness
+    from meanablate.discovery.subsets import SetMetric
 
-    clean = (
-        clean_outputs(inputs.model, inputs.batches)
-        if needs_clean(get_metric(inputs.metric))
-        else None
+    set_metric = SetMetric(
+        inputs.model, inputs.batches, inputs.units, means, inputs.metric, method=cfg["method"]
     )
     n = len(ranking)
     steps = min(n, 16)
@@ -167,17 +164,7 @@ def _curve(
     for k in it:
         keep = set(ranking[:k])
         ablated = [u for u in inputs.units if u not in keep]
-        m = float(
-            metric_per_example(
-                inputs.model,
-                inputs.batches,
-                ablated,
-                means,
-                inputs.metric,
-                method=cfg["method"],
-                clean=clean,
-            ).mean()
-        )
+        m = float(set_metric(ablated).mean())
         # nothing kept is the empty circuit: 0 by definition (not -0.0 or 1e-16)
         faith.append(faithfulness(m, m_full, m_empty) + 0.0 if k else 0.0)
     return {"size": sizes, "faithfulness": faith}
@@ -191,14 +178,10 @@ def _minimality(
     As :func:`~meanablate.discovery.score_circuit` computes it, with a progress bar (one
     evaluation per kept unit).
     """
-    from meanablate.discovery import metric_per_example
-    from meanablate.discovery.evaluate import clean_outputs, needs_clean
-    from meanablate.metrics import get_metric
+    from meanablate.discovery.subsets import SetMetric
 
-    clean = (
-        clean_outputs(inputs.model, inputs.batches)
-        if needs_clean(get_metric(inputs.metric))
-        else None
+    set_metric = SetMetric(
+        inputs.model, inputs.batches, inputs.units, means, inputs.metric, method=method
     )
     rest = [u for u in inputs.units if u not in set(kept)]
     denom = cs.metric_full - cs.metric_empty
@@ -209,15 +192,7 @@ def _minimality(
         it = tqdm(kept, desc="minimality", unit="unit")
     out = {}
     for v in it:
-        m_minus = metric_per_example(
-            inputs.model,
-            inputs.batches,
-            [*rest, v],
-            means,
-            inputs.metric,
-            method=method,
-            clean=clean,
-        )
+        m_minus = set_metric([*rest, v])
         out[v] = (cs.metric_circuit - float(m_minus.mean())) / denom
     return out
 

@@ -156,14 +156,13 @@ def score_circuit(
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")
+    from meanablate.discovery.subsets import SetMetric  # it builds on this module
+
     rest = [u for u in units if u not in set(circuit)]
-    m = get_metric(metric)
-    clean = clean_outputs(model, batches) if needs_clean(m) else None
+    set_metric = SetMetric(model, batches, units, means, metric, method=method)
 
     def per_ex(ablated: Sequence[str]) -> np.ndarray:
-        return metric_per_example(
-            model, batches, ablated, means, m, method=method, clean=clean
-        ).numpy()
+        return set_metric(list(ablated)).numpy()
 
     full, empty = per_ex([]), per_ex(list(units))
     circ, without = per_ex(rest), per_ex(list(circuit))

@@ -23,13 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.attribution import attribute
-from meanablate.discovery.evaluate import (
-    clean_outputs,
-    faithfulness,
-    metric_per_example,
-    needs_clean,
-)
+from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
+from meanablate.discovery.subsets import SetMetric
 from meanablate.discovery.sweep import check_units, sweep
 from meanablate.discovery.units import reverse_topological
 from meanablate.intervene import Method
@@ -116,18 +112,14 @@ def discover(
     t0 = time.perf_counter()
 
     memo: dict[frozenset[str], float] = {}
-    # Comparing metrics read the clean output for every ablated set: run it once.
-    clean = clean_outputs(model, batches) if needs_clean(m) else None
+    set_metric = SetMetric(model, batches, units, means, m, method=method)
 
     def value(ablated: Sequence[str]) -> float:
         # Pruning asks for the same ablated sets again (attribute_verify re-prunes as it
         # verifies more units); each set costs a forward over all batches, so remember it.
         key = frozenset(ablated)
         if key not in memo:
-            per_ex = metric_per_example(
-                model, batches, list(ablated), means, m, method=method, clean=clean
-            )
-            memo[key] = float(per_ex.mean())
+            memo[key] = float(set_metric(list(ablated)).mean())
         return memo[key]
 
     m_full, m_empty = value([]), value(units)
