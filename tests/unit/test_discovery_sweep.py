@@ -495,3 +495,48 @@ def test_keyboard_interrupt_on_generic_model() -> None:
         )
     assert hooks_left(model) == []
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _FakeClock:
+    """A clock that only the fake sweep advances, so calibration sees chosen timings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("cost", "n", "oom_at", "want"),
+    [
+        # time per stacked unit falls until 8 copies, then stays flat: stop at 8
+        (lambda k: 1.0 + 0.0 * k if k >= 8 else 8.0 / k, 512, None, 8),
+        # the device runs out of memory at 16 copies before the gain stops
+        (lambda k: 1.0 / k, 512, 16, 8),
+        # never more copies than units to sweep
+        (lambda k: 1.0 / k, 5, None, 4),
+        # a device that gains nothing from stacking keeps one copy
+        (lambda k: float(k), 512, None, 1),
+    ],
+)
+def test_stack_calibration_doubles_until_time_per_unit_stops_improving(
+    monkeypatch, cost, n, oom_at, want
+) -> None:
+    import importlib
+
+    # (the package re-exports the function sweep under the module's name)
+    sweep_mod = importlib.import_module("meanablate.discovery.sweep")
+    clock = _FakeClock()
+    monkeypatch.setattr(sweep_mod, "time", clock)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    tried = []
+
+    def run(k: int) -> None:
+        tried.append(k)
+        if oom_at is not None and k >= oom_at:
+            raise torch.OutOfMemoryError("fake")
+        clock.now += cost(k) * k  # a pass of k stacked units
+
+    assert sweep_mod._calibrate(run, n) == want
+    assert max(tried) <= max(n, 1) and max(tried) <= 256
