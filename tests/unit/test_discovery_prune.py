@@ -285,6 +285,8 @@ def test_attribute_verify_keeps_only_verified_units(micro) -> None:
     assert c.unit_scores is not None and c.faithfulness >= 0.99
     verified = {u for u, e in zip(c.unit_scores.units, c.unit_scores.exact) if bool(e)}
     assert set(c.kept) <= verified
+    # room below the cut: as many verified units outside the circuit as in it (or all)
+    assert len(verified) >= min(len(units), 2 * len(c.kept))
     for u in c.kept:
         measured = c.unit_scores.per_example[units.index(u)].mean().item()
         assert math.isclose(measured, exact[u], rel_tol=1e-9, abs_tol=1e-12)

@@ -13,6 +13,7 @@ from meanablate.discovery.evaluate import (
 )
 from meanablate.discovery.prune import ALGORITHMS, Circuit, discover
 from meanablate.discovery.scores import Scores, auroc, roc_curve, spearman
+from meanablate.discovery.subsets import SetMetric
 from meanablate.discovery.sweep import sweep
 from meanablate.discovery.units import (
     reverse_topological,
@@ -26,6 +27,7 @@ __all__ = [
     "Circuit",
     "CircuitScores",
     "Scores",
+    "SetMetric",
     "attribute",
     "auroc",
     "discover",

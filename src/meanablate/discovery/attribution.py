@@ -82,18 +82,14 @@ def attribute(
     per_batch = []
     for raw in batches:
         batch = to_device(raw, device)
-        rounds = n_probes if m.compares or m.name == "mse" else 1
-        acc = None
-        for _ in range(rounds):
-            contrib, npos = _one_pass(model, batch, sites, keys, means, m, method, gen)
-            acc = contrib if acc is None else acc + contrib
-        assert acc is not None
+        probes = n_probes if m.compares or m.name == "mse" else 0
+        contrib, npos = _one_pass(model, batch, sites, keys, means, m, method, gen, probes)
         if m.name == "kl":
-            est = 0.5 * acc / rounds / npos
+            est = 0.5 * contrib / npos
         elif m.compares:  # l2: E|N(0, s^2)| = s * sqrt(2/pi)
-            est = acc / rounds * math.sqrt(math.pi / 2)
+            est = contrib * math.sqrt(math.pi / 2)
         else:
-            est = acc / rounds
+            est = contrib
         per_batch.append(est)
     if not per_batch:
         raise ValueError("attribute needs at least one batch")
@@ -233,7 +229,10 @@ def _one_pass(
     m: Metric,
     method: Method,
     gen: torch.Generator,
+    n_probes: int,
 ) -> tuple[Tensor, Tensor]:
+    """One forward and one backward per objective: the task metric's gradient, or (for
+    comparing metrics and mse) ``n_probes`` random probes, averaged; ``[n_units, batch]``."""
     zs: dict[str, Tensor] = {}
     acts: dict[str, Tensor] = {}
 
@@ -251,20 +250,25 @@ def _one_pass(
         out = output_tensor(run_model(model, batch))
         mask = scored_mask(batch, out)
         npos = mask.sum(1).double().clamp_min(1)
+        objectives = []
         if m.compares:
-            r = _probe(out.detach(), m.name, gen)
             lg = _seq(out)
-            r = torch.where(mask[..., None], r.reshape(lg.shape), 0.0)
-            objectives = [torch.linalg.vecdot(r, lg).double().sum()]
+            for _ in range(n_probes):
+                r = torch.where(
+                    mask[..., None], _probe(out.detach(), m.name, gen).reshape(lg.shape), 0.0
+                )
+                objectives.append(torch.linalg.vecdot(r, lg).double().sum())
         else:
-            objectives = [m(out, batch, out.detach()).sum()]
+            objectives.append(m(out, batch, out.detach()).sum())
         if m.name == "mse":
             # At a perfect fit the error, and so the linear term, is zero: add the
-            # second-order term sum_p d_p^2 through a Rademacher probe on the prediction.
+            # second-order term sum_p d_p^2 through Rademacher probes on the prediction.
             pred = _seq(out)[..., 0].double()
-            sign = torch.randint(0, 2, pred.shape, generator=gen).to(pred.device) * 2.0 - 1
-            objectives.append((torch.where(mask, sign, 0.0) * pred).sum())
+            for _ in range(n_probes):
+                sign = torch.randint(0, 2, pred.shape, generator=gen).to(pred.device) * 2.0 - 1
+                objectives.append((torch.where(mask, sign, 0.0) * pred).sum())
         inputs = [zs[k] for k in keys]
+        # One forward serves every probe: each further probe costs a backward only.
         grads = [
             torch.autograd.grad(
                 obj, inputs, allow_unused=True, retain_graph=i + 1 < len(objectives)
@@ -273,8 +277,9 @@ def _one_pass(
         ]
     parts = [_site_rows(sites, acts, dict(zip(keys, g)), means, method) for g in grads]
     if m.name == "mse":
-        return parts[0] + parts[1].pow(2) / npos, npos
-    contrib = parts[0]
+        return parts[0] + sum(p.pow(2) for p in parts[1:]) / len(parts[1:]) / npos, npos
+    if m.name == "kl":
+        return sum(p.pow(2) for p in parts) / len(parts), npos
     if m.compares:
-        contrib = contrib.pow(2) if m.name == "kl" else contrib.abs()
-    return contrib, npos
+        return sum(p.abs() for p in parts) / len(parts), npos
+    return parts[0], npos
