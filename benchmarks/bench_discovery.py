@@ -2,16 +2,21 @@
 
 Model: a 4-layer GPT-2-style HookedTransformer (d_model 256, 4 heads, 512 MLP neurons per
 layer, vocab 1000, LayerNorm, GELU), batch 32 prompts x 32 tokens, sweeping the 512
-neurons of layer 1 with a KL metric (all positions, and last token only).
+neurons of layer 1 with a KL metric (all positions, and last token only). Discovery runs
+on it with random weights and on the copy trained on a synthetic language in
+``bench_model.py`` (trained on the first run, about 3 minutes, then cached).
 
 Prints:
 - exact sweep vs the naive loop (one hooked full forward per neuron, the way a
   TransformerLens user writes it), and vs N x one plain forward of the downstream layers;
 - attribution time vs one plain forward, and its Spearman correlation with the sweep;
-- discovery: attribute-then-verify vs the full exact sweep, to reach the same circuit;
-- per organism: discovery wall time.
+- discovery: attribute-then-verify vs the full exact sweep at several faithfulness
+  targets, with whether both reach the same circuit;
+- per organism: discovery wall time, by sweep and by attribute-then-verify;
+- with the minilm extra: the exact sweep over all-MiniLM-L6-v2's intermediate neurons.
 
-Run: ``python benchmarks/bench_discovery.py [--neurons N]``.
+Run: ``python benchmarks/bench_discovery.py [--neurons N] [--no-trained]
+[--target-faithfulness T ...] [--minilm-neurons N]``.
 """
 
 from __future__ import annotations
