@@ -242,8 +242,8 @@ def _attribute_verify(
     So no unit is kept on an estimate alone, and as many verified units as the circuit
     holds lie just below its cut: a unit that attribution underrates has that much room
     to rise into the circuit. (With one unit of room, the benchmark model's circuit came
-    out 2 units different from the exact sweep's.) ``k`` grows straight to what the
-    circuit just found needs, and at least doubles.
+    out 2 units different from the exact sweep's.) ``k`` grows towards what the circuit
+    just found needs, at least doubling and at most quadrupling per round.
     """
     attr = _rank_scores(model, batches, units, means, m, "attribution", method, False, n_probes)
     k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * len(units)))
@@ -261,8 +261,10 @@ def _attribute_verify(
         need = math.ceil(VERIFY_MARGIN * len(circuit.kept))
         if k >= need or k == len(units):
             return circuit
-        # a quarter more than needed now: the circuit may grow as the ranking firms up
-        k = min(len(units), max(2 * k, math.ceil(1.25 * need)))
+        # A quarter more than the circuit now needs (it may grow as the ranking firms
+        # up), but at most 4x per round: a circuit found on a poor early ranking can be
+        # far too big (faithfulness need not grow with size), and that would verify all.
+        k = min(len(units), max(2 * k, min(math.ceil(1.25 * need), 4 * k)))
 
 
 def _prune_to_target(
