@@ -243,7 +243,7 @@ def _attribute_verify(
     holds lie just below its cut: a unit that attribution underrates has that much room
     to rise into the circuit. (With one unit of room, the benchmark model's circuit came
     out 2 units different from the exact sweep's.) ``k`` grows towards what the circuit
-    just found needs, at least doubling and at most quadrupling per round.
+    just found needs, by 1.25x to 4x per round.
     """
     attr = _rank_scores(model, batches, units, means, m, "attribution", method, False, n_probes)
     k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * len(units)))
@@ -262,9 +262,10 @@ def _attribute_verify(
         if k >= need or k == len(units):
             return circuit
         # A quarter more than the circuit now needs (it may grow as the ranking firms
-        # up), but at most 4x per round: a circuit found on a poor early ranking can be
-        # far too big (faithfulness need not grow with size), and that would verify all.
-        k = min(len(units), max(2 * k, min(math.ceil(1.25 * need), 4 * k)))
+        # up; need > k here, so k grows by >= 1.25x a round), but at most 4x: a circuit
+        # found on a poor early ranking can be far too big (faithfulness need not grow
+        # with size), and jumping to it would verify nearly everything.
+        k = min(len(units), 4 * k, math.ceil(1.25 * need))
 
 
 def _prune_to_target(
