@@ -105,6 +105,8 @@ def setup():
         ["blocks.1.attn.hook_z[heads=0]", "blocks.1.attn.hook_z[heads=1]", "blocks.2.hook_mlp_out"],
         # a head group, then hooks at the same block's resid_mid and MLP
         ["blocks.1.attn.hook_z[heads=1]", "blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post"],
+        # a later whole block's output, ablated by its hook on the resumed run
+        ["blocks.0.mlp.hook_post[neurons=1]", "blocks.2[pos=1]"],
         # not one linear change: a neuron and its whole MLP output, overlapping neurons
         ["blocks.0.mlp.hook_post[neurons=2]", "blocks.0.hook_mlp_out"],
         ["blocks.2.mlp.hook_post[neurons=1;pos=2]", "blocks.2.mlp.hook_post[neurons=1,2]"],
@@ -112,7 +114,9 @@ def setup():
 )
 @pytest.mark.parametrize("metric", ["kl", "loss"])
 def test_set_metric_on_hand_picked_sets(setup, subset, metric) -> None:
-    model, pool, means, batches = setup
+    model, pool, _, batches = setup
+    # fill values for every activation the subset reads (whole blocks included)
+    means = random_means(model, pool + subset, True, CFG.n_ctx, torch.Generator().manual_seed(5))
     sm = SetMetric(model, batches, pool + subset, means, metric)
     want = naive_set_effect(model, batches, subset, means, metric)
     torch.testing.assert_close(sm(subset) - sm([]), want, atol=ATOL, rtol=1e-5)

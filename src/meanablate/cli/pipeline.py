@@ -183,7 +183,8 @@ def _minimality(
     set_metric = SetMetric(
         inputs.model, inputs.batches, inputs.units, means, inputs.metric, method=method
     )
-    rest = [u for u in inputs.units if u not in set(kept)]
+    in_circuit = set(kept)
+    rest = [u for u in inputs.units if u not in in_circuit]
     denom = cs.metric_full - cs.metric_empty
     it: Any = kept
     if progress and len(kept) > 8:

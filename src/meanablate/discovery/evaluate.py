@@ -96,7 +96,6 @@ def metric_per_example(
                     out = output_tensor(run_model(model, batch))
             else:
                 out = ref if ref is not None else output_tensor(run_model(model, batch))
-                ref = out
             values.append(m(out, batch, ref if ref is not None else out).double().cpu())
     return torch.cat(values)
 
@@ -158,7 +157,8 @@ def score_circuit(
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")
     from meanablate.discovery.subsets import SetMetric  # it builds on this module
 
-    rest = [u for u in units if u not in set(circuit)]
+    in_circuit = set(circuit)
+    rest = [u for u in units if u not in in_circuit]
     set_metric = SetMetric(model, batches, units, means, metric, method=method)
 
     def per_ex(ablated: Sequence[str]) -> np.ndarray:

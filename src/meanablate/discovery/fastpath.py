@@ -11,6 +11,7 @@ stacked copies of the batch (``stack``); the result is the same ablation, unit b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,33 +156,73 @@ def ablated_logits(
     delta = torch.cat(deltas, dim=0)
     k = len(plans)
     mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+    resid, start = resume_stream(model, state, layer, resume, delta, copies=k)
+    logits = run_downstream(model, resid, start, mask, positions)
+    return logits.reshape(k, b, *logits.shape[1:])
+
+
+def resume_stream(
+    model: HookedTransformer,
+    state: CleanState,
+    layer: int,
+    resume: str,
+    delta: Tensor,
+    copies: int = 1,
+) -> tuple[Tensor, int]:
+    """The stream with ``delta`` applied where a plan resumes, and the next block to run.
+
+    ``copies``: the clean stream is repeated that many times along the batch (``delta``
+    then holds one change per copy).
+    """
 
     def rep(t: Tensor) -> Tensor:
-        return t if k == 1 else t.repeat(k, *([1] * (t.ndim - 1)))
+        return t if copies == 1 else t.repeat(copies, *([1] * (t.ndim - 1)))
 
     if resume == "pre":
-        resid = rep(state.resid_pre[layer]) + delta
-        start = layer
-    elif resume == "mid":
-        block = model.blocks[layer]
+        return rep(state.resid_pre[layer]) + delta, layer
+    if resume == "mid":
         mid = rep(state.resid_mid[layer]) + delta
-        resid = mid + block.mlp(block.ln2(mid))
-        start = layer + 1
-    else:
-        resid = rep(state.resid_post[layer]) + delta
-        start = layer + 1
+        return finish_block_from_mid(model.blocks[layer], mid), layer + 1
+    return rep(state.resid_post[layer]) + delta, layer + 1
+
+
+def finish_block_from_mid(block: Any, mid: Tensor) -> Tensor:
+    """A block's output from its ``resid_mid``: the MLP half, through its hook points."""
+    resid = block.hook_resid_mid(mid)
+    resid = resid + block.hook_mlp_out(block.mlp(block.hook_mlp_in(block.ln2(resid))))
+    return block.hook_resid_post(resid)
+
+
+def run_downstream(
+    model: HookedTransformer,
+    resid: Tensor,
+    start: int,
+    key_mask: Tensor | None,
+    positions: Tensor | None,
+) -> Tensor:
+    """Logits from the stream before block ``start``, at ``positions`` only (``None``: all).
+
+    With ``positions``, the last block runs through :func:`last_block_at`, which skips
+    its hook points: give ``positions=None`` when a hook there must fire.
+    """
     blocks = list(model.blocks[start:])
     if positions is not None and blocks:
         for block in blocks[:-1]:
-            resid = block(resid, mask)
-        resid = last_block_at(blocks[-1], resid, positions, mask)
+            resid = block(resid, key_mask)
+        resid = last_block_at(blocks[-1], resid, positions, key_mask)
     else:
         for block in blocks:
-            resid = block(resid, mask)
+            resid = block(resid, key_mask)
         if positions is not None:
             resid = resid[:, positions]
-    logits = model.unembed(resid)
-    return logits.reshape(k, b, *logits.shape[1:])
+    return model.unembed(resid)
+
+
+def tokens_and_mask(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(tokens, attention_mask or None)`` of a batch given as a dict or a bare tensor."""
+    if isinstance(batch, Mapping):
+        return batch["tokens"], batch.get("attention_mask")
+    return batch, None
 
 
 def last_block_at(block: Any, resid: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:

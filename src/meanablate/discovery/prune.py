@@ -174,7 +174,8 @@ def _acdc(units: list[str], value: Any, m_full: float, threshold: float, progres
         if scores[u] < threshold:
             ablated.append(u)
             current = trial
-    kept = [u for u in units if u not in set(ablated)]
+    removed = set(ablated)
+    kept = [u for u in units if u not in removed]
     return Circuit("acdc", units, kept, scores, "", m_full, current, float("nan"))
 
 
@@ -308,7 +309,8 @@ def _prune_to_target(
         chosen = hi
     faith_at(chosen)
     curve = [(0, 0.0)] + [(size, evaluated[size][0]) for size in sorted(evaluated)]
-    kept_units = [u for u in units if u in set(ranking[:chosen])]
+    top = set(ranking[:chosen])
+    kept_units = [u for u in units if u in top]
     return Circuit(
         "",
         units,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meanablate.discovery import fastpath
+from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.evaluate import (
     CLEAN_CACHE_BYTES,
     clean_outputs,
@@ -63,6 +63,7 @@ class SetMetric:
         self.batches = [to_device(b, device) for b in batches]
         self.plans: dict[str, fastpath.Plan] = {}
         self.states: list[fastpath.CleanState] | None = None
+        self.reads: list[tuple[Tensor | None, dict, Tensor]] = []
         if isinstance(model, HookedTransformer) and method in ("mean", "zero"):
             plans = {u: fastpath.plan_unit(model, u) for u in units}
             self.plans = {u: p for u, p in plans.items() if p is not None}
@@ -77,7 +78,7 @@ class SetMetric:
         states, total = [], 0
         with torch.inference_mode():
             for batch in self.batches:
-                tokens, amask = _tokens(batch)
+                tokens, amask = fastpath.tokens_and_mask(batch)
                 state = fastpath.clean_state(self.model, tokens, amask, keys)  # type: ignore[arg-type]
                 tensors = [*state.resid_pre, *state.resid_mid, *state.resid_post, state.logits]
                 tensors += list(state.acts.values())
@@ -85,6 +86,12 @@ class SetMetric:
                 if total > CLEAN_CACHE_BYTES:
                     return None  # too big to keep: every set takes a full forward
                 states.append(state)
+        # What the metric reads of each batch does not depend on the set: cut it once.
+        for batch, state in zip(self.batches, states):
+            bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
+            positions, sub = restrict_positions(bdict, state.logits)
+            clean = state.logits if positions is None else state.logits[:, positions]
+            self.reads.append((positions, sub, clean))
         return states
 
     def __call__(self, ablated: Sequence[str]) -> Tensor:
@@ -104,8 +111,9 @@ class SetMetric:
         group, rest = split
         values = []
         with torch.inference_mode(), ablate(self.model, rest, self.means, method=self.method):
-            for batch, state in zip(self.batches, self.states):
-                values.append(self._one_batch(batch, state, group, bool(rest)).double().cpu())
+            for batch, state, reads in zip(self.batches, self.states, self.reads):
+                out = self._one_batch(batch, state, reads, group, bool(rest))
+                values.append(out.double().cpu())
         return torch.cat(values)
 
     def _split(self, ablated: list[str]) -> tuple[fastpath.Plan, list[str]] | None:
@@ -115,70 +123,56 @@ class SetMetric:
         planned = [u for u in ablated if u in self.plans]
         if not planned:
             return None
-        first = min((self.plans[u].layer, _ORDER[self.plans[u].resume]) for u in planned)
-        group = [u for u in planned if (self.plans[u].layer, _ORDER[self.plans[u].resume]) == first]
-        merged = _merge([self.plans[u] for u in group])
+        point = {u: (self.plans[u].layer, _ORDER[self.plans[u].resume]) for u in planned}
+        first = min(point.values())
+        group = {u for u in planned if point[u] == first}
+        merged = _merge([self.plans[u] for u in planned if u in group])
         if merged is None:
             return None  # e.g. a neuron and its whole MLP together: not one linear change
-        rest = [u for u in ablated if u not in set(group)]
+        rest = [u for u in ablated if u not in group]
         # every other unit must sit where the resumed run still passes its hook
-        if not all(_after(parse_site(u).module, merged) for u in rest):
+        if not all(_after(parse_site(u).module, merged, self.model) for u in rest):
             return None
         return merged, rest
 
     def _one_batch(
-        self, batch: Any, state: fastpath.CleanState, plan: fastpath.Plan, hooks: bool
+        self,
+        batch: Any,
+        state: fastpath.CleanState,
+        reads: tuple[Tensor | None, dict, Tensor],
+        plan: fastpath.Plan,
+        hooks: bool,
     ) -> Tensor:
         model = self.model
         assert isinstance(model, HookedTransformer)
-        _, amask = _tokens(batch)
-        act = state.acts[plan.site.key]
-        delta = fastpath._delta(model, plan, act, self.means, self.method)
-        layer = plan.layer
-        if plan.resume == "pre":
-            resid, start = state.resid_pre[layer] + delta, layer
-        elif plan.resume == "mid":
-            # finish the block through its hook points: later units may sit there
-            block = model.blocks[layer]
-            resid = block.hook_resid_mid(state.resid_mid[layer] + delta)
-            resid = resid + block.hook_mlp_out(block.mlp(block.hook_mlp_in(block.ln2(resid))))
-            resid, start = block.hook_resid_post(resid), layer + 1
-        else:
-            resid, start = state.resid_post[layer] + delta, layer + 1
-        bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
-        positions, sub = restrict_positions(bdict, state.logits)
-        blocks = list(model.blocks[start:])
-        # The last block at a few positions bypasses its hook points: only without hooks.
-        if positions is not None and blocks and not hooks:
-            for block in blocks[:-1]:
-                resid = block(resid, amask)
-            resid = fastpath.last_block_at(blocks[-1], resid, positions, amask)
-            clean = state.logits[:, positions]
-            return self.metric(model.unembed(resid), sub, clean)
-        for block in blocks:
-            resid = block(resid, amask)
-        return self.metric(model.unembed(resid), bdict, state.logits)
-
-
-def _tokens(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Mapping):
-        return batch["tokens"], batch.get("attention_mask")
-    return batch, None
+        _, amask = fastpath.tokens_and_mask(batch)
+        delta = fastpath._delta(model, plan, state.acts[plan.site.key], self.means, self.method)
+        resid, start = fastpath.resume_stream(model, state, plan.layer, plan.resume, delta)
+        positions, sub, clean = reads
+        # Only a block still to run may be cut to the read positions (last_block_at, which
+        # skips hook points, so not with hooks). Otherwise read the whole output: an
+        # unchanged stream then gives exactly the clean logits (a dead unit scores 0.0).
+        if hooks or positions is None or start >= model.cfg.n_layers:
+            logits = fastpath.run_downstream(model, resid, start, amask, None)
+            bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
+            return self.metric(logits, bdict, state.logits)
+        logits = fastpath.run_downstream(model, resid, start, amask, positions)
+        return self.metric(logits, sub, clean)
 
 
 _MLP_HALF = ("hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_resid_post")
 
 
-def _after(module: str, plan: fastpath.Plan) -> bool:
+def _after(module: str, plan: fastpath.Plan, model: HookedTransformer) -> bool:
     """Whether a run resumed at ``plan`` still passes through ``module``'s hooks."""
-    parts = module.split(".", 2)
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+    layer = layerskip.block_of(module, "blocks", model.cfg.n_layers)
+    if layer is None:
         return False
-    layer, rest = int(parts[1]), parts[2]
     if layer != plan.layer:
-        return layer > plan.layer
+        return layer > plan.layer  # later blocks run whole, through every hook point
+    rest = module.split(".", 2)[2] if module.count(".") >= 2 else ""
     if plan.resume == "pre":  # the whole block re-runs (its resid_pre is the group's)
-        return rest != "hook_resid_pre"
+        return bool(rest) and rest != "hook_resid_pre"
     if plan.resume == "mid":  # the MLP half re-runs through its hook points
         return rest in _MLP_HALF or rest.startswith("mlp.")
     return False
@@ -197,5 +191,5 @@ def _merge(group: list[fastpath.Plan]) -> fastpath.Plan | None:
         return None
     (axis,) = next(iter(axes))
     union = tuple(sorted({i for s in sites for i in getattr(s, axis)}))
-    merged = parse_site(str(first.with_units(**{axis: union})))
+    merged = first.with_units(**{axis: union})
     return fastpath.Plan(merged, group[0].layer, group[0].kind, group[0].resume)

@@ -271,8 +271,7 @@ def _sweep_batch(
     if not fast_units:
         return effects
     assert isinstance(model, HookedTransformer)
-    tokens = batch["tokens"] if isinstance(batch, Mapping) else batch
-    amask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    tokens, amask = fastpath.tokens_and_mask(batch)
     bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
     keys = sorted({plans[u].site.key for u in fast_units})
     state = fastpath.clean_state(model, tokens, amask, keys)
