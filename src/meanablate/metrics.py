@@ -91,9 +91,19 @@ def _masked_mean(values: Tensor, mask: Tensor, metric: str) -> Tensor:
             f"metric {metric!r}: scored positions {tuple(mask.shape)} do not fit "
             f"the output's [batch, pos] {tuple(values.shape)}"
         )
+    return _mean_at(values, mask, _scored_counts(mask, metric))
+
+
+def _scored_counts(mask: Tensor, metric: str) -> Tensor:
+    """Scored positions per example ``[batch]``; an example with none is an error."""
     counts = mask.sum(1)
     if torch.any(counts == 0):
         raise ValueError(f"metric {metric!r}: an example has no scored position")
+    return counts
+
+
+def _mean_at(values: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
+    """Mean of ``values [batch, pos]`` over the positions in ``mask``: ``[batch]``."""
     return torch.where(mask, values, torch.zeros_like(values)).sum(1) / counts
 
 
@@ -223,14 +233,11 @@ def _kl_bound(batch: Any, clean: Tensor) -> Callable[[Tensor], Tensor]:
     q64 = lq.exp()
     q_lq = (q64 * lq).sum(-1)
     mask = scored_mask(batch, clean)
-    counts = mask.sum(1)
-    if torch.any(counts == 0):
-        raise ValueError("metric 'kl': an example has no scored position")
+    counts = _scored_counts(mask, "kl")  # once: a sweep calls kl_bound per unit
     q32 = q64.float() if zc.dtype == torch.float32 else None
 
     def reduce(kl: Tensor) -> Tensor:
-        kl = kl.double()
-        return torch.where(mask, kl, torch.zeros_like(kl)).sum(1) / counts
+        return _mean_at(kl.double(), mask, counts)
 
     def kl_lse(z: Tensor) -> Tensor:
         # sum q log q - q.z + logsumexp(z): three reductions over one float64 copy, no
