@@ -1,0 +1,127 @@
+"""The one description of a model family that every feature reads.
+
+A :class:`Family` says, for one kind of model, where its blocks are, how an attention
+activation lays out its heads, which activations are MLP neurons, what each unit writes
+into the residual stream, and how the stream becomes logits. Sites, means, unit listing,
+the fast path and (next) edges consume it; none of them guesses from tensor shapes.
+
+A model of no known family gets :class:`~meanablate.families.generic.Generic`: plain
+module hooks, no head axis unless the site says ``n_heads=`` explicitly.
+
+Implementations live one per module (``ours``, ``hf_gpt2``, ``hf_neox``, ``hf_llama``,
+``hf_bert``, ``tl_bridge``, ``generic``) and register in :mod:`meanablate.families`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor, nn
+
+from meanablate.sites import Site
+
+__all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo"]
+
+Granularity = Literal["heads", "mlps", "components", "neurons", "layers", "positions"]
+UnitKind = Literal["head", "neuron", "attn_out", "mlp_out", "resid", "other"]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads of an attention activation are, as a hook function sees it.
+
+    ``flat``: the activation is ``[batch, pos, n_heads * d_head]`` (HF GPT-2's
+    ``attn.c_proj`` input, a TransformerLens-4 bridge's raw ``hook_z``) and is viewed as
+    ``[batch, pos, n_heads, d_head]``; otherwise the head axis is dim ``-2`` already.
+    """
+
+    n_heads: int
+    d_head: int
+    flat: bool
+
+
+@dataclass(frozen=True)
+class LinearWrite:
+    """How a unit's activation enters the residual stream: ``delta = (fill - act) @ W``.
+
+    ``weight``: ``[n_units, d_unit, d_model]`` for heads (``W_O`` per head) or
+    ``[d_mlp, d_model]`` for neurons. ``layer``/``enters``: the stream the delta is added
+    to — ``"post"`` (after block ``layer``; run from ``layer + 1``), ``"mid"`` (between the
+    attention and MLP halves of block ``layer``) or ``"norm"`` (post-LN encoders: before
+    block ``layer``'s layer norm, which then must re-run).
+    """
+
+    weight: Tensor
+    layer: int
+    enters: Literal["post", "mid", "norm"]
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What a family knows about one site: its layer, kind and head layout."""
+
+    layer: int | None
+    kind: UnitKind
+    heads: HeadLayout | None
+
+
+class Family:
+    """Base class: one subclass per model family (see the module docstring).
+
+    ``model`` is the user's model (an nnsight wrapper is unwrapped by
+    :func:`meanablate.families.family_of`); nothing here may replace a method on it,
+    register a hook outside a context manager, or change a weight.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def detect(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family."""
+        raise NotImplementedError
+
+    # -- structure ----------------------------------------------------------------
+    def blocks(self) -> tuple[str, nn.ModuleList] | None:
+        """The path and list of the residual blocks, in forward order (``None``: unknown)."""
+        return None
+
+    def unit_info(self, site: Site) -> UnitInfo:
+        """Layer, kind and head layout of ``site``'s activation."""
+        return UnitInfo(None, "other", None)
+
+    def check_site(self, site: Site) -> Site:
+        """``site`` with what the family knows filled in (``n_heads`` of a flat head
+        activation), or a ``ValueError``/``IndexError`` that says what to write instead:
+        ``heads=`` on an activation with no head axis, a head index out of range."""
+        return site
+
+    def units(
+        self,
+        granularity: Granularity = "components",
+        *,
+        layers: list[int] | None = None,
+        n_positions: int | None = None,
+    ) -> list[str]:
+        """Unit site strings at ``granularity`` (see :func:`meanablate.transformer_units`)."""
+        raise TypeError(
+            f"{type(self.model).__name__} is of no known model family; list its units "
+            "as sites (e.g. 'mlp.act[neurons=3]', 'attn.out@input[heads=1;n_heads=4]')"
+        )
+
+    # -- the fast path ------------------------------------------------------------
+    def linear_write(self, site: Site) -> LinearWrite | None:
+        """How ``site``'s units write into the residual stream (``None``: not linearly)."""
+        return None
+
+    def tail(self, hidden: Tensor) -> Tensor:
+        """Final norm + unembedding: the last block's output -> the model's logits."""
+        raise NotImplementedError
+
+    def scored_positions(self, batch: Any) -> Tensor | None:
+        """Bool ``[batch, pos]`` of the positions a task metric reads by default
+        (masked LMs: the mask tokens); ``None``: the metric's own default."""
+        return None
