@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
 from meanablate.sites import Site, as_sites, resolve_module
 
@@ -261,11 +262,13 @@ def compute_means(
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
-    keys = sorted({s.key for s in as_sites(sites)})
+    parsed = as_sites(sites)
+    keys = sorted({s.key for s in parsed})
     if not keys:
         raise ValueError("compute_means needs at least one site")
     for key in keys:
         resolve_module(model, key.removesuffix("@input"))
+    check_sites(model, parsed)  # e.g. heads= on an activation without a head axis
     if executor is not None and not executor.in_process:
         from meanablate.executors import sharded_means
 
