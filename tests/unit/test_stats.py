@@ -404,9 +404,11 @@ def test_pattern_means_keep_heads_and_select_real_query_key_pairs(per_position) 
     for row in captured["p"]:
         assert torch.equal(row, want[:, :n, :n].float())
     if not per_position:
-        with pytest.raises(ValueError, match=r"pattern mean has shape \(2, 6, 6\), wanted"):
-            with ablate(MODEL, PATTERN, means):
-                MODEL(batches[0]["tokens"][:, :5])
+        with (
+            pytest.raises(ValueError, match=r"pattern mean has shape \(2, 6, 6\), wanted"),
+            ablate(MODEL, PATTERN, means),
+        ):
+            MODEL(batches[0]["tokens"][:, :5])
 
 
 def test_pattern_means_ignore_nan_in_padding(monkeypatch) -> None:
@@ -437,9 +439,11 @@ def test_pattern_means_of_other_lengths_or_shapes_are_errors() -> None:
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), wanted \(2, 4\)"):
         acc.add(PATTERN, torch.rand(2, 2, 4, 4), torch.ones(2, 3))
     means = Means({PATTERN: torch.zeros(4, 4, dtype=torch.float64)}, {})  # head axis lost
-    with pytest.raises(ValueError, match=r"pattern mean has shape \(4, 4\), wanted \(2, 4, 4\)"):
-        with ablate(MODEL, PATTERN, means):
-            MODEL(torch.zeros(1, 4, dtype=torch.long))
+    with (
+        pytest.raises(ValueError, match=r"pattern mean has shape \(4, 4\), wanted \(2, 4, 4\)"),
+        ablate(MODEL, PATTERN, means),
+    ):
+        MODEL(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_pattern_means_round_trip(tmp_path) -> None:
