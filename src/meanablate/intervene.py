@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.core import replace_where
+from meanablate.families import family_of
 from meanablate.hooks import capture, hooked, output_tensor, run_model
 from meanablate.metrics import Metric, get_metric
 from meanablate.sites import Site, as_sites, check_units_in_range, resolve_module
@@ -141,7 +143,9 @@ def ablate(
     >>> len(m[1]._forward_hooks)
     0
     """
-    sites = as_sites(ablations)
+    model = unwrap(model)
+    family = family_of(model)
+    sites = [family.check_site(s) for s in as_sites(ablations)]
     if method not in ("mean", "zero", "resample"):
         raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
@@ -174,6 +178,7 @@ def run_ablated(
     source: Any = None,
 ) -> Any:
     """One forward pass of ``batch`` with ``ablations`` applied; returns the model's output."""
+    model = unwrap(model)
     with ablate(model, ablations, means, method=method, source=source):
         return run_model(model, batch)
 
@@ -228,6 +233,7 @@ def ablation_effect(
     For comparing metrics (``l2``, ``kl``) the effect is the distance from the clean
     output; for task metrics it is ``metric(ablated) - metric(clean)`` per example.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     with torch.no_grad():
         clean = output_tensor(run_model(model, batch))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
 from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
@@ -64,6 +65,7 @@ def attribute(
     ``per_example [n_units, n_examples]``, with ``exact`` all ``False``. Cost: one
     forward and one backward pass per batch (per probe for comparing metrics).
     """
+    model = unwrap(model)
     m = get_metric(metric)
     if executor is not None and not executor.in_process:
         return _attribute_distributed(

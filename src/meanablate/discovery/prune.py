@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
@@ -102,6 +103,7 @@ def discover(
     batch for attribution of ``kl``/``l2``/``mse`` (one backward each; more rank better:
     Spearman with the exact sweep 0.89 with 1, 0.96 with 4 on the trained benchmark model).
     """
+    model = unwrap(model)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if not (0 < target_faithfulness <= 1):
@@ -128,6 +130,15 @@ def discover(
         return memo[key]
 
     m_full, m_empty = value([]), value(units)
+    if abs(m_full - m_empty) < 1e-12:
+        # Every unit would be pruned and faithfulness is 0/0: say so instead of
+        # returning an empty circuit (hooks that never reach the computation look so).
+        raise ValueError(
+            f"ablating all {len(units)} units together leaves {m.name} at {m_full:.6g} "
+            "(the full model's value): faithfulness is undefined and every unit would be "
+            "pruned. Check that the "
+            "units are on the path to the output and that the means/method change them"
+        )
     if algorithm == "acdc":
         circuit = _acdc(units, value, m_full, float(threshold), progress)  # type: ignore[arg-type]
         circuit.metric_empty = m_empty

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.evaluate import (
     CLEAN_CACHE_BYTES,
@@ -57,6 +58,7 @@ class SetMetric:
         *,
         method: Method = "mean",
     ) -> None:
+        model = unwrap(model)
         self.model, self.means, self.method = model, means, method
         self.metric = get_metric(metric)
         device = model_device(model)

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
+from meanablate.families import family_of
+from meanablate.families.tl_bridge import is_bridge
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import Metric, get_metric, scored_mask
@@ -29,11 +32,14 @@ Stack = int | Literal["auto"]
 
 def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
     """Normalize unit strings, checking each names a module of ``model``."""
+    model = unwrap(model)
     if isinstance(units, str) or not len(units):
         raise ValueError("units must be a non-empty list of sites")
     out = []
     seen: set[str] = set()
+    family = family_of(model)
     for site in as_sites(units):
+        family.check_site(site)
         if site.module not in seen:  # resolving walks every module: once per path
             resolve_module(model, site.module)
             seen.add(site.module)
@@ -118,6 +124,7 @@ def sweep(
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     units = check_units(model, units)
     batches = list(batches)
@@ -130,6 +137,9 @@ def sweep(
     device = model_device(model)
     is_fast_model = fast and isinstance(model, HookedTransformer) and method != "resample"
     plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
+    # A bridge's blocks forward attribute writes to the wrapped HF block: never patch them
+    # (the bridge runs one full hooked forward per unit, exact by definition).
+    skip_layers = fast and not is_bridge(model)
     k_stack = _choose_stack(stack, device)
     per_batch: list[Tensor] = []
     t0 = time.perf_counter()
@@ -143,7 +153,16 @@ def sweep(
             for raw in batches:
                 batch = to_device(raw, device)
                 effects = _sweep_batch(
-                    model, batch, units, plans, means, m, method, k_stack, bar, skip_layers=fast
+                    model,
+                    batch,
+                    units,
+                    plans,
+                    means,
+                    m,
+                    method,
+                    k_stack,
+                    bar,
+                    skip_layers=skip_layers,
                 )
                 per_batch.append(torch.stack([effects[u] for u in units]))
     finally:

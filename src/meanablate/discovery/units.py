@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import nn
 
+from meanablate._unwrap import unwrap
 from meanablate.sites import Site, as_sites
 
 __all__ = ["reverse_topological", "transformer_units", "unit_kind", "unit_layer"]
@@ -45,6 +46,7 @@ def transformer_units(
     ``layers``: ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out``;
     ``positions``: ``blocks.L.hook_resid_pre[pos=p]`` (needs ``n_positions``).
     """
+    model = unwrap(model)
     cfg = _cfg(model)
     n_layers = int(cfg.n_layers)  # type: ignore[attr-defined]
     chosen = range(n_layers) if layers is None else list(layers)

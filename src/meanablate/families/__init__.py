@@ -6,8 +6,7 @@ families register in ``_REGISTRY`` in detection order, the generic one last.
 
 from __future__ import annotations
 
-from torch import nn
-
+from meanablate._unwrap import unwrap
 from meanablate.families.base import Family, HeadLayout, LinearWrite, UnitInfo
 
 __all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo", "family_of", "unwrap"]
@@ -21,17 +20,6 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
-def unwrap(model: object) -> nn.Module:
-    """The torch module behind ``model``: an nnsight ``NNsight``/``LanguageModel``
-    wrapper gives the module it wraps (without importing nnsight)."""
-    inner = getattr(model, "_model", None)
-    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):
-        return inner
-    if isinstance(model, nn.Module):
-        return model
-    raise TypeError(f"expected a torch nn.Module (or an nnsight wrapper), got {type(model).__name__}")
-
-
 def family_of(model: object) -> Family:
     """The :class:`Family` describing ``model`` (generic when no family matches)."""
     module = unwrap(model)
@@ -39,3 +27,7 @@ def family_of(model: object) -> Family:
         if cls.detect(module):
             return cls(module)
     return Family(module)
+
+
+# Families register on import (after `register` exists: they import it from here).
+from meanablate.families import tl_bridge as tl_bridge  # noqa: E402
