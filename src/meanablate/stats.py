@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate.errors import MissingSiteError
 from meanablate.hooks import capture, model_device, run_model, to_device
+from meanablate.means_io import FORMAT, read_means_file, write_safetensors
 from meanablate.sites import Site, as_sites, resolve_module
 
 if TYPE_CHECKING:
@@ -48,22 +50,24 @@ class MeanAccumulator:
                 f"per-position means need [batch, pos, ...] activations; site "
                 f"{key} gave shape {tuple(act.shape)}"
             )
+        lead = 2 if has_pos else 1
         if has_pos and mask is not None:
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
                     f"site {key}: attention_mask has shape {tuple(mask.shape)} "
                     f"but the activation is {tuple(act.shape)} [batch, pos, ...]"
                 )
-            w = mask.to(device=x.device, dtype=torch.float64)
+            keep = _as_keep(mask, key).to(x.device)
         else:
-            w = torch.ones(
-                x.shape[:2] if has_pos else x.shape[:1], dtype=torch.float64, device=x.device
-            )
-        wx = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
+            keep = torch.ones(x.shape[:lead], dtype=torch.bool, device=x.device)
+        # Padding is left out by *selection*: a NaN or inf that a model writes at a padded
+        # position never enters a sum (multiplying by a 0 mask would give NaN x 0 = NaN).
         if self.per_position:
-            s, c = (x * wx).sum(0), w.sum(0)
+            picked = torch.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, 0.0)
+            s, c = picked.sum(0), keep.sum(0).to(torch.float64)
         else:
-            s, c = (x * wx).sum(dim=tuple(range(w.ndim))), w.sum()
+            s = x[keep].sum(0)
+            c = keep.sum().to(torch.float64)
         self._accumulate(key, s.cpu(), c.cpu())
 
     def _accumulate(self, key: str, s: Tensor, c: Tensor) -> None:
@@ -102,6 +106,18 @@ class MeanAccumulator:
         return Means(means, dict(self.counts), self.per_position, dict(metadata or {}))
 
 
+def _as_keep(mask: Tensor, key: str) -> Tensor:
+    """An attention mask as booleans (1 = a real token); other values are an error."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(torch.all((mask == 0) | (mask == 1))):
+        raise ValueError(
+            f"site {key}: attention_mask must hold only 0 (padding) and 1 (a real token), "
+            f"got values {sorted(set(mask.unique().tolist()))[:6]}"
+        )
+    return mask != 0
+
+
 def _pad0(t: Tensor, n: int) -> Tensor:
     if t.shape[0] == n:
         return t
@@ -126,8 +142,10 @@ class Means:
     def __getitem__(self, key: str | Site) -> Tensor:
         k = key.key if isinstance(key, Site) else key
         if k not in self.tensors:
-            raise KeyError(
-                f"no mean for site {k!r}; means were computed for {', '.join(sorted(self.tensors))}"
+            raise MissingSiteError(
+                k,
+                f"no mean for site {k!r}; means were computed for "
+                f"{', '.join(sorted(self.tensors)) or 'no sites'}",
             )
         return self.tensors[k]
 
@@ -139,19 +157,22 @@ class Means:
 
     def save(self, path: str | Path) -> None:
         """Write safetensors with metadata (model class, sites, shapes, token counts)."""
-        from safetensors.torch import save_file
-
         tensors = {f"mean::{k}": v.contiguous() for k, v in self.tensors.items()}
         tensors.update({f"count::{k}": v.reshape(-1).contiguous() for k, v in self.counts.items()})
         meta = {
-            "format": "meanablate.Means",
+            "format": FORMAT,
             "per_position": json.dumps(self.per_position),
             "sites": json.dumps(self.keys()),
-            "shapes": json.dumps({k: list(v.shape) for k, v in self.tensors.items()}),
-            "tokens": json.dumps({k: float(v.max()) for k, v in self.counts.items()}),
-            "metadata": json.dumps(self.metadata),
+            "shapes": json.dumps(
+                {k: list(v.shape) for k, v in self.tensors.items()}, sort_keys=True
+            ),
+            "tokens": json.dumps(
+                {k: float(v.max()) for k, v in self.counts.items()}, sort_keys=True
+            ),
+            "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        save_file(tensors, str(path), metadata=meta)
+        # Our own writer: the same means give the same bytes (see meanablate.means_io).
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(
@@ -160,22 +181,14 @@ class Means:
         model: nn.Module | None = None,
         batch: Tensor | Mapping[str, Any] | None = None,
     ) -> Means:
-        """Read means saved by :meth:`save`; with ``model`` (and a ``batch``), check them."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Read means saved by :meth:`save`; with ``model`` (and a ``batch``), check them.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "meanablate.Means":
-            raise ValueError(f"{path} is not a meanablate means file")
-        raw = load_file(str(path))
-        per_position = json.loads(meta["per_position"])
-        tensors = {k[len("mean::") :]: v for k, v in raw.items() if k.startswith("mean::")}
-        counts = {}
-        for k, v in raw.items():
-            if k.startswith("count::"):
-                counts[k[len("count::") :]] = v if per_position else v.reshape(())
-        means = cls(tensors, counts, per_position, json.loads(meta.get("metadata", "{}")))
+        A file that is missing, truncated, corrupted, of another format (nothing is ever
+        unpickled) or with bad metadata is a :class:`~meanablate.errors.MeansFileError`
+        (a ``ValueError``) naming the file.
+        """
+        tensors, counts, per_position, metadata = read_means_file(path)
+        means = cls(tensors, counts, per_position, metadata)
         if model is not None:
             means.check_model(model, batch)
         return means
