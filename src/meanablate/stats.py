@@ -24,7 +24,21 @@ from meanablate.sites import Site, as_sites, resolve_module
 if TYPE_CHECKING:
     from meanablate.executors import Executor
 
-__all__ = ["MeanAccumulator", "Means", "compute_means"]
+__all__ = ["MeanAccumulator", "Means", "compute_means", "is_pattern_key"]
+
+# Attention patterns and scores are [batch, head, q, k]: two position axes after the head
+# axis, unlike every other activation ([batch, pos, ...]).
+PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+def is_pattern_key(key: str) -> bool:
+    """Whether site ``key`` holds attention patterns/scores ``[batch, head, q, k]``.
+
+    Their means keep the head axis: ``[head, q, k]``, averaged over the batch only (the
+    positions are axes of the activation itself), in both ``per_position`` modes; an
+    entry counts the examples whose query *and* key positions are real tokens.
+    """
+    return key.endswith(PATTERN_SUFFIXES)
 
 
 @dataclass
@@ -41,6 +55,9 @@ class MeanAccumulator:
 
     def add(self, key: str, act: Tensor, mask: Tensor | None) -> None:
         """Add ``act [batch, pos, ...]`` or ``[batch, ...]``, weighted by ``mask [batch, pos]``."""
+        if is_pattern_key(key):
+            self._add_pattern(key, act, mask)
+            return
         x = act.detach().to(torch.float64)
         # Dim 1 is the token position for [batch, pos, ...] activations (and for
         # [batch, pos] ones when the mask says so); [batch, n] has none.
@@ -70,11 +87,40 @@ class MeanAccumulator:
             c = keep.sum().to(torch.float64)
         self._accumulate(key, s.cpu(), c.cpu())
 
+    def _add_pattern(self, key: str, act: Tensor, mask: Tensor | None) -> None:
+        """Sum ``act [batch, head, q, k]`` over the batch where query and key are real."""
+        if act.ndim != 4 or act.shape[2] != act.shape[3]:
+            raise ValueError(
+                f"site {key}: attention patterns are [batch, head, q, k] with q == k, got "
+                f"shape {tuple(act.shape)}"
+            )
+        x = act.detach().to(torch.float64)
+        b, _, n, _ = x.shape
+        if mask is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        elif tuple(mask.shape) != (b, n):
+            raise ValueError(
+                f"site {key}: attention_mask has shape {tuple(mask.shape)}, wanted {(b, n)} "
+                f"for the attention pattern {tuple(act.shape)} [batch, head, q, k]"
+            )
+        else:
+            real = mask.to(device=x.device).bool()
+        both = real[:, :, None] & real[:, None, :]  # [batch, q, k]
+        # Selected, not multiplied: padding may hold NaN or inf, and NaN * 0 is NaN.
+        s = torch.where(both[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self._accumulate(key, s.sum(0).cpu(), both.sum(0).to(torch.float64).cpu())
+
     def _accumulate(self, key: str, s: Tensor, c: Tensor) -> None:
         if key not in self.sums:
             self.sums[key], self.counts[key] = s.clone(), c.clone()
             return
         old_s, old_c = self.sums[key], self.counts[key]
+        if is_pattern_key(key) and s.shape != old_s.shape:
+            raise ValueError(
+                f"site {key}: attention pattern shape changed between batches "
+                f"({tuple(old_s.shape)} vs {tuple(s.shape)}); its mean is [head, q, k], so "
+                "every batch needs the same length (pad them)"
+            )
         if self.per_position and s.shape[0] != old_s.shape[0]:
             # Sequences of another length: grow to the longer one (absent positions count 0).
             n = max(s.shape[0], old_s.shape[0])
@@ -100,6 +146,11 @@ class MeanAccumulator:
         means = {}
         for key, s in self.sums.items():
             c = self.counts[key]
+            if is_pattern_key(key):
+                # [q, k] counts: a pair that is never real (padding in every example)
+                # gets 0, like an absent position of per-position means.
+                means[key] = s / c.clamp_min(1)
+                continue
             if torch.any(c == 0) and not self.per_position:
                 raise ValueError(f"site {key}: no tokens were counted (all padding?)")
             means[key] = s / c.clamp_min(1).reshape(c.shape + (1,) * (s.ndim - c.ndim))
@@ -217,6 +268,8 @@ class Means:
             mean = tuple(self.tensors[key].shape)
             lead = 1 if self.per_position else 0
             want = act[2:] if len(act) >= 3 else act[1:]
+            if is_pattern_key(key):
+                lead, want = 0, act[1:]
             if mean[lead:] != want:
                 raise ValueError(
                     f"site {key}: stored mean has shape {mean}, but the model's "
@@ -302,7 +355,10 @@ def compute_means(
         raise ValueError("compute_means got no batches")
     meta = {
         "model_class": type(model).__name__,
-        "activation_shapes": {k: list(acc.sums[k].shape[1 if per_position else 0 :]) for k in keys},
+        "activation_shapes": {
+            k: list(acc.sums[k].shape[1 if per_position and not is_pattern_key(k) else 0 :])
+            for k in keys
+        },
         "batches": n_batches,
     }
     return acc.result(meta)
