@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.core import replace_where
+from meanablate.families import check_sites
 from meanablate.hooks import capture, hooked, output_tensor, run_model
 from meanablate.metrics import Metric, get_metric
 from meanablate.sites import Site, as_sites, check_units_in_range, resolve_module
@@ -172,6 +173,7 @@ def ablate(
         raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
         resolve_module(model, path)
+    sites = check_sites(model, sites)  # head layouts from the model's family
     groups = _group(sites)
     if method == "mean":
         if means is None:

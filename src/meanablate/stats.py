@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.errors import MissingSiteError
+from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
 from meanablate.means_io import FORMAT, read_means_file, write_safetensors
 from meanablate.sites import Site, as_sites, resolve_module
@@ -327,11 +328,13 @@ def compute_means(
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
-    keys = sorted({s.key for s in as_sites(sites)})
+    parsed = as_sites(sites)
+    keys = sorted({s.key for s in parsed})
     if not keys:
         raise ValueError("compute_means needs at least one site")
     for key in keys:
         resolve_module(model, key.removesuffix("@input"))
+    check_sites(model, parsed)  # e.g. heads= on an activation without a head axis
     if executor is not None and not executor.in_process:
         from meanablate.executors import sharded_means
 
