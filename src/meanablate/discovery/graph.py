@@ -182,7 +182,7 @@ def build_graph(n_layers: int, n_heads: int, has_mlp: bool, *, split_qkv: bool =
 
     >>> g = build_graph(2, 1, True)
     >>> len(g), g.names[0], g.names[-1]
-    (19, 'input->a0.h0<q>', 'm1->logits')
+    (23, 'input->a0.h0<q>', 'm1->logits')
     """
     if n_layers < 1 or n_heads < 1:
         raise ValueError(f"a graph needs n_layers >= 1 and n_heads >= 1, got {n_layers}, {n_heads}")
