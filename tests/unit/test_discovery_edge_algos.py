@@ -89,3 +89,56 @@ def test_edge_sweep_subset_and_size_guard():
     assert torch.allclose(s.values, torch.tensor([full.as_dict()[n] for n in names]).double())
     with pytest.raises(ValueError, match=r"over 46 edges .* max_edges=10.*eap\(\)"):
         edge_sweep(model, data, metric="kl", max_edges=10)
+
+
+def _double(model):
+    return model.double()
+
+
+@pytest.mark.parametrize("source", ["mean", "zero", Source("counterfactual")])
+@pytest.mark.parametrize("metric", ["loss", "logit_diff"])
+def test_eap_equals_finite_differences_of_the_edge_mask(source, metric):
+    from meanablate.discovery.eap import eap
+
+    model, batches = _setup(seed=5, pad=True)
+    model = _double(model)
+    if metric == "logit_diff":
+        for b in batches:
+            b["wrong"] = (b["target"] + 1) % 7
+            b["wrong"][b["target"] == -100] = -100
+    data = EdgeData(model, batches, source)
+    got = eap(model, data, metric=metric)
+    m = get_metric(metric)
+    eps = 1e-6
+    want = []
+    for e in data.graph.edges:
+        mask = torch.zeros(len(data.graph), dtype=torch.float64)
+        mask[e.index] = eps
+        per = []
+        for it in data.items:
+            hi = m(data.logits(it, mask), it.batch, it.clean)
+            lo = m(data.logits(it, -mask), it.batch, it.clean)
+            per.append((hi - lo) / (2 * eps))
+        want.append(torch.cat(per))
+    want = torch.stack(want)
+    assert not got.exact.any() and got.method == "eap"
+    assert torch.allclose(got.per_example, want, atol=1e-6, rtol=1e-5)
+    assert want.abs().max() > 1e-3
+
+
+def test_eap_refuses_kl_and_eap_ig_converges_to_the_integral():
+    from meanablate.discovery.eap import eap, eap_ig
+
+    model, batches = _setup(seed=6)
+    model = _double(model)
+    data = EdgeData(model, batches, "mean")
+    with pytest.raises(ValueError, match="gradient at the clean run is zero"):
+        eap(model, data, metric="kl")
+    # Integrated gradients are complete: the scores sum to m(all ablated) - m(clean).
+    ig = eap_ig(model, data, metric="kl", steps=200)
+    everything = data.metric_of(torch.ones(len(data.graph), dtype=torch.float64), "kl")
+    assert ig.per_example.sum(0) == pytest.approx(everything.tolist(), rel=2e-2, abs=1e-4)
+    one = eap_ig(model, data, metric="loss", steps=1)
+    m = get_metric("loss")
+    assert one.method == "eap_ig" and one.values.abs().max() > 0
+    assert m.name == "loss"

@@ -132,12 +132,16 @@ class OursEdges:
         in_override: dict[int, Tensor] | None = None,
         keep_outs: bool = False,
         record_inputs: bool = False,
+        probes: list[Tensor] | None = None,
     ) -> EdgeRun:
         """Logits with the edges in ``edge_mask`` ablated (``[n_edges]``, float).
 
         ``ablated``: what an ablated edge carries, ``[n_src, batch | 1, pos | 1, d_model]``.
         ``out_override``: source index -> output forced for every reader (path patching's
         frozen and patched senders); ``in_override``: destination index -> its input.
+        ``probes``: a list that receives, per read, a zero tensor ``[batch, pos, width,
+        d_model]`` added to the destinations' inputs, whose gradient is the gradient with
+        respect to those inputs (what EAP multiplies the edge's change by).
         """
         model = self.model
         n_h = self.cfg.n_heads
@@ -165,6 +169,10 @@ class OursEdges:
                 if m.requires_grad or bool(m.any()):
                     delta = ablated[:n] - torch.stack(outs)  # type: ignore[index]
                     x = x + torch.einsum("nbpd,nw->bpwd", delta, m.to(delta.dtype))
+            if probes is not None:
+                z = torch.zeros(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+                probes.append(z)
+                x = x + z
             forced = [j for j in range(width) if d0 + j in in_override]
             if forced:
                 x = x.clone(memory_format=torch.contiguous_format)

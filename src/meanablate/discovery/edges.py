@@ -75,7 +75,8 @@ class EdgeData:
         self.values = SourceValues(self.family, self.graph, raw, self.source)
         dtype = next(model.parameters()).dtype
         self.items: list[_Prepared] = []
-        with torch.inference_mode():
+        # no_grad, not inference_mode: EAP differentiates through runs that read these.
+        with torch.no_grad():
             for b in raw:
                 base = base_batch(b, self.source)
                 tokens, mask = base["tokens"], base.get("attention_mask")

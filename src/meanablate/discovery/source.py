@@ -194,7 +194,7 @@ class SourceValues:
                 return m[:, None, :p]
             return m[:, None, None]
         src_tokens, src_mask = other_tokens(batch, self.source)
-        with torch.inference_mode():
+        with torch.no_grad():
             outs = self.family.run(self.graph, src_tokens, src_mask, keep_outs=True).outs
         return outs.to(dtype).clone()
 
