@@ -50,7 +50,7 @@ def eap(
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
     >>> batch = {"tokens": torch.tensor([[1, 2, 3]]), "target": torch.tensor([[2, 3, 4]])}
     >>> eap(HookedTransformer(cfg), [batch], "zero").values.shape
-    torch.Size([8])
+    torch.Size([5])
     """
     m = get_metric(metric)
     if m.compares:
