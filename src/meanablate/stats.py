@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from meanablate.sites import Site, as_sites, resolve_module
 if TYPE_CHECKING:
     from meanablate.executors import Executor
 
-__all__ = ["MeanAccumulator", "Means", "compute_means", "is_pattern_key"]
+__all__ = ["MEAN_KINDS", "MeanAccumulator", "Means", "compute_means", "is_pattern_key"]
 
 # Attention patterns and scores are [batch, head, q, k]: two position axes after the head
 # axis, unlike every other activation ([batch, pos, ...]).
@@ -40,6 +40,12 @@ def is_pattern_key(key: str) -> bool:
     entry counts the examples whose query *and* key positions are real tokens.
     """
     return key.endswith(PATTERN_SUFFIXES)
+
+
+# per_position: a mean per position; plain: one mean over all positions; plain_except: one
+# mean over all positions but ``keep_positions``, which keep their own (e.g. BOS).
+MEAN_KINDS: tuple[str, ...] = ("per_position", "plain", "plain_except")
+MeanKind = Literal["per_position", "plain", "plain_except"]
 
 
 @dataclass
@@ -207,6 +213,12 @@ class Means:
     def keys(self) -> list[str]:
         return sorted(self.tensors)
 
+    @property
+    def kind(self) -> str:
+        """The mean kind (see :data:`MEAN_KINDS`), as recorded when the means were made."""
+        default = "per_position" if self.per_position else "plain"
+        return str(self.metadata.get("mean_kind", default))
+
     def save(self, path: str | Path) -> None:
         """Write safetensors with metadata (model class, sites, shapes, token counts)."""
         tensors = {f"mean::{k}": v.contiguous() for k, v in self.tensors.items()}
@@ -313,6 +325,8 @@ def compute_means(
     progress: bool = False,
     accumulator: MeanAccumulator | None = None,
     executor: Executor | None = None,
+    kind: MeanKind | None = None,
+    keep_positions: Sequence[int] | None = None,
 ) -> Means:
     """Stream over ``batches`` and return the exact dataset mean at each site.
 
@@ -323,11 +337,20 @@ def compute_means(
     ``executor``: where to run (default: here); a ``meanablate.executors.RayExecutor``
     sends shards of the data to workers and merges their float64 sums.
 
+    ``kind`` (see :data:`MEAN_KINDS`; default ``"per_position"`` if ``per_position`` else
+    ``"plain"``): ``"plain_except"`` gives one mean over every position except
+    ``keep_positions`` (default ``[0]``, e.g. BOS), which keep their own per-position
+    mean; its tensors are ``[pos, ...]`` like per-position ones (``per_position`` is then
+    true on the result). The kind is recorded in ``Means.metadata["mean_kind"]``.
+
     >>> from torch import nn
     >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
+    kind, keep = _mean_kind(kind, per_position, keep_positions)
+    if kind == "plain_except":
+        per_position = True  # pooled from the per-position sums below
     parsed = as_sites(sites)
     keys = sorted({s.key for s in parsed})
     if not keys:
@@ -338,7 +361,7 @@ def compute_means(
     if executor is not None and not executor.in_process:
         from meanablate.executors import sharded_means
 
-        return sharded_means(
+        means = sharded_means(
             executor,
             model,
             keys,
@@ -347,6 +370,7 @@ def compute_means(
             progress=progress,
             accumulator=accumulator,
         )
+        return _as_kind(means, kind, keep)
     acc = accumulator if accumulator is not None else MeanAccumulator(per_position)
     iterator = batches
     if progress:
@@ -364,4 +388,51 @@ def compute_means(
         },
         "batches": n_batches,
     }
-    return acc.result(meta)
+    return _as_kind(acc.result(meta), kind, keep)
+
+
+def _mean_kind(
+    kind: str | None, per_position: bool, keep_positions: Sequence[int] | None
+) -> tuple[str, list[int]]:
+    if kind is None:
+        kind = "per_position" if per_position else "plain"
+    if kind not in MEAN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MEAN_KINDS)}; got {kind!r}")
+    if per_position and kind != "per_position":
+        raise ValueError(f"per_position=True contradicts kind={kind!r}; give one of them")
+    if kind != "plain_except":
+        if keep_positions is not None:
+            raise ValueError(f"keep_positions is for kind='plain_except', not {kind!r}")
+        return kind, []
+    keep = [0] if keep_positions is None else list(keep_positions)
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in keep):
+        raise ValueError(f"keep_positions must be position indices >= 0; got {keep_positions!r}")
+    return kind, sorted(set(keep))
+
+
+def _as_kind(means: Means, kind: str, keep: list[int]) -> Means:
+    """Record ``kind``; for ``plain_except`` pool every position outside ``keep``."""
+    means.metadata["mean_kind"] = kind
+    if kind != "plain_except":
+        return means
+    means.metadata["keep_positions"] = keep
+    for key, mean in means.tensors.items():
+        if is_pattern_key(key):  # [head, q, k]: no pooled position axis
+            continue
+        counts = means.counts[key]
+        n_pos = counts.shape[0]
+        if keep and keep[-1] >= n_pos:
+            raise ValueError(
+                f"keep_positions {keep} reach past the {n_pos} positions of site {key}"
+            )
+        pooled = torch.ones(n_pos, dtype=torch.bool)
+        pooled[keep] = False
+        c = counts[pooled]
+        if not bool(pooled.any()) or float(c.sum()) == 0:
+            raise ValueError(f"site {key}: no tokens outside keep_positions {keep} to pool")
+        w = c.reshape(c.shape + (1,) * (mean.ndim - 1))
+        shared = (mean[pooled] * w).sum(0) / c.sum()
+        means.tensors[key] = torch.where(
+            pooled.reshape((n_pos,) + (1,) * (mean.ndim - 1)), shared, mean
+        )
+    return means
