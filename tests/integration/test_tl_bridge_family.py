@@ -218,6 +218,14 @@ def test_torch_hooks_see_tl_shapes_and_replace_as_run_with_hooks(bridge) -> None
         assert store[k].shape == cache[k].shape, k
         assert torch.equal(store[k], cache[k]), k
     assert store["blocks.0.attn.hook_z"].shape == (BATCH, N_POS, 4, 8)
+    # a stateful conversion (TL keys AttentionAutoConversion's state by tensor id) is left
+    # as it was: our hooks drop the state their own calls added
+    conv = bridge.hook_dict["blocks.0.hook_attn_out"].hook_conversion
+    n_states = len(conv._conversion_state)
+    with torch.no_grad(), capture(bridge, ["blocks.0.hook_attn_out"]) as out:
+        bridge(tokens)
+    assert len(conv._conversion_state) == n_states
+    assert out["blocks.0.hook_attn_out"].shape == (BATCH, N_POS, 32)
     assert store["blocks.0.attn.hook_pattern"].shape == (BATCH, 4, N_POS, N_POS)
 
 
