@@ -95,7 +95,7 @@ def _fill_for(
         if act.ndim < 2 or mean.ndim < 1 or tuple(mean.shape[1:]) != per_ex[1:]:
             raise ValueError(
                 f"site {site.key}: per-position mean has shape {tuple(mean.shape)}, wanted "
-                f"[pos, ...] = (n_pos, {', '.join(map(str, per_ex[1:]))}) for the activation "
+                f"{per_ex} [pos, ...] (at least {act.shape[1]} positions) for the activation "
                 f"{tuple(act.shape)} [batch, pos, ...]"
             )
         if mean.shape[0] < act.shape[1]:
