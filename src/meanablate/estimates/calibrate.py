@@ -64,8 +64,8 @@ def _plain_forwards(ctx: _Ctx) -> float:
 
 
 def _result_bytes(n_units: int, n_examples: int) -> int:
-    # per-batch effects, their concatenation and the float64 copy Scores keeps
-    return 3 * 8 * n_units * n_examples
+    # each unit's float64 effects, held per batch and again once concatenated
+    return 2 * 8 * n_units * n_examples
 
 
 def _calibrate_sweep(ctx: _Ctx, k: int) -> tuple[float, float, int, list[Scores]]:
@@ -88,9 +88,10 @@ def _calibrate_sweep(ctx: _Ctx, k: int) -> tuple[float, float, int, list[Scores]
     parts = [measured] if timed is sample else [measured, part]
     done = len(set(mem_units) | set(timed))
     n_examples = int(part.per_example.shape[1])
-    peak = mem.bytes + _result_bytes(n, n_examples)
+    peak = mem.bytes + _result_bytes(n - len(mem_units), n_examples)
     per_unit = max(0.0, t_s - t_fixed) / len(timed)
-    return t_fixed + per_unit * n, per_unit * done, peak, parts
+    seconds = t_fixed + per_unit * n
+    return seconds, seconds if done == n else per_unit * done, peak, parts
 
 
 def _batch_size(batch: Any) -> int:
@@ -339,7 +340,8 @@ def _estimate_discover(
         parts["prune"] = rounds * prune * t_empty
         note = f"worst case: {evaluations} set evaluations"
         if algorithm in ("attribution", "attribute_verify"):
-            a = _estimate_attribute(ctx, n_probes, 0)
+            grad = ctx if ctx.metric.name != "accuracy" else replace(ctx, metric=get_metric("loss"))
+            a = _estimate_attribute(grad, n_probes, 0)  # as discover ranks: loss for accuracy
             parts["attribution"] = a.seconds
             peak = max(peak, held.live_bytes + a.peak_bytes)
             calibrated = a.calibrated_on
