@@ -101,6 +101,12 @@ class _StorageCounter(TorchDispatchMode):
         self.peak = 0
         self._refs: dict[int, Any] = {}
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch would wrap __torch_dispatch__ to keep torch.compile out, importing
+        # torch._dynamo on the first operation (seconds); nothing here is compiled.
+        return False
+
     def _freed(self, key: int, nbytes: int, _ref: Any) -> None:
         if self._refs.pop(key, None) is not None:
             self.live -= nbytes

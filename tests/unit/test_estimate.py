@@ -271,3 +271,45 @@ def test_estimated_peak_covers_what_the_model_allocates():
         ma.sweep(model, batches, UNITS, means, metric="l2")
     assert p.bytes > 0
     assert est.peak_bytes == pytest.approx(p.bytes, rel=0.25)
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_cli_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from meanablate.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    for command in ("sweep", "attribute", "discover"):
+        args = [command, "--organism", "induction", "--n-examples", "32", "--out", str(out)]
+        result = CliRunner().invoke(app, [*args, "--dry-run", "-q"], prog_name="meanablate")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("estimate: "), result.stdout
+        assert "calibrated on" in lines[0] and "peak ~" in lines[0]
+        assert lines[-1] == "dry run: stopped before the run; nothing written"
+        assert not out.exists() and not (tmp_path / "runs").exists()
+    assert "discover:acdc" in lines[0] and "sweep ~" in lines[1]  # the discover breakdown
+
+
+def test_cli_run_shows_the_estimate_and_reuses_the_calibration(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from meanablate.cli.app import app
+
+    swept: list[list[str]] = []
+    real_sweep = calibrate.sweep
+
+    def spy(model, batches, units, means, **kw):
+        swept.append(list(units))
+        return real_sweep(model, batches, units, means, **kw)
+
+    monkeypatch.setattr(calibrate, "sweep", spy)
+    args = ["sweep", "--organism", "tracr-reverse", "--n-examples", "32", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--n-boot", "0"], prog_name="meanablate")
+    assert result.exit_code == 0, result.output
+    assert "estimate: sweep of 8 units" in result.stderr
+    flat = [u for c in swept for u in c]
+    assert sorted(flat) == sorted(set(flat)) and len(flat) == 8  # each unit swept once
+    assert (tmp_path / "sweep.json").is_file()

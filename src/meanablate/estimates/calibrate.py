@@ -305,7 +305,9 @@ def _estimate_discover(
     set_metric(ctx.units)
     t_empty = clock() - t0
     if algorithm == "acdc":
-        sample = _spread(reverse_topological(ctx.units), min(n_calibrate, n))
+        # at most an eighth of the evaluations ACDC will make (none of these is reused)
+        k = min(n_calibrate, n, max(2, n // 8))
+        sample = _spread(reverse_topological(ctx.units), k)
         t0 = clock()
         for u in sample:
             set_metric([u])
