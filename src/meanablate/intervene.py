@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._validate import check_source
 from meanablate.core import replace_where
 from meanablate.hooks import capture, hooked, output_tensor, run_model
 from meanablate.metrics import Metric, get_metric
@@ -142,16 +143,13 @@ def ablate(
     0
     """
     sites = as_sites(ablations)
-    if method not in ("mean", "zero", "resample"):
-        raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
+    check_source(means, method, where="ablate")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
         resolve_module(model, path)
     groups = _group(sites)
     if method == "mean":
-        if means is None:
-            raise ValueError("mean ablation needs means; compute them with compute_means()")
         for key in groups:
-            means[key]
+            means[key]  # type: ignore[index]  # a MissingSiteError before any hook goes in
     captured = None
     if method == "resample":
         if source is None:

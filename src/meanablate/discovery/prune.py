@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._validate import check_source
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
@@ -112,6 +113,7 @@ def discover(
     elif threshold is not None:
         raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
     m = get_metric(metric)
+    check_source(means, method, where="discover")
     units = check_units(model, units)
     batches = list(batches)
     t0 = time.perf_counter()
