@@ -43,19 +43,18 @@ def block_of(path: str, prefix: str, n_blocks: int) -> int | None:
 @contextmanager
 def record_block_outputs(blocks: nn.ModuleList) -> Iterator[list[Any]]:
     """Record each block's output (as returned) during one forward pass."""
+    from meanablate.hooks import attached
+
     outputs: list[Any] = [None] * len(blocks)
-    handles = []
-    try:
-        for i, block in enumerate(blocks):
+    planned = []
+    for i, block in enumerate(blocks):
 
-            def hook(_m: nn.Module, _a: Any, out: Any, i: int = i) -> None:
-                outputs[i] = out
+        def hook(_m: nn.Module, _a: Any, out: Any, i: int = i) -> None:
+            outputs[i] = out
 
-            handles.append(block.register_forward_hook(hook))
+        planned.append((block, "forward", hook))
+    with attached(planned):  # atomic against Ctrl-C (see meanablate.hooks.attached)
         yield outputs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
