@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "check_batch", "check_source", "check_units_fit"]
+__all__ = ["METHODS", "activation_shapes", "check_batch", "check_source", "check_units_fit"]
 
 METHODS = ("mean", "zero", "resample")
 
@@ -58,21 +58,30 @@ def _first_example(batch: Tensor | Mapping[str, Any]) -> Tensor | dict[str, Any]
     }
 
 
+def activation_shapes(model: nn.Module, keys: Sequence[str], batch: Any) -> dict[str, tuple]:
+    """The shape of each site key's activation on the first example of ``batch``.
+
+    Keys whose module does not run in the forward pass are absent.
+    """
+    from meanablate.hooks import capture, model_device, run_model, to_device
+
+    probe = to_device(_first_example(batch), model_device(model))
+    with torch.inference_mode(), capture(model, sorted(set(keys))) as store:
+        run_model(model, probe)
+    return {k: tuple(v.shape) for k, v in store.items()}
+
+
 def check_units_fit(model: nn.Module, units: Sequence[Any], batch: Any) -> None:
     """``IndexError``/``ValueError`` naming the site if a selector does not fit its activation.
 
     Runs ``model`` once on the first example of ``batch`` and checks each unit's heads,
-    neurons and positions against the activation it would index.
+    neurons and positions against the activation it would index. A module that never
+    runs has nothing to index (and nothing is ablated there).
     """
-    from meanablate.hooks import capture, model_device, run_model, to_device
     from meanablate.sites import as_sites, check_units_in_range
 
     sites = as_sites(units)
-    keys = sorted({s.key for s in sites})
-    probe = to_device(_first_example(batch), model_device(model))
-    with torch.inference_mode(), capture(model, keys) as store:
-        run_model(model, probe)
+    shapes = activation_shapes(model, [s.key for s in sites], batch)
     for site in sites:
-        if site.key not in store:
-            continue  # a module that never runs: nothing to index (and nothing ablated)
-        check_units_in_range(site, tuple(store[site.key].shape))
+        if site.key in shapes:
+            check_units_in_range(site, shapes[site.key])

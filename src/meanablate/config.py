@@ -130,6 +130,7 @@ OPTIONS: dict[str, Option] = {
     ),
     "out": Option(str, None, "run folder (default: runs/<name>-<timestamp>)", saved=False),
     "quiet": Option(bool, False, "no progress bars or logs", saved=False),
+    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
 }
 
 

@@ -14,10 +14,13 @@ from meanablate.cli.options import (
     Algorithm,
     Attribution,
     BatchSize,
+    Command,
     Config,
     Debug,
     Device,
+    Force,
     GroundTruth,
+    Group,
     MeansFile,
     Method,
     Metric,
@@ -43,6 +46,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="meanablate",
+    cls=Group,
     help=(
         "Mean ablation and circuit discovery for PyTorch models.\n\n"
         "Start with [bold]meanablate demo[/bold]: it finds the circuit of a built-in model "
@@ -97,7 +101,7 @@ def _run(command: str, debug: bool, local: dict[str, Any], defaults: Any = None)
 
 
 # -- commands ---------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def demo(
     organism: Organism = None,
     metric: Metric = None,
@@ -116,6 +120,7 @@ def demo(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -138,7 +143,7 @@ def demo(
     _run("demo", debug, dict(locals()), {"organism": "tracr-sort"})
 
 
-@app.command()
+@app.command(cls=Command)
 def discover(
     organism: Organism = None,
     model: Model = None,
@@ -162,6 +167,7 @@ def discover(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -185,7 +191,7 @@ def discover(
     _run("discover", debug, dict(locals()))
 
 
-@app.command()
+@app.command(cls=Command)
 def means(
     organism: Organism = None,
     model: Model = None,
@@ -200,6 +206,7 @@ def means(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -236,6 +243,7 @@ def _scores_command(command: str) -> Any:
         ray: Ray = None,
         ray_workers: RayWorkers = None,
         out: Out = None,
+        force: Force = None,
         config: Config = None,
         quiet: Quiet = None,
         debug: Debug = False,
@@ -262,11 +270,13 @@ RUN_DIR/attribution.json.
 
   meanablate attribute --model ./gpt2 --prompts ioi.jsonl --units neurons --metric logit_diff
 """
-sweep = app.command("sweep", help=_SWEEP_HELP)(_scores_command("sweep"))
-attribute = app.command("attribute", help=_ATTRIBUTE_HELP)(_scores_command("attribute"))
+sweep = app.command("sweep", cls=Command, help=_SWEEP_HELP)(_scores_command("sweep"))
+attribute = app.command("attribute", cls=Command, help=_ATTRIBUTE_HELP)(
+    _scores_command("attribute")
+)
 
 
-@app.command()
+@app.command(cls=Command)
 def organisms(
     quiet: Quiet = None,
     debug: Debug = False,
@@ -311,7 +321,7 @@ def organisms(
             indented("ground truth: unknown\n")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     run_dir: Annotated[
         Path,
