@@ -149,7 +149,17 @@ def _check_pair(
     count = counts[key]
     if not mean.dtype.is_floating_point or not count.dtype.is_floating_point:
         raise MeansFileError(path, f"site {key}: means and counts must be float tensors")
-    if per_position:
+    from meanablate.stats import is_pattern_key  # (stats imports this module)
+
+    if is_pattern_key(key):  # [head, q, k] means, counted per (q, k) pair
+        if mean.ndim != 3 or count.numel() != mean.shape[1] * mean.shape[2]:
+            raise MeansFileError(
+                path,
+                f"site {key}: attention-pattern mean {tuple(mean.shape)} and count "
+                f"{tuple(count.shape)} do not agree ([head, q, k] and [q, k])",
+            )
+        counts[key] = count.reshape(mean.shape[1:])
+    elif per_position:
         if mean.ndim < 1 or count.shape != mean.shape[:1]:
             raise MeansFileError(
                 path,

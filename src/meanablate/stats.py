@@ -11,12 +11,14 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.errors import MissingSiteError
+from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
 from meanablate.means_io import FORMAT, read_means_file, write_safetensors
 from meanablate.sites import Site, as_sites, resolve_module
@@ -24,7 +26,27 @@ from meanablate.sites import Site, as_sites, resolve_module
 if TYPE_CHECKING:
     from meanablate.executors import Executor
 
-__all__ = ["MeanAccumulator", "Means", "compute_means"]
+__all__ = ["MEAN_KINDS", "MeanAccumulator", "Means", "compute_means", "is_pattern_key"]
+
+# Attention patterns and scores are [batch, head, q, k]: two position axes after the head
+# axis, unlike every other activation ([batch, pos, ...]).
+PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+def is_pattern_key(key: str) -> bool:
+    """Whether site ``key`` holds attention patterns/scores ``[batch, head, q, k]``.
+
+    Their means keep the head axis: ``[head, q, k]``, averaged over the batch only (the
+    positions are axes of the activation itself), in both ``per_position`` modes; an
+    entry counts the examples whose query *and* key positions are real tokens.
+    """
+    return key.endswith(PATTERN_SUFFIXES)
+
+
+# per_position: a mean per position; plain: one mean over all positions; plain_except: one
+# mean over all positions but ``keep_positions``, which keep their own (e.g. BOS).
+MEAN_KINDS: tuple[str, ...] = ("per_position", "plain", "plain_except")
+MeanKind = Literal["per_position", "plain", "plain_except"]
 
 
 @dataclass
@@ -41,6 +63,9 @@ class MeanAccumulator:
 
     def add(self, key: str, act: Tensor, mask: Tensor | None) -> None:
         """Add ``act [batch, pos, ...]`` or ``[batch, ...]``, weighted by ``mask [batch, pos]``."""
+        if is_pattern_key(key):
+            self._add_pattern(key, act, mask)
+            return
         x = act.detach().to(torch.float64)
         # Dim 1 is the token position for [batch, pos, ...] activations (and for
         # [batch, pos] ones when the mask says so); [batch, n] has none.
@@ -70,11 +95,40 @@ class MeanAccumulator:
             c = keep.sum().to(torch.float64)
         self._accumulate(key, s.cpu(), c.cpu())
 
+    def _add_pattern(self, key: str, act: Tensor, mask: Tensor | None) -> None:
+        """Sum ``act [batch, head, q, k]`` over the batch where query and key are real."""
+        if act.ndim != 4 or act.shape[2] != act.shape[3]:
+            raise ValueError(
+                f"site {key}: attention patterns are [batch, head, q, k] with q == k, got "
+                f"shape {tuple(act.shape)}"
+            )
+        x = act.detach().to(torch.float64)
+        b, _, n, _ = x.shape
+        if mask is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        elif tuple(mask.shape) != (b, n):
+            raise ValueError(
+                f"site {key}: attention_mask has shape {tuple(mask.shape)}, wanted {(b, n)} "
+                f"for the attention pattern {tuple(act.shape)} [batch, head, q, k]"
+            )
+        else:
+            real = mask.to(device=x.device).bool()
+        both = real[:, :, None] & real[:, None, :]  # [batch, q, k]
+        # Selected, not multiplied: padding may hold NaN or inf, and NaN * 0 is NaN.
+        s = torch.where(both[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self._accumulate(key, s.sum(0).cpu(), both.sum(0).to(torch.float64).cpu())
+
     def _accumulate(self, key: str, s: Tensor, c: Tensor) -> None:
         if key not in self.sums:
             self.sums[key], self.counts[key] = s.clone(), c.clone()
             return
         old_s, old_c = self.sums[key], self.counts[key]
+        if is_pattern_key(key) and s.shape != old_s.shape:
+            raise ValueError(
+                f"site {key}: attention pattern shape changed between batches "
+                f"({tuple(old_s.shape)} vs {tuple(s.shape)}); its mean is [head, q, k], so "
+                "every batch needs the same length (pad them)"
+            )
         if self.per_position and s.shape[0] != old_s.shape[0]:
             # Sequences of another length: grow to the longer one (absent positions count 0).
             n = max(s.shape[0], old_s.shape[0])
@@ -100,6 +154,11 @@ class MeanAccumulator:
         means = {}
         for key, s in self.sums.items():
             c = self.counts[key]
+            if is_pattern_key(key):
+                # [q, k] counts: a pair that is never real (padding in every example)
+                # gets 0, like an absent position of per-position means.
+                means[key] = s / c.clamp_min(1)
+                continue
             if torch.any(c == 0) and not self.per_position:
                 raise ValueError(f"site {key}: no tokens were counted (all padding?)")
             means[key] = s / c.clamp_min(1).reshape(c.shape + (1,) * (s.ndim - c.ndim))
@@ -155,6 +214,12 @@ class Means:
     def keys(self) -> list[str]:
         return sorted(self.tensors)
 
+    @property
+    def kind(self) -> str:
+        """The mean kind (see :data:`MEAN_KINDS`), as recorded when the means were made."""
+        default = "per_position" if self.per_position else "plain"
+        return str(self.metadata.get("mean_kind", default))
+
     def save(self, path: str | Path) -> None:
         """Write safetensors with metadata (model class, sites, shapes, token counts)."""
         tensors = {f"mean::{k}": v.contiguous() for k, v in self.tensors.items()}
@@ -202,6 +267,7 @@ class Means:
         enough) it also runs the model once and checks each mean's shape against the real
         activation: ``[...]`` (or ``[pos, ...]`` per position) after ``[batch, pos]``.
         """
+        model = unwrap(model)
         made_for = self.metadata.get("model_class")
         if made_for and made_for != type(model).__name__:
             raise ValueError(f"means were computed on a {made_for}, not a {type(model).__name__}")
@@ -217,6 +283,8 @@ class Means:
             mean = tuple(self.tensors[key].shape)
             lead = 1 if self.per_position else 0
             want = act[2:] if len(act) >= 3 else act[1:]
+            if is_pattern_key(key):
+                lead, want = 0, act[1:]
             if mean[lead:] != want:
                 raise ValueError(
                     f"site {key}: stored mean has shape {mean}, but the model's "
@@ -259,6 +327,8 @@ def compute_means(
     progress: bool = False,
     accumulator: MeanAccumulator | None = None,
     executor: Executor | None = None,
+    kind: MeanKind | None = None,
+    keep_positions: Sequence[int] | None = None,
 ) -> Means:
     """Stream over ``batches`` and return the exact dataset mean at each site.
 
@@ -269,20 +339,32 @@ def compute_means(
     ``executor``: where to run (default: here); a ``meanablate.executors.RayExecutor``
     sends shards of the data to workers and merges their float64 sums.
 
+    ``kind`` (see :data:`MEAN_KINDS`; default ``"per_position"`` if ``per_position`` else
+    ``"plain"``): ``"plain_except"`` gives one mean over every position except
+    ``keep_positions`` (default ``[0]``, e.g. BOS), which keep their own per-position
+    mean; its tensors are ``[pos, ...]`` like per-position ones (``per_position`` is then
+    true on the result). The kind is recorded in ``Means.metadata["mean_kind"]``.
+
     >>> from torch import nn
     >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
-    keys = sorted({s.key for s in as_sites(sites)})
+    model = unwrap(model)
+    kind, keep = _mean_kind(kind, per_position, keep_positions)
+    if kind == "plain_except":
+        per_position = True  # pooled from the per-position sums below
+    parsed = as_sites(sites)
+    keys = sorted({s.key for s in parsed})
     if not keys:
         raise ValueError("compute_means needs at least one site")
     for key in keys:
         resolve_module(model, key.removesuffix("@input"))
+    check_sites(model, parsed)  # e.g. heads= on an activation without a head axis
     if executor is not None and not executor.in_process:
         from meanablate.executors import sharded_means
 
-        return sharded_means(
+        means = sharded_means(
             executor,
             model,
             keys,
@@ -291,6 +373,7 @@ def compute_means(
             progress=progress,
             accumulator=accumulator,
         )
+        return _as_kind(means, kind, keep)
     acc = accumulator if accumulator is not None else MeanAccumulator(per_position)
     iterator = batches
     if progress:
@@ -302,7 +385,57 @@ def compute_means(
         raise ValueError("compute_means got no batches")
     meta = {
         "model_class": type(model).__name__,
-        "activation_shapes": {k: list(acc.sums[k].shape[1 if per_position else 0 :]) for k in keys},
+        "activation_shapes": {
+            k: list(acc.sums[k].shape[1 if per_position and not is_pattern_key(k) else 0 :])
+            for k in keys
+        },
         "batches": n_batches,
     }
-    return acc.result(meta)
+    return _as_kind(acc.result(meta), kind, keep)
+
+
+def _mean_kind(
+    kind: str | None, per_position: bool, keep_positions: Sequence[int] | None
+) -> tuple[str, list[int]]:
+    if kind is None:
+        kind = "per_position" if per_position else "plain"
+    if kind not in MEAN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MEAN_KINDS)}; got {kind!r}")
+    if per_position and kind != "per_position":
+        raise ValueError(f"per_position=True contradicts kind={kind!r}; give one of them")
+    if kind != "plain_except":
+        if keep_positions is not None:
+            raise ValueError(f"keep_positions is for kind='plain_except', not {kind!r}")
+        return kind, []
+    keep = [0] if keep_positions is None else list(keep_positions)
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in keep):
+        raise ValueError(f"keep_positions must be position indices >= 0; got {keep_positions!r}")
+    return kind, sorted(set(keep))
+
+
+def _as_kind(means: Means, kind: str, keep: list[int]) -> Means:
+    """Record ``kind``; for ``plain_except`` pool every position outside ``keep``."""
+    means.metadata["mean_kind"] = kind
+    if kind != "plain_except":
+        return means
+    means.metadata["keep_positions"] = keep
+    for key, mean in means.tensors.items():
+        if is_pattern_key(key):  # [head, q, k]: no pooled position axis
+            continue
+        counts = means.counts[key]
+        n_pos = counts.shape[0]
+        if keep and keep[-1] >= n_pos:
+            raise ValueError(
+                f"keep_positions {keep} reach past the {n_pos} positions of site {key}"
+            )
+        pooled = torch.ones(n_pos, dtype=torch.bool)
+        pooled[keep] = False
+        c = counts[pooled]
+        if not bool(pooled.any()) or float(c.sum()) == 0:
+            raise ValueError(f"site {key}: no tokens outside keep_positions {keep} to pool")
+        w = c.reshape(c.shape + (1,) * (mean.ndim - 1))
+        shared = (mean[pooled] * w).sum(0) / c.sum()
+        means.tensors[key] = torch.where(
+            pooled.reshape((n_pos,) + (1,) * (mean.ndim - 1)), shared, mean
+        )
+    return means

@@ -18,6 +18,7 @@ from meanablate.cli.options import (
     Config,
     Debug,
     Device,
+    DryRun,
     Force,
     GroundTruth,
     Group,
@@ -123,6 +124,7 @@ def demo(
     force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find, score and report the circuit of a built-in model whose true circuit is known.
@@ -170,6 +172,7 @@ def discover(
     force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find a circuit: means, sweep, discovery, scores, and a report in the run folder.
@@ -246,6 +249,7 @@ def _scores_command(command: str) -> Any:
         force: Force = None,
         config: Config = None,
         quiet: Quiet = None,
+        dry_run: DryRun = None,
         debug: Debug = False,
     ) -> None:
         _run(command, debug, dict(locals()))

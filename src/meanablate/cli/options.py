@@ -85,6 +85,10 @@ Quiet = Annotated[
         "--quiet", "-q", help="no progress bars or logs", rich_help_panel=_OUT, show_default=False
     ),
 ]
+DryRun = Annotated[
+    bool | None,
+    typer.Option("--dry-run", help=_h("dry_run"), rich_help_panel=_RUN, show_default=False),
+]
 Force = Annotated[
     bool | None,
     typer.Option(
