@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.families import check_sites, family_of
@@ -135,10 +136,14 @@ def sweep(
     """
     model = unwrap(model)
     m = get_metric(metric)
+    check_source(means, method, where="sweep")
     units = check_units(model, units)
     batches = list(batches)
     if not batches:
         raise ValueError("sweep needs at least one batch")
+    for i, b in enumerate(batches):
+        check_batch(b, f"sweep: batches[{i}]")
+    check_units_fit(model, units, batches[0])
     if executor is not None and not executor.in_process:
         return _sweep_distributed(
             executor, model, batches, units, means, m, method, stack, fast, progress
