@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.evaluate import (
     CLEAN_CACHE_BYTES,
@@ -60,6 +61,7 @@ class SetMetric:
         *,
         method: Method = "mean",
     ) -> None:
+        model = unwrap(model)
         self.model, self.means, self.method = model, means, method
         self.metric = get_metric(metric)
         device = model_device(model)
