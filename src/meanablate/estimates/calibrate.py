@@ -72,25 +72,38 @@ def _calibrate_sweep(ctx: _Ctx, k: int) -> tuple[float, float, int, list[Scores]
     """``(seconds, reused seconds, peak bytes, calibrated scores)`` of a sweep of all units.
 
     Two calibrated units run under the memory counter (two, so that one unit's logits
-    are still alive while the next one's are made, as in the run), the rest are timed;
-    the run's fixed cost per batch is priced as one plain forward.
+    are still alive while the next one's are made, as in the run). The rest are timed in
+    two sweeps, of one unit and of the others: the difference prices a unit, and what is
+    left of the first is the run's fixed cost (its clean forwards), on the run's own code
+    path. With fewer than three units left, the fixed cost is priced as plain forwards.
     """
     n = len(ctx.units)
     sample = ctx.units if k >= n else _spread(ctx.units, k)
-    mem_units, timed = (sample[:2], sample[2:]) if len(sample) > 2 else (sample, sample)
+    mem_units, rest = (sample[:2], sample[2:]) if len(sample) > 2 else (sample, sample)
     kw = {"metric": ctx.metric, "method": ctx.method}
+
+    def swept(units: list[str]) -> tuple[float, Scores]:
+        t0 = ctx.clock()
+        out = sweep(ctx.model, ctx.batches, units, ctx.means, **kw)  # type: ignore[arg-type]
+        return ctx.clock() - t0, out
+
     with PeakMemory(ctx.device) as mem:
-        measured = sweep(ctx.model, ctx.batches, mem_units, ctx.means, **kw)  # type: ignore[arg-type]
-    t_fixed = _plain_forwards(ctx)
-    t0 = ctx.clock()
-    part = sweep(ctx.model, ctx.batches, timed, ctx.means, **kw)  # type: ignore[arg-type]
-    t_s = ctx.clock() - t0
-    parts = [measured] if timed is sample else [measured, part]
-    done = len(set(mem_units) | set(timed))
-    n_examples = int(part.per_example.shape[1])
+        parts = [sweep(ctx.model, ctx.batches, mem_units, ctx.means, **kw)]  # type: ignore[arg-type]
+    if len(rest) >= 3:
+        (t_a, a), (t_b, b) = swept(rest[:1]), swept(rest[1:])
+        per_unit = max(0.0, t_b - t_a) / (len(rest) - 2)
+        fixed = max(0.0, t_a - per_unit)
+        parts += [a, b]
+    else:
+        fixed = _plain_forwards(ctx)
+        t_s, part = swept(rest)
+        per_unit = max(0.0, t_s - fixed) / len(rest)
+        if rest is not sample:
+            parts.append(part)
+    done = len(set(mem_units) | set(rest))
+    n_examples = int(parts[0].per_example.shape[1])
     peak = mem.bytes + _result_bytes(n - len(mem_units), n_examples)
-    per_unit = max(0.0, t_s - t_fixed) / len(timed)
-    seconds = t_fixed + per_unit * n
+    seconds = fixed + per_unit * n
     return seconds, seconds if done == n else per_unit * done, peak, parts
 
 
@@ -305,13 +318,16 @@ def _estimate_discover(
     set_metric(ctx.units)
     t_empty = clock() - t0
     if algorithm == "acdc":
-        # at most an eighth of the evaluations ACDC will make (none of these is reused)
+        # ACDC's j-th trial ablates unit j of the reverse order on top of those removed
+        # before it: priced as if all of them were (the most hooks), on at most an
+        # eighth of the trials (none of these is reused)
+        order = reverse_topological(ctx.units)
         k = min(n_calibrate, n, max(2, n // 8))
-        sample = _spread(reverse_topological(ctx.units), k)
+        picks = [min(n - 1, int((i + 0.5) * n / k)) for i in range(k)]
         t0 = clock()
-        for u in sample:
-            set_metric([u])
-        per_eval = (clock() - t0) / len(sample)
+        for j in picks:
+            set_metric(order[: j + 1])
+        per_eval = (clock() - t0) / len(picks)
     del set_metric
     with PeakMemory(ctx.device) as held:  # the set metric's cache stays for the whole run
         set_metric = new_set_metric()
@@ -319,7 +335,8 @@ def _estimate_discover(
         set_metric(ctx.units)
     del set_metric
     parts = {"set metric": t_set + t_full + t_empty}
-    peak = held.bytes + mem.bytes
+    # the cache the set metric keeps, plus one evaluation (or building it, if more)
+    peak = max(held.bytes, held.live_bytes + mem.bytes)
     calibrated = 0
     worst = algorithm != "acdc"
     if algorithm == "acdc":
@@ -327,7 +344,7 @@ def _estimate_discover(
         # the full and the empty model.
         evaluations = n + 2
         parts["acdc"] = per_eval * n
-        calibrated = len(sample)
+        calibrated = len(picks)
         note = "exactly n + 2 set evaluations"
     else:
         prune = _prune_evaluations(n)
