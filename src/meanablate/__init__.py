@@ -15,22 +15,28 @@ On models: name sites, compute dataset means, ablate inside a context manager::
         logits = model(tokens)
 """
 
-from meanablate import metrics
-from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
-from meanablate.discovery import (
-    Circuit,
-    Scores,
-    attribute,
-    discover,
-    score_circuit,
-    sweep,
-    transformer_units,
-)
-from meanablate.estimates import Estimate, estimate
-from meanablate.hooks import capture, run_model
-from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
-from meanablate.sites import Site, parse_site
-from meanablate.stats import MeanAccumulator, Means, compute_means
+# The public names below load lazily (PEP 562): `import meanablate` and the command line's
+# `--help` do not import torch. Type checkers and `dir()` still see every name.
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:
+    from meanablate import metrics
+    from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
+    from meanablate.discovery import (
+        Circuit,
+        Scores,
+        attribute,
+        discover,
+        score_circuit,
+        sweep,
+        transformer_units,
+    )
+    from meanablate.estimates import Estimate, estimate
+    from meanablate.hooks import capture, run_model
+    from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
+    from meanablate.sites import Site, parse_site
+    from meanablate.stats import MeanAccumulator, Means, compute_means
 
 __version__ = "0.1.0"
 
@@ -62,3 +68,53 @@ __all__ = [
     "sweep",
     "transformer_units",
 ]
+
+# name -> module holding it (the lines under TYPE_CHECKING above, as data)
+_WHERE = {
+    "metrics": "meanablate.metrics",
+    "compute_ablation_effect": "meanablate.core",
+    "mean_ablation": "meanablate.core",
+    "replace_where": "meanablate.core",
+    "Circuit": "meanablate.discovery",
+    "Scores": "meanablate.discovery",
+    "attribute": "meanablate.discovery",
+    "discover": "meanablate.discovery",
+    "score_circuit": "meanablate.discovery",
+    "sweep": "meanablate.discovery",
+    "transformer_units": "meanablate.discovery",
+    "capture": "meanablate.hooks",
+    "run_model": "meanablate.hooks",
+    "Effect": "meanablate.intervene",
+    "ablate": "meanablate.intervene",
+    "ablation_effect": "meanablate.intervene",
+    "bootstrap_ci": "meanablate.intervene",
+    "run_ablated": "meanablate.intervene",
+    "Site": "meanablate.sites",
+    "parse_site": "meanablate.sites",
+    "MeanAccumulator": "meanablate.stats",
+    "Means": "meanablate.stats",
+    "compute_means": "meanablate.stats",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Load a public name (or a submodule: ``meanablate.organisms``) on first use."""
+    where = _WHERE.get(name)
+    if where is None:
+        if name.startswith("_"):
+            raise AttributeError(f"module 'meanablate' has no attribute {name!r}")
+        try:
+            value = _importlib.import_module(f"meanablate.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"meanablate.{name}":
+                raise
+            raise AttributeError(f"module 'meanablate' has no attribute {name!r}") from None
+    else:
+        module = _importlib.import_module(where)
+        value = module if where == f"meanablate.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

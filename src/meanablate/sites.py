@@ -172,6 +172,14 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
             pass
     close = difflib.get_close_matches(path, list(modules), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
+    from meanablate._tl_names import tl_equivalent
+
+    same = tl_equivalent(model, path)
+    if same is not None:
+        hint = (
+            f"; {path!r} is a TransformerLens hook name: on this {type(model).__name__} the "
+            f"same activation is {same}"
+        )
     raise ValueError(f"{type(model).__name__} has no module named {path!r}{hint}")
 
 
@@ -190,9 +198,11 @@ def check_units_in_range(site: Site, shape: Sequence[int]) -> None:
             raise ValueError(
                 f"site {site}: last dim {shape[-1]} is not divisible by n_heads={site.n_heads}"
             )
-        if site.n_heads is None and len(shape) < 3:
+        if site.n_heads is None and len(shape) < 4:
+            # [batch, pos, d] has no head dim: dim -2 would be the position axis.
             raise ValueError(
-                f"site {site}: activation shape {tuple(shape)} has no head dim; "
+                f"site {site}: activation shape {tuple(shape)} has no head dim "
+                "(heads= without n_heads needs [batch, pos, head, d_head]); "
                 "pass n_heads to view a flat [..., n_heads*d_head] activation"
             )
         if max(site.heads) >= n_heads:

@@ -20,12 +20,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
+from meanablate.families import check_sites
 from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
-from meanablate.sites import as_sites, check_units_in_range
+from meanablate.sites import check_units_in_range
 from meanablate.stats import Means
 
 if TYPE_CHECKING:
@@ -64,7 +67,9 @@ def attribute(
     ``per_example [n_units, n_examples]``, with ``exact`` all ``False``. Cost: one
     forward and one backward pass per batch (per probe for comparing metrics).
     """
+    model = unwrap(model)
     m = get_metric(metric)
+    check_source(means, method, where="attribute")
     if executor is not None and not executor.in_process:
         return _attribute_distributed(
             executor, model, list(batches), units, means, m, method, n_probes, seed
@@ -74,7 +79,7 @@ def attribute(
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     units = check_units(model, units)
-    sites = as_sites(units)
+    sites = check_sites(model, units)
     keys = sorted({s.key for s in sites})
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
