@@ -82,6 +82,8 @@ _WHERE = {
     "score_circuit": "meanablate.discovery",
     "sweep": "meanablate.discovery",
     "transformer_units": "meanablate.discovery",
+    "Estimate": "meanablate.estimates",
+    "estimate": "meanablate.estimates",
     "capture": "meanablate.hooks",
     "run_model": "meanablate.hooks",
     "Effect": "meanablate.intervene",
