@@ -358,5 +358,21 @@ def group_key(plan: Plan) -> tuple[int, str]:
 
 
 def any_hooks(model: Any) -> bool:
-    """True if any module carries hooks (the fast path would bypass them)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """True if any module carries hooks (the fast path would bypass them).
+
+    Hooks a model's own framework installs do not count: those of a TransformerLens
+    bridge's blocks (:func:`~meanablate.families.tl_bridge.own_hook_ids`, inside the
+    blocks, so they fire on a resumed block too) and transformers' output-capturing
+    hooks (inert unless the forward is asked for attentions or hidden states).
+    """
+    from meanablate.families.tl_bridge import own_hook_ids
+
+    own = own_hook_ids(model)
+
+    def foreign(hooks: dict) -> bool:
+        return any(
+            k not in own and (getattr(fn, "__module__", None) or "").split(".")[0] != "transformers"
+            for k, fn in hooks.items()
+        )
+
+    return any(foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) for m in model.modules())
