@@ -144,7 +144,7 @@ def sweep(
         raise ValueError("sweep needs at least one batch")
     for i, b in enumerate(batches):
         check_batch(b, f"sweep: batches[{i}]")
-    check_units_fit(model, units, batches[0])
+    check_units_fit(model, units, batches[0], means if method == "mean" else None)
     if executor is not None and not executor.in_process:
         return _sweep_distributed(
             executor, model, batches, units, means, m, method, stack, fast, progress
