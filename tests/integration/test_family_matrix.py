@@ -147,6 +147,8 @@ CASES = {
             ),
             "transformer.h.0.mlp": ("transformer.h.0.mlp", "out", ("all",)),
             "transformer.h.1@input[pos=2]": ("transformer.h.1", "in", ("pos", 2)),
+            # written linearly into block 1's input: the sweep's linear path
+            "transformer.h.0.mlp.act[neurons=5]": ("transformer.h.0.mlp.act", "out", ("neuron", 5)),
         },
     ),
     "neox": Case(
@@ -181,6 +183,11 @@ CASES = {
             ),
             "model.layers.0.mlp": ("model.layers.0.mlp", "out", ("all",)),
             "model.layers.1@input[pos=2]": ("model.layers.1", "in", ("pos", 2)),
+            "model.layers.0.mlp.down_proj@input[neurons=5]": (
+                "model.layers.0.mlp.down_proj",
+                "in",
+                ("neuron", 5),
+            ),
         },
     ),
     "bert": Case(
@@ -506,3 +513,26 @@ def test_gpt2_saved_and_loaded_is_the_same_family_and_numbers(tmp_path) -> None:
     got = ma.sweep(loaded, batches, units, means, metric="loss")
     want = ma.sweep(model, batches, units, means, metric="loss", fast=False)
     torch.testing.assert_close(got.per_example, want.per_example, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_continuous_sweeps_take_the_neurons_linear_write(name: str, monkeypatch) -> None:
+    """A layer-0 neuron enters block 1 as ``(fill - act) @ W``: only for continuous
+    metrics (a discrete one reruns block 0 through the hook: the hooked forward's bits)."""
+    from meanablate.discovery import layerskip
+
+    model, batches, _, means = _setup(name)
+    unit = next(u for u in CASES[name].units if ".0.mlp" in u and "neurons" in u)
+    used = []
+    original = layerskip.run_linear
+    monkeypatch.setattr(layerskip, "run_linear", lambda *a: used.append(1) or original(*a))
+    for metric in METRICS:
+        used.clear()
+        fast = ma.sweep(model, batches, [unit], means, metric=metric)
+        full = ma.sweep(model, batches, [unit], means, metric=metric, fast=False)
+        assert len(used) == (0 if metric == "accuracy" else len(batches))
+        if metric == "accuracy":
+            assert torch.equal(fast.per_example, full.per_example)
+        else:
+            torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
+            assert full.per_example.abs().max() > 1e-3

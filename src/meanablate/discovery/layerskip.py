@@ -21,9 +21,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from meanablate.families import Family
+from meanablate.families import Family, LinearWrite
+from meanablate.sites import Site
 
-__all__ = ["BlockCalls", "block_of", "record_block_calls", "run_from"]
+__all__ = ["BlockCalls", "block_of", "linear_site", "record_block_calls", "run_from", "run_linear"]
 
 
 def block_of(path: str, prefix: str, n_blocks: int) -> int | None:
@@ -77,16 +78,15 @@ def record_block_calls(family: Family) -> Iterator[BlockCalls | None]:
         yield record
 
 
-def run_from(family: Family, calls: BlockCalls, layer: int) -> Tensor:
+def run_from(family: Family, calls: BlockCalls, layer: int, hidden: Tensor | None = None) -> Tensor:
     """The model's output tensor, running blocks ``layer..`` from the recorded calls.
 
-    Block ``layer`` gets its recorded input; each later block the previous one's output
-    in place of its recorded stream (its first positional argument).
+    Block ``layer`` gets its recorded input (or ``hidden``); each later block the previous
+    one's output in place of its recorded stream (its first positional argument).
     """
     found = family.blocks()
     assert found is not None
     blocks = found[1]
-    hidden: Tensor | None = None
     for i in range(layer, len(blocks)):
         call = calls.calls[i]
         assert call is not None
@@ -96,3 +96,42 @@ def run_from(family: Family, calls: BlockCalls, layer: int) -> Tensor:
         hidden = family.block_output(blocks[i](*args, **kwargs))
     assert hidden is not None
     return family.tail(hidden)
+
+
+def linear_site(family: Family, site: Site) -> LinearWrite | None:
+    """How a neurons-only ``site`` writes linearly into the stream after its block, when
+    a later block exists to resume from (``None``: run the unit's block itself). Check
+    ``calls.resumable_from(write.layer + 1)`` once the calls are recorded."""
+    if site.neurons is None or site.positions is not None or site.heads is not None:
+        return None
+    write = family.linear_write(site)
+    found = family.blocks()
+    if write is None or found is None or write.enters != "post" or write.weight.ndim != 2:
+        return None
+    if write.layer + 1 >= len(found[1]):  # the last block's output is not recorded
+        return None
+    return write
+
+
+def run_linear(
+    family: Family,
+    calls: BlockCalls,
+    site: Site,
+    write: LinearWrite,
+    act: Tensor,
+    fill: Tensor,
+) -> Tensor:
+    """The output with ``site``'s neurons set to ``fill``, from the next block on.
+
+    The neurons reach the stream only through ``write.weight`` (``[d_mlp, d_model]``), so
+    block ``L``'s output moves by exactly ``(fill - act)[..., neurons] @ W[neurons]``;
+    blocks ``L+1..`` then run from the clean output plus that change. Equal to the hooked
+    forward up to float rounding (continuous metrics only: a discrete one reruns block
+    ``L`` through the hook, bit for bit).
+    """
+    idx = list(site.neurons or ())
+    f = fill if fill.ndim == 0 else fill[..., idx]
+    delta = (f - act[..., idx]) @ write.weight[idx].to(act.dtype)
+    call = calls.calls[write.layer + 1]
+    assert call is not None
+    return run_from(family, calls, write.layer + 1, hidden=call[0][0] + delta)

@@ -16,8 +16,8 @@ from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.families import check_sites, family_of
-from meanablate.hooks import model_device, output_tensor, run_model, to_device
-from meanablate.intervene import Method, ablate
+from meanablate.hooks import capture, model_device, output_tensor, run_model, to_device
+from meanablate.intervene import Method, _fill_for, ablate
 from meanablate.metrics import Metric, check_shapes, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
@@ -237,16 +237,36 @@ def _hooked_effects(
     """
     family = family_of(model)
     skip = skip_layers and not fastpath.any_hooks(model)
+    # Continuous metrics may take the neurons' linear write into the next block; discrete
+    # ones rerun the unit's block through its hook, as the hooked forward does.
+    linear = skip and not m.discrete and method in ("mean", "zero")
+    sites = {u: check_sites(model, u)[0] for u in units}
     with layerskip.record_block_calls(family) if skip else nullcontext() as calls:
-        clean = output_tensor(run_model(model, batch))
+        writes = {}
+        if calls is not None and linear:
+            writes = {u: layerskip.linear_site(family, s) for u, s in sites.items()}
+            writes = {u: w for u, w in writes.items() if w is not None}
+        keys = sorted({sites[u].key for u in writes})
+        with capture(model, keys) as acts:
+            clean = output_tensor(run_model(model, batch))
+    if calls is not None:
+        writes = {u: w for u, w in writes.items() if calls.resumable_from(w.layer + 1)}
     effect_of = m.bind(batch, clean)
     n_blocks = len(calls.calls) if calls is not None else 0
     prefix = family.blocks()[0] if calls is not None else ""  # type: ignore[index]
     effects: dict[str, Tensor] = {}
     for u in units:
+        if u in writes:
+            site, act = sites[u], acts[sites[u].key]
+            fill = _fill_for(site, act, means, method, None)
+            out = layerskip.run_linear(family, calls, site, writes[u], act, fill)  # type: ignore[arg-type]
+            effects[u] = effect_of(out)
+            if bar is not None:
+                bar.update(1)
+            continue
         layer = None
         if calls is not None:
-            layer = layerskip.block_of(as_sites(u)[0].module, prefix, n_blocks)
+            layer = layerskip.block_of(sites[u].module, prefix, n_blocks)
             if layer is not None and not calls.resumable_from(layer):
                 layer = None
         with ablate(model, u, means, method=method):

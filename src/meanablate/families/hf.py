@@ -18,6 +18,7 @@ from meanablate.families.base import (
     Family,
     Granularity,
     HeadLayout,
+    LinearWrite,
     UnitInfo,
     check_heads,
 )
@@ -170,6 +171,18 @@ class HFFamily(Family):
                 block = self.site_of(self.block_list + ".{L}", layer)
                 out += [f"{block}@input[pos={p}]" for p in range(n_positions or 0)]
         return out
+
+    def neuron_weight(self, layer: int) -> Tensor | None:
+        """``[d_mlp, d_model]``: what each neuron of ``layer`` writes into the stream
+        after the block (``None``: not written linearly there)."""
+        return None
+
+    def linear_write(self, site: Site) -> LinearWrite | None:
+        info = self.unit_info(site)
+        if info.kind != "neuron" or info.layer is None:
+            return None
+        weight = self.neuron_weight(info.layer)
+        return None if weight is None else LinearWrite(weight, info.layer, "post")
 
     # -- resuming ------------------------------------------------------------------------
     def _root_head(self) -> tuple[bool, str | None]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from torch import Tensor
+
 from meanablate.families import register
 from meanablate.families.hf import HFFamily
 
@@ -43,3 +45,8 @@ class HFGPT2(HFFamily):
     def d_mlp(self) -> int:
         inner = self.config.n_inner
         return int(inner) if inner is not None else 4 * int(self.config.n_embd)
+
+    def neuron_weight(self, layer: int) -> Tensor:
+        # block output = resid_mid + dropout(c_proj(act)); c_proj is a Conv1D, whose
+        # weight is [in, out] = [d_mlp, d_model] (dropout: identity in eval mode)
+        return self.model.get_submodule(self.site_of("h.{L}.mlp.c_proj", layer)).weight

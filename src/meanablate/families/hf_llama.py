@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from meanablate.families import register
 from meanablate.families.hf import HFFamily
@@ -73,3 +73,8 @@ class HFLlama(HFFamily):
         # differently; only the listed classes are known to be plain layer sequences.
         base_ok = bool(set(self.base_classes) & {c.__name__ for c in type(self.base).__mro__})
         return base_ok and super().can_resume()
+
+    def neuron_weight(self, layer: int) -> Tensor:
+        # block output = resid_mid + down_proj(act); nn.Linear's weight is [out, in]
+        path = self.site_of(self.neurons_site, layer).removesuffix("@input")
+        return self.model.get_submodule(path).weight.T
