@@ -69,38 +69,30 @@ __all__ = [
     "transformer_units",
 ]
 
-# name -> module holding it (the lines under TYPE_CHECKING above, as data)
-_WHERE = {
-    "metrics": "meanablate.metrics",
-    "compute_ablation_effect": "meanablate.core",
-    "mean_ablation": "meanablate.core",
-    "replace_where": "meanablate.core",
-    "Circuit": "meanablate.discovery",
-    "Scores": "meanablate.discovery",
-    "attribute": "meanablate.discovery",
-    "discover": "meanablate.discovery",
-    "score_circuit": "meanablate.discovery",
-    "sweep": "meanablate.discovery",
-    "transformer_units": "meanablate.discovery",
-    "Estimate": "meanablate.estimates",
-    "estimate": "meanablate.estimates",
-    "capture": "meanablate.hooks",
-    "run_model": "meanablate.hooks",
-    "Effect": "meanablate.intervene",
-    "ablate": "meanablate.intervene",
-    "ablation_effect": "meanablate.intervene",
-    "bootstrap_ci": "meanablate.intervene",
-    "run_ablated": "meanablate.intervene",
-    "Site": "meanablate.sites",
-    "parse_site": "meanablate.sites",
-    "MeanAccumulator": "meanablate.stats",
-    "Means": "meanablate.stats",
-    "compute_means": "meanablate.stats",
-}
+def _where() -> dict[str, str]:
+    """name -> the module it comes from, read off this file's imports (one source of truth:
+    a name added to the ``TYPE_CHECKING`` block above is public and lazy at once)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    where = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("meanablate"):
+            for alias in node.names:
+                where[alias.asname or alias.name] = (
+                    f"{node.module}.{alias.name}" if node.module == "meanablate" else node.module
+                )
+    return where
+
+
+_WHERE: dict[str, str] = {}
 
 
 def __getattr__(name: str) -> object:
     """Load a public name (or a submodule: ``meanablate.organisms``) on first use."""
+    if not _WHERE:
+        _WHERE.update(_where())
     where = _WHERE.get(name)
     if where is None:
         if name.startswith("_"):

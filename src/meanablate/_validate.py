@@ -71,16 +71,29 @@ def activation_shapes(model: nn.Module, keys: Sequence[str], batch: Any) -> dict
     return {k: tuple(v.shape) for k, v in store.items()}
 
 
-def check_units_fit(model: nn.Module, units: Sequence[Any], batch: Any) -> None:
+def check_units_fit(model: nn.Module, units: Sequence[Any], batch: Any, means: Any = None) -> None:
     """``IndexError``/``ValueError`` naming the site if a selector does not fit its activation.
 
-    Runs ``model`` once on the first example of ``batch`` and checks each unit's heads,
-    neurons and positions against the activation it would index. A module that never
-    runs has nothing to index (and nothing is ablated there).
+    With ``means`` (a :class:`~meanablate.stats.Means` holding every unit's site), each
+    unit's neurons and heads are checked against its mean's shape — the activation's
+    without batch (and position) — at no cost; positions are checked where the hooks run.
+    Otherwise ``model`` runs once on the first example of ``batch`` and every selector is
+    checked against the real activation. A module that never runs has nothing to index.
     """
-    from meanablate.sites import as_sites, check_units_in_range
+    from meanablate.families import check_sites
+    from meanablate.sites import check_units_in_range
 
-    sites = as_sites(units)
+    sites = check_sites(model, units)  # the family's layout: n_heads of flat head sites
+    if means is not None and all(s.key in means for s in sites):
+        for site in sites:
+            mean = means[site.key]
+            trailing = tuple(mean.shape[1:] if means.per_position else mean.shape)
+            if site.positions is not None or not trailing:
+                continue
+            if site.heads is not None and site.n_heads is None and len(trailing) < 2:
+                continue  # no head axis in the mean: the family's check speaks for heads
+            check_units_in_range(site, (1, 1, *trailing))  # [batch, pos, ...] as hooks see it
+        return
     shapes = activation_shapes(model, [s.key for s in sites], batch)
     for site in sites:
         if site.key in shapes:

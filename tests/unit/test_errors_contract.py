@@ -51,10 +51,10 @@ def test_head_out_of_range_names_the_site(fast: bool) -> None:
     unit = "blocks.0.attn.hook_z[heads=7]"
     with pytest.raises(
         IndexError,
-        match=r"site blocks\.0\.attn\.hook_z\[heads=7\]: head 7 out of range for 2 heads",
+        match=r"site blocks\.0\.attn\.hook_z\[heads=7\]: head 7 out of range.* 2 heads",
     ):
         ma.sweep(MODEL, [TOKENS], [unit], MEANS, fast=fast)
-    with pytest.raises(IndexError, match="neuron 12 out of range"):
+    with pytest.raises(IndexError, match=r"neuron 12 out of range"):
         ma.sweep(MODEL, [TOKENS], ["blocks.1.mlp.hook_post[neurons=12]"], MEANS, fast=fast)
 
 

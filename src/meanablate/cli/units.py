@@ -87,20 +87,25 @@ def resolve_units(model: nn.Module, specs: Sequence[str], batch: Any, *, where: 
 
 
 def _check_fit(model: nn.Module, units: list[str], batch: Any, origin: Any) -> None:
-    """Every unit names a module of ``model`` and its selector fits the activation there."""
+    """Every unit names a module of ``model`` and its selector fits the activation there:
+    the family's layout (head counts from the config), then the real activation's shape."""
     from meanablate._validate import activation_shapes
+    from meanablate.families import family_of
     from meanablate.sites import check_units_in_range, parse_site, resolve_module
 
-    sites = [parse_site(u) for u in units]
+    family = family_of(model)
+    sites = []
     checked: set[str] = set()
-    for unit, site in zip(units, sites):
-        if site.module in checked:
-            continue
+    for unit in units:
+        site = parse_site(unit)
         try:
-            resolve_module(model, site.module)
-        except ValueError as exc:
-            raise InputError(f"{origin(unit)}: unit {unit!r}: {one_line(exc)}") from None
-        checked.add(site.module)
+            if site.module not in checked:
+                resolve_module(model, site.module)
+                checked.add(site.module)
+            sites.append(family.check_site(site))
+        except (IndexError, ValueError, TypeError) as exc:
+            msg = one_line(exc).removeprefix(f"site {site}: ")
+            raise InputError(f"{origin(unit)}: unit {unit!r}: {msg}") from None
     shapes = activation_shapes(model, [s.key for s in sites], batch)
     for unit, site in zip(units, sites):
         if site.key not in shapes:
