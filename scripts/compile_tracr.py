@@ -4,6 +4,11 @@
     python scripts/compile_tracr.py            # (re)write the weights and cards
     python scripts/compile_tracr.py --check    # compile, compare with the shipped files
 
+``hist`` and ``sort_unique`` (:data:`PROGRAMS`) are built by the public API,
+:func:`meanablate.organisms.from_tracr` (this script only names the programs and writes
+the files). ``reverse``, ``frac_prevs`` and ``sort`` keep their hand-annotated cards
+(task-specific notes and targets), made by the code below.
+
 For each task this compiles a RASP program with tracr (the ``[tracr]`` extra,
 ``tracr-pypi``), copies the weights into our
 :class:`~meanablate.organisms.transformer.HookedTransformer`, checks that the copy agrees
@@ -634,6 +639,84 @@ TASK_NOTES = {
 }
 
 
+# -- organisms built by the public API ---------------------------------------------------
+def _program(task: str):
+    from tracr.compiler import lib
+    from tracr.rasp import rasp
+
+    if task == "hist":
+        return lib.make_hist()
+    if task == "sort_unique":
+        return lib.make_sort_unique(rasp.tokens, rasp.tokens)
+    raise ValueError(task)
+
+
+PROGRAMS: dict[str, dict[str, Any]] = {
+    "hist": {
+        "vocab": ["a", "b", "c"],
+        "max_seq_len": 5,
+        "description": "tracr-compiled RASP program lib.make_hist(): output position i "
+        "(1..5) holds how many input tokens equal token i. The output classes (counts "
+        "0..5) differ from the input vocabulary.",
+    },
+    "sort_unique": {
+        "vocab": [1, 2, 3, 4, 5, 6],
+        "max_seq_len": 4,
+        "inputs": "distinct",
+        "description": "tracr-compiled RASP program lib.make_sort_unique(tokens, tokens): "
+        "sort inputs of distinct tokens. The program is undefined on repeats, so the data "
+        "set is the 360 sequences of 4 distinct values from 1..6 (with all 6 values, or "
+        "length 6, every sorted output would be the same: nothing to explain).",
+    },
+}
+
+
+def build_program_organism(task: str):
+    import itertools
+
+    from meanablate.organisms import from_tracr
+
+    spec = dict(PROGRAMS[task])
+    inputs = None
+    if spec.pop("inputs", None) == "distinct":
+        inputs = list(itertools.permutations(spec["vocab"], spec["max_seq_len"]))
+    return from_tracr(
+        _program(task),
+        name=f"tracr-{task}",
+        compiler_bos=BOS,
+        compiler_pad=PAD,
+        mlp_exactness=MLP_EXACTNESS,
+        inputs=inputs,
+        **spec,
+    )
+
+
+def write_programs(out: Path, check: bool) -> bool:
+    from meanablate.organisms import tracr_program as api
+
+    ok = True
+    for task in PROGRAMS:
+        org = build_program_organism(task)
+        print(f"{task}: ground truth {org.card['ground_truth_by_mean_kind']}", file=sys.stderr)
+        if check:
+            shipped = api.load(out / f"tracr_{task}.json")
+            same = shipped.card == json.loads(json.dumps(org.card)) and all(
+                torch.equal(a, b)
+                for a, b in zip(
+                    shipped.model.state_dict().values(),
+                    org.model.state_dict().values(),
+                    strict=True,
+                )
+            )
+            print(f"{task}: {'ok' if same else 'DIFFERS'}")
+            ok &= same
+        else:
+            weights, card_path = api.save(org, out, f"tracr_{task}")
+            weights.chmod(0o644)
+            print(f"wrote {weights} ({weights.stat().st_size} B), {card_path}")
+    return ok
+
+
 # -- main ---------------------------------------------------------------------------
 def build_all() -> dict[str, tuple[HookedTransformer, dict[str, Any], Compiled]]:
     out = {}
@@ -659,9 +742,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, don't write")
     parser.add_argument("--out", type=Path, default=DATA, help="output directory")
+    parser.add_argument("--only", choices=[*TASKS, *PROGRAMS], nargs="*", help="only these tasks")
     args = parser.parse_args(argv)
-    built = build_all()
     ok = True
+    if not args.only or set(args.only) & set(PROGRAMS):
+        ok &= write_programs(args.out, args.check)
+    if args.only and not set(args.only) & set(TASKS):
+        return 0 if ok else 1
+    built = build_all()
     for task, (model, card, _) in built.items():
         weights = args.out / f"tracr_{task}.safetensors"
         card_path = args.out / f"tracr_{task}.json"

@@ -281,8 +281,8 @@ def compute_means(
     torch.Size([4])
     """
     kind, keep = _mean_kind(kind, per_position, keep_positions)
-    if kind == "plain_except":
-        per_position = True  # pooled from the per-position sums below
+    # plain_except is pooled from the per-position sums (see _as_kind)
+    per_position = kind in ("per_position", "plain_except")
     keys = sorted({s.key for s in as_sites(sites)})
     if not keys:
         raise ValueError("compute_means needs at least one site")
