@@ -38,13 +38,19 @@ def load_organism(cfg: Resolved, name: str) -> Inputs:
         big = sum(p.numel() for p in org.model.parameters()) > BIG_MODEL
         n = DEFAULT_N_EXAMPLES_BIG if big else DEFAULT_N_EXAMPLES
     batches = org.make_batches(n, cfg["batch_size"], cfg["seed"])
+    ground_truth = org.ground_truth
+    by_kind = org.card.get("ground_truth_by_mean_kind") if org.card else None
+    kind = cfg["mean_kind"] if "mean_kind" in cfg.values else None
+    if by_kind and kind in by_kind:  # computed per mean kind (from_tracr organisms)
+        circuits = by_kind[kind].get("circuits")
+        ground_truth = circuits[0] if circuits else None
     return Inputs(
         name=name,
         model=org.model,
         batches=list(batches),
         units=list(org.units),
         metric=org.metric,
-        ground_truth=list(org.ground_truth) if org.ground_truth else None,
+        ground_truth=list(ground_truth) if ground_truth else None,
         per_position=bool(org.per_position_means),
         source="organism",
         description=org.description,

@@ -57,22 +57,9 @@ class Circuit:
     @property
     def notes(self) -> list[str]:
         """Why a faithfulness outside [0, 1] is not an error, where it is."""
-        f = self.faithfulness
-        out = []
-        if f > 1 + 1e-9:
-            out.append(
-                f"faithfulness {f:.3g} > 1: the circuit alone scores better than the full "
-                "model (ablating the other units helps this metric)"
-            )
-        elif f < -1e-9:
-            out.append(
-                f"faithfulness {f:.3g} < 0: the circuit scores worse than ablating everything"
-            )
-        return out
+        from meanablate.discovery.evaluate import score_notes
 
-    @property
-    def faithfulness(self) -> float:
-        return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
+        return score_notes(self.faithfulness, None, None)
 
     def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
         """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
