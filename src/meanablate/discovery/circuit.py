@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
 
 __all__ = ["Circuit"]
