@@ -26,6 +26,7 @@ from meanablate.discovery import (
     sweep,
     transformer_units,
 )
+from meanablate.estimates import Estimate, estimate
 from meanablate.hooks import capture, run_model
 from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
 from meanablate.sites import Site, parse_site
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Circuit",
     "Effect",
+    "Estimate",
     "MeanAccumulator",
     "Means",
     "Scores",
@@ -49,6 +51,7 @@ __all__ = [
     "compute_ablation_effect",
     "compute_means",
     "discover",
+    "estimate",
     "mean_ablation",
     "metrics",
     "parse_site",

@@ -18,6 +18,7 @@ from meanablate.cli.options import (
     Config,
     Debug,
     Device,
+    DryRun,
     Force,
     GroundTruth,
     MaxExhaustive,
@@ -126,6 +127,7 @@ def demo(
     out: Out = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find, score and report the circuit of a built-in model whose true circuit is known.
@@ -176,6 +178,7 @@ def discover(
     out: Out = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find a circuit: means, sweep, discovery, scores, and a report in the run folder.
@@ -252,6 +255,7 @@ def _scores_command(command: str) -> Any:
         out: Out = None,
         config: Config = None,
         quiet: Quiet = None,
+        dry_run: DryRun = None,
         debug: Debug = False,
     ) -> None:
         _run(command, debug, dict(locals()))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
+from meanablate.families import check_sites, family_of
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
-from meanablate.metrics import Metric, get_metric, scored_mask
+from meanablate.metrics import Metric, check_shapes, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
@@ -28,23 +31,32 @@ Stack = int | Literal["auto"]
 
 
 def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
-    """Normalize unit strings, checking each names a module of ``model``."""
+    """Normalize unit strings, checking each names a module of ``model`` and fits its
+    family (head counts, head axes: :func:`meanablate.families.check_sites`)."""
+    model = unwrap(model)
     if isinstance(units, str) or not len(units):
         raise ValueError("units must be a non-empty list of sites")
     out = []
     seen: set[str] = set()
-    for site in as_sites(units):
+    sites = as_sites(units)
+    for site in sites:
         if site.module not in seen:  # resolving walks every module: once per path
             resolve_module(model, site.module)
             seen.add(site.module)
         out.append(str(site))
-    if len(set(out)) != len(out):
+    checked = check_sites(model, sites)
+    if len({str(s) for s in checked}) != len(out):
         raise ValueError("units contain duplicates")
     return out
 
 
 def restrict_positions(batch: Mapping[str, Any], logits: Tensor) -> tuple[Tensor | None, dict]:
-    """Positions the metric reads (``None``: all) and the batch's ``[b, p]`` fields cut to them."""
+    """Positions the metric reads (``None``: all) and the batch's ``[b, p]`` fields cut to them.
+
+    The fields are checked against ``logits`` first (:func:`~meanablate.metrics.check_shapes`):
+    a field of another shape is an error, not a field left uncut.
+    """
+    check_shapes(logits, batch, None, "sweep")
     if logits.ndim != 3:
         return None, dict(batch)
     mask = scored_mask(batch, logits)
@@ -110,14 +122,18 @@ def sweep(
     in :func:`ablation_effect` (distance for ``kl``/``l2``, change for task metrics).
 
     On our :class:`HookedTransformer` (``fast=True``) the clean run is cached and only
-    the downstream layers re-run, from ``resid + (fill - act) @ W``; ``stack`` ablations
-    share one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and
-    sites run one hooked forward per unit. Both give the same numbers (to float error).
+    the unit's own block (from the unit on) and the later ones re-run, as the hooked
+    forward runs them (:mod:`~meanablate.discovery.fastpath`); ``stack`` ablations share
+    one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and sites run
+    one hooked forward per unit. For discrete metrics (``Metric.discrete``, e.g.
+    accuracy) both give the hooked forward's numbers exactly, ties included (no stacking,
+    every position computed); for continuous ones to float rounding.
 
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     units = check_units(model, units)
     batches = list(batches)
@@ -128,7 +144,7 @@ def sweep(
             executor, model, batches, units, means, m, method, stack, fast, progress
         )
     device = model_device(model)
-    is_fast_model = fast and isinstance(model, HookedTransformer) and method != "resample"
+    is_fast_model = fast and fastpath.supports(model) and method != "resample"
     plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
     k_stack = _choose_stack(stack, device)
     per_batch: list[Tensor] = []
@@ -206,43 +222,35 @@ def _hooked_effects(
     bar: Any,
     skip_layers: bool,
 ) -> dict[str, Tensor]:
-    """One hooked forward per unit; blocks before the unit's own return cached outputs.
+    """One hooked forward per unit; on a family that can resume, from the unit's block.
 
-    The skipping is checked once per layer against a full forward (a model whose block
-    list is not a plain sequence of layers fails the check and runs in full).
+    The clean run records how each block is called; a unit in block ``L`` then runs
+    blocks ``L..`` and the tail only (:mod:`~meanablate.discovery.layerskip`). Other
+    models, units outside the blocks, and models carrying hooks of their own (which a
+    resumed run would skip) take the full forward.
     """
-    found = layerskip.find_blocks(model) if skip_layers else None
-    if found is None:
+    family = family_of(model)
+    skip = skip_layers and not fastpath.any_hooks(model)
+    with layerskip.record_block_calls(family) if skip else nullcontext() as calls:
         clean = output_tensor(run_model(model, batch))
-        by_layer = {0: units}
-        outputs: list[Any] = []
-    else:
-        prefix, blocks = found
-        with layerskip.record_block_outputs(blocks) as outputs:
-            clean = output_tensor(run_model(model, batch))
-        by_layer = {}
-        for u in units:
-            layer = layerskip.block_of(as_sites(u)[0].module, prefix, len(blocks))
-            by_layer.setdefault(layer or 0, []).append(u)
     effect_of = m.bind(batch, clean)
+    n_blocks = len(calls.calls) if calls is not None else 0
+    prefix = family.blocks()[0] if calls is not None else ""  # type: ignore[index]
     effects: dict[str, Tensor] = {}
-    for layer in sorted(by_layer):
-        checked = layer == 0 or found is None
-        for u in by_layer[layer]:
-            with ablate(model, u, means, method=method):
-                if found is None or layer == 0:
-                    out = output_tensor(run_model(model, batch))
-                else:
-                    with layerskip.skip_blocks(found[1], layer, outputs):
-                        out = output_tensor(run_model(model, batch))
-                    if not checked:
-                        full = output_tensor(run_model(model, batch))
-                        if not torch.allclose(out, full, rtol=1e-5, atol=1e-6):
-                            found, out = None, full  # not a plain layer sequence
-                        checked = True
-            effects[u] = effect_of(out)
-            if bar is not None:
-                bar.update(1)
+    for u in units:
+        layer = None
+        if calls is not None:
+            layer = layerskip.block_of(as_sites(u)[0].module, prefix, n_blocks)
+            if layer is not None and not calls.resumable_from(layer):
+                layer = None
+        with ablate(model, u, means, method=method):
+            if layer is None:
+                out = output_tensor(run_model(model, batch))
+            else:
+                out = layerskip.run_from(family, calls, layer)  # type: ignore[arg-type]
+        effects[u] = effect_of(out)
+        if bar is not None:
+            bar.update(1)
     return effects
 
 
@@ -275,14 +283,17 @@ def _sweep_batch(
     bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
     keys = sorted({plans[u].site.key for u in fast_units})
     state = fastpath.clean_state(model, tokens, amask, keys)
+    exact = m.discrete  # a tie is decided by the last bit: only the forward's own steps
     positions, sub = restrict_positions(bdict, state.logits)
+    if exact:
+        positions, sub = None, bdict
     clean = state.logits if positions is None else state.logits[:, positions]
     effect_of = m.bind(sub, clean)
     groups: dict[tuple[int, str], list[str]] = {}
     for u in fast_units:
         groups.setdefault(fastpath.group_key(plans[u]), []).append(u)
     for group in groups.values():
-        k = k_stack
+        k = 1 if exact else k_stack
         if k == 0:
 
             def run(kk: int, g: list[str] = group) -> Tensor:
@@ -294,7 +305,14 @@ def _sweep_batch(
         for start in range(0, len(group), k):
             chunk = group[start : start + k]
             logits = fastpath.ablated_logits(
-                model, [plans[u] for u in chunk], state, means, method, amask, positions
+                model,
+                [plans[u] for u in chunk],
+                state,
+                means,
+                method,
+                amask,
+                positions,
+                exact=exact,
             )
             for i, u in enumerate(chunk):
                 effects[u] = effect_of(logits[i])
