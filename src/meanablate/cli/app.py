@@ -285,6 +285,45 @@ attribute = app.command("attribute", help=_ATTRIBUTE_HELP)(_scores_command("attr
 
 
 @app.command()
+def tracr(
+    program: Annotated[str, typer.Argument(help="module:name or file.py:name (a RASP SOp)")],
+    vocab: Annotated[str, typer.Option("--vocab", help="input values, comma-separated")],
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=1, help="input length")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the organism")] = Path("."),
+    name: Annotated[str | None, typer.Option("--name", help="organism name")] = None,
+    causal: Annotated[bool, typer.Option("--causal", help="compile causally")] = False,
+    sample: Annotated[
+        int | None, typer.Option("--sample", min=1, help="use N random inputs")
+    ] = None,
+    max_inputs: Annotated[
+        int, typer.Option("--max-inputs", min=1, help="most inputs to enumerate")
+    ] = 20_000,
+    quiet: Quiet = None,
+    debug: Debug = False,
+) -> None:
+    """Compile your own tracr RASP program into an organism with a computed ground truth.
+
+    Checks the compiled model against tracr on every input, computes the minimal circuits
+    for every mean kind by brute force, and writes OUT/NAME.safetensors and OUT/NAME.json.
+
+    [bold]Example[/bold]
+
+      meanablate tracr tracr.compiler.lib:make_hist --vocab a,b,c --max-seq-len 5 -o hist
+    """
+    from meanablate.cli.tracr import run_tracr
+
+    session = Session("tracr", debug)
+    session.quiet = bool(quiet)
+    guarded(
+        session,
+        lambda: run_tracr(
+            program, vocab, max_seq_len, out=out, name=name, causal=causal, sample=sample,
+            max_inputs=max_inputs, log=session.log,
+        ),
+    )  # fmt: skip
+
+
+@app.command()
 def organisms(
     quiet: Quiet = None,
     debug: Debug = False,

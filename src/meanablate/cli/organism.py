@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from meanablate.cli.errors import one_line
 from meanablate.cli.records import Inputs
 from meanablate.config import (
@@ -19,6 +21,8 @@ def load_organism(cfg: Resolved, name: str) -> Inputs:
     from meanablate import organisms
 
     known = organisms.names()
+    if name.endswith(".json") and name not in known:  # written by `meanablate tracr`
+        return _from_card(cfg, name)
     if name not in known:
         import difflib
 
@@ -33,6 +37,26 @@ def load_organism(cfg: Resolved, name: str) -> Inputs:
         raise InputError(
             f"cannot load organism {name!r}: {type(exc).__name__}: {one_line(exc)}"
         ) from None
+    return _inputs(cfg, name, org)
+
+
+def _from_card(cfg: Resolved, path: str) -> Inputs:
+    from pathlib import Path
+
+    from meanablate.organisms import tracr_program
+
+    if not Path(path).is_file():
+        raise InputError(f"{cfg.sources['organism']}: no such organism card {path}")
+    try:
+        org = tracr_program.load(path)
+    except Exception as exc:
+        raise InputError(
+            f"cannot load organism {path}: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
+    return _inputs(cfg, org.name, org)
+
+
+def _inputs(cfg: Resolved, name: str, org: Any) -> Inputs:
     n = cfg["n_examples"]
     if n is None:
         big = sum(p.numel() for p in org.model.parameters()) > BIG_MODEL

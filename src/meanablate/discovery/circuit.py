@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
 
 __all__ = ["Circuit"]
@@ -59,6 +60,10 @@ class Circuit:
         from meanablate.discovery.evaluate import score_notes
 
         return score_notes(self.faithfulness, None, None)
+
+    @property
+    def faithfulness(self) -> float:
+        return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
 
     def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
         """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
