@@ -132,8 +132,8 @@ def _inputs(
             raise ValueError(
                 f"vocab of {len(vocab)} values and max_seq_len {length} give "
                 f"{len(vocab)}**{length} = {total} inputs, more than max_inputs={max_inputs} "
-                "can enumerate; pass sample=N to use N random inputs instead (the card says "
-                "so), inputs=[...] to choose them, or a larger max_inputs"
+                "can enumerate; pass sample=N (CLI: --sample N) to use N random inputs instead "
+                "(the card says so), inputs=[...] to choose them, or a larger max_inputs"
             )
         if sample is None:
             return list(itertools.product(vocab, repeat=length))
