@@ -332,6 +332,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_gpt2, tmp_path):
         (["discover", "--model", "nomodule:build"], ["no module named 'nomodule'"]),
         (["discover", "--organism", "tracr-sort", "--units", "blocks.9.mlp"], ["blocks.9.mlp"]),
         (["demo", "--threshold", "-1"], ["--threshold must be >= 0"]),
+        (["demo", "--threshold", "1"], ["--threshold must be < 1"]),
+        (["demo", "--abs-threshold", "-0.5"], ["--abs-threshold must be >= 0"]),
+        (["demo", "--target-faithfulness", "1.5"], ["--target-faithfulness must be <= 1"]),
+        (["demo", "--mean-kind", "global"], ["unknown value 'global'", "plain_except"]),
+        (["demo", "--mean-kind", "plain", "--per-position"], ["contradicts --mean-kind"]),
+        (["demo", "--organism", tmp_path / "none.json"], ["no such organism card"]),
         (["report", tmp_path / "nothing"], ["nothing: no such folder"]),
         (["report", tmp_path], ["no results.json"]),
     ]
