@@ -172,7 +172,7 @@ def _card_head(
     enc = am.input_encoder
     by_id = sorted(enc.encoding_map.items(), key=lambda kv: kv[1])
     tokens = [str(v) for v, _ in by_id]
-    label = compiled.program.label
+    label = compiled.program.name
     units = []
     for layer in range(model.cfg.n_layers):
         units += [f"blocks.{layer}.attn.hook_z[heads={h}]" for h in range(model.cfg.n_heads)]
