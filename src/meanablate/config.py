@@ -124,7 +124,9 @@ OPTIONS: dict[str, Option] = {
         "ACDC: the threshold in the metric's own units (replaces --threshold)",
         minimum=0,
     ),
-    "force": Option(bool, False, "discover even when m(full) - m(empty) is not told apart from 0"),
+    "force_discovery": Option(
+        bool, False, "discover even when m(full) - m(empty) is not told apart from 0"
+    ),
     "max_exhaustive": Option(
         int,
         4096,
@@ -164,6 +166,7 @@ OPTIONS: dict[str, Option] = {
         "stop (no run folder)",
         saved=False,
     ),
+    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
 }
 
 

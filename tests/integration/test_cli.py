@@ -158,7 +158,18 @@ def test_sweep_attribute_and_means_commands(tmp_path):
     assert sweep["method"] == "sweep" and len(sweep["units"]) == 8
     assert "blocks.3.attn.hook_z[heads=0]" in result.stdout
     means = tmp_path / "means.safetensors"
-    ok("attribute", "--organism", "tracr-reverse", "--out", tmp_path, "-q", "--means", means)
+    # the same folder holds the sweep's run: writing into it again needs --force
+    ok(
+        "attribute",
+        "--organism",
+        "tracr-reverse",
+        "--out",
+        tmp_path,
+        "-q",
+        "--means",
+        means,
+        "--force",
+    )
     attr = json.loads((tmp_path / "attribution.json").read_text())
     assert attr["method"] == "attribution" and attr["config"]["means"] == str(means)
     ok("means", "--organism", "tracr-sort", "--out", tmp_path / "m", "-q", "--no-per-position")
@@ -211,61 +222,27 @@ def test_custom_model_function(tmp_path, monkeypatch, spec):
     assert results["scores"]["auroc"] is not None
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    words = [
-        "<unk>",
-        "<pad>",
-        "the",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "a",
-        "Mary",
-        "John",
-        "gave",
-        "to",
-    ]
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
-    )
-    config = transformers.GPT2Config(
-        vocab_size=len(words), n_positions=16, n_embd=16, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    import torch
-
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    prompts = path.parent / "prompts.jsonl"
-    lines = [
-        {"text": "Mary gave the cat to", "target": "John", "wrong": "Mary"},
-        {"text": "John gave the dog to", "target": "Mary", "wrong": "John"},
-        {"text": "the cat sat on a", "target": "mat", "wrong": "dog"},
-        {"text": "a dog sat on the", "target": "mat", "wrong": "cat"},
-    ]
-    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path, prompts
-
-
 def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     path, prompts = tiny_gpt2
     # a random model: its logit difference is noise, and discovery says so
     bad = run("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "x", "-q")
-    assert bad.exit_code != 0 and "not distinguishable" in bad.stderr and "--force" in bad.stderr
+    assert (
+        bad.exit_code != 0
+        and "not distinguishable" in bad.stderr
+        and "--force-discovery" in bad.stderr
+    )
     assert not (tmp_path / "x" / "results.json").exists()
-    ok("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "a", "-q", "--force")
+    ok(
+        "discover",
+        "--model",
+        path,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "a",
+        "-q",
+        "--force-discovery",
+    )
     results = check_run_dir(tmp_path / "a", plots=PLOTS[:2])
     assert results["metric"]["name"] == "logit_diff"  # the prompts have target and wrong
     names = [u["name"] for u in results["units"]]
@@ -292,7 +269,7 @@ def test_toml_config_run(tiny_gpt2, tmp_path):
         algorithm = "sweep"
         target-faithfulness = 0.9
         n_boot = 50
-        force = true
+        force-discovery = true
         """)
     )
     ok("discover", "--config", config, "--out", tmp_path / "run", "--quiet", "--seed", 7)
@@ -386,7 +363,7 @@ def test_ctrl_c_leaves_no_half_written_results(demo_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(meanablate, "discover", interrupt)
-    result = run("demo", "--out", run_dir, "--quiet")
+    result = run("demo", "--out", run_dir, "--quiet", "--force")
     assert result.exit_code == 130
     assert "interrupted; no results were written" in one_error_line(result)
     assert (run_dir / "results.json").read_bytes() == before  # untouched
@@ -400,7 +377,7 @@ def test_ctrl_c_leaves_no_half_written_results(demo_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(io.json, "dump", dump)
-    result = run("demo", "--out", run_dir, "--quiet")
+    result = run("demo", "--out", run_dir, "--quiet", "--force")
     assert result.exit_code == 130
     assert (run_dir / "results.json").read_bytes() == before
     assert not list(run_dir.glob(".results.json.*"))

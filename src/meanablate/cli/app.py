@@ -15,12 +15,15 @@ from meanablate.cli.options import (
     Algorithm,
     Attribution,
     BatchSize,
+    Command,
     Config,
     Debug,
     Device,
     DryRun,
     Force,
+    ForceDiscovery,
     GroundTruth,
+    Group,
     MaxExhaustive,
     MeanKind,
     MeansFile,
@@ -48,6 +51,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="meanablate",
+    cls=Group,
     help=(
         "Mean ablation and circuit discovery for PyTorch models.\n\n"
         "Start with [bold]meanablate demo[/bold]: it finds the circuit of a built-in model "
@@ -102,7 +106,7 @@ def _run(command: str, debug: bool, local: dict[str, Any], defaults: Any = None)
 
 
 # -- commands ---------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def demo(
     organism: Organism = None,
     metric: Metric = None,
@@ -116,7 +120,7 @@ def demo(
     threshold: Threshold = None,
     target_faithfulness: TargetFaith = None,
     abs_threshold: AbsThreshold = None,
-    force: Force = None,
+    force_discovery: ForceDiscovery = None,
     max_exhaustive: MaxExhaustive = None,
     attribution: Attribution = None,
     n_boot: NBoot = None,
@@ -125,6 +129,7 @@ def demo(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     dry_run: DryRun = None,
@@ -148,7 +153,7 @@ def demo(
     _run("demo", debug, dict(locals()), {"organism": "tracr-sort"})
 
 
-@app.command()
+@app.command(cls=Command)
 def discover(
     organism: Organism = None,
     model: Model = None,
@@ -167,7 +172,7 @@ def discover(
     threshold: Threshold = None,
     target_faithfulness: TargetFaith = None,
     abs_threshold: AbsThreshold = None,
-    force: Force = None,
+    force_discovery: ForceDiscovery = None,
     max_exhaustive: MaxExhaustive = None,
     attribution: Attribution = None,
     n_boot: NBoot = None,
@@ -176,6 +181,7 @@ def discover(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     dry_run: DryRun = None,
@@ -200,7 +206,7 @@ def discover(
     _run("discover", debug, dict(locals()))
 
 
-@app.command()
+@app.command(cls=Command)
 def means(
     organism: Organism = None,
     model: Model = None,
@@ -216,6 +222,7 @@ def means(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -253,6 +260,7 @@ def _scores_command(command: str) -> Any:
         ray: Ray = None,
         ray_workers: RayWorkers = None,
         out: Out = None,
+        force: Force = None,
         config: Config = None,
         quiet: Quiet = None,
         dry_run: DryRun = None,
@@ -280,11 +288,13 @@ RUN_DIR/attribution.json.
 
   meanablate attribute --model ./gpt2 --prompts ioi.jsonl --units neurons --metric logit_diff
 """
-sweep = app.command("sweep", help=_SWEEP_HELP)(_scores_command("sweep"))
-attribute = app.command("attribute", help=_ATTRIBUTE_HELP)(_scores_command("attribute"))
+sweep = app.command("sweep", cls=Command, help=_SWEEP_HELP)(_scores_command("sweep"))
+attribute = app.command("attribute", cls=Command, help=_ATTRIBUTE_HELP)(
+    _scores_command("attribute")
+)
 
 
-@app.command()
+@app.command(cls=Command)
 def tracr(
     program: Annotated[str, typer.Argument(help="module:name or file.py:name (a RASP SOp)")],
     vocab: Annotated[str, typer.Option("--vocab", help="input values, comma-separated")],
@@ -323,7 +333,7 @@ def tracr(
     )  # fmt: skip
 
 
-@app.command()
+@app.command(cls=Command)
 def organisms(
     quiet: Quiet = None,
     debug: Debug = False,
@@ -368,7 +378,7 @@ def organisms(
             indented("ground truth: unknown\n")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     run_dir: Annotated[
         Path,

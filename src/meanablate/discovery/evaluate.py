@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import METRICS, Metric, get_metric
@@ -203,6 +204,7 @@ def score_circuit(
 ) -> CircuitScores:
     """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring."""
     model = unwrap(model)
+    check_source(means, method, where="score_circuit")
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
 from meanablate.discovery.evaluate import faithfulness
@@ -124,6 +125,7 @@ def discover(
     if not isinstance(max_exhaustive, int) or max_exhaustive < 0:
         raise ValueError(f"max_exhaustive must be an int >= 0, got {max_exhaustive!r}")
     m = get_metric(metric)
+    check_source(means, method, where="discover")
     units = check_units(model, units)
     batches = list(batches)
     t0 = time.perf_counter()
