@@ -222,7 +222,8 @@ def test_custom_model_function(tmp_path, monkeypatch, spec):
 
 def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     path, prompts = tiny_gpt2
-    ok("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "a", "-q")
+    # --force: the random tiny GPT-2 may not tell the full model from the empty circuit
+    ok("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "a", "-q", "--force")
     results = check_run_dir(tmp_path / "a", plots=PLOTS[:2])
     assert results["metric"]["name"] == "logit_diff"  # the prompts have target and wrong
     names = [u["name"] for u in results["units"]]
@@ -233,7 +234,18 @@ def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("the cat sat on the mat\n\na dog sat\n")
     args = ["--units", "neurons:1", "--units", "heads:0", "--algorithm", "sweep"]
-    ok("discover", "--model", path, "--prompts", text, "--out", tmp_path / "b", "-q", *args)
+    ok(
+        "discover",
+        "--model",
+        path,
+        "--prompts",
+        text,
+        "--out",
+        tmp_path / "b",
+        "-q",
+        "--force",
+        *args,
+    )
     results = load_results(tmp_path / "b")
     assert results["metric"]["name"] == "kl" and len(results["units"]) == 64 + 2
 

@@ -276,6 +276,7 @@ def run_discovery(
         target_faithfulness=cfg["target_faithfulness"] or 0.95,  # None: unused (acdc)
         method=method,
         progress=progress,
+        force=bool(cfg["force"]),
     )
     timings["search"] = circuit.seconds
 
