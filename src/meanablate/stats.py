@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate.data.normalize import as_batches
 from meanablate.hooks import capture, model_device, run_model, to_device
 from meanablate.sites import Site, as_sites, resolve_module
 
@@ -261,6 +262,7 @@ def compute_means(
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
+    batches = as_batches(batches)
     keys = sorted({s.key for s in as_sites(sites)})
     if not keys:
         raise ValueError("compute_means needs at least one site")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
 from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
@@ -65,6 +66,7 @@ def attribute(
     forward and one backward pass per batch (per probe for comparing metrics).
     """
     m = get_metric(metric)
+    batches = as_batches(batches)
     if executor is not None and not executor.in_process:
         return _attribute_distributed(
             executor, model, list(batches), units, means, m, method, n_probes, seed

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate.data.normalize import as_batches
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import METRICS, Metric, get_metric
@@ -152,6 +153,7 @@ def score_circuit(
     with_minimality: bool = True,
 ) -> CircuitScores:
     """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring."""
+    batches = list(as_batches(batches))
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
@@ -113,7 +114,7 @@ def discover(
         raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
     m = get_metric(metric)
     units = check_units(model, units)
-    batches = list(batches)
+    batches = list(as_batches(batches))
     t0 = time.perf_counter()
 
     memo: dict[frozenset[str], float] = {}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate.data.normalize import as_batches
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
@@ -120,7 +121,7 @@ def sweep(
     """
     m = get_metric(metric)
     units = check_units(model, units)
-    batches = list(batches)
+    batches = list(as_batches(batches))
     if not batches:
         raise ValueError("sweep needs at least one batch")
     if executor is not None and not executor.in_process:
