@@ -209,6 +209,22 @@ class Effect:
     ablated: float
     metric: str
 
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per example, its effect."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
 
 def ablation_effect(
     model: nn.Module,

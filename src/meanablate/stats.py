@@ -124,6 +124,22 @@ class Means:
     per_position: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per site (shape, tokens, mean abs)."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
     def __getitem__(self, key: str | Site) -> Tensor:
         k = key.key if isinstance(key, Site) else key
         if k not in self.tensors:

@@ -28,6 +28,7 @@ from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
 from meanablate.sites import as_sites, check_units_in_range
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 if TYPE_CHECKING:
     from meanablate.executors import Executor
@@ -47,6 +48,7 @@ def _probe(logits: Tensor, kind: str, gen: torch.Generator) -> Tensor:
     return sp * z - p * (sp * z).sum(-1, keepdim=True)
 
 
+@auto_threads
 def attribute(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],

@@ -137,6 +137,22 @@ class CircuitScores:
     completeness: float
     minimality: Mapping[str, float]
 
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
 
 def score_circuit(
     model: nn.Module,

@@ -14,9 +14,11 @@ algorithm, threshold, target_faithfulness)``, and returns one type, :class:`Circ
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,6 +34,7 @@ from meanablate.discovery.units import reverse_topological
 from meanablate.intervene import Method
 from meanablate.metrics import Metric, get_metric
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 __all__ = ["ALGORITHMS", "Circuit", "discover"]
 
@@ -68,6 +71,57 @@ class Circuit:
     def faithfulness(self) -> float:
         return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
 
+    def __len__(self) -> int:
+        """The number of units kept."""
+        return len(self.kept)
+
+    def __contains__(self, unit: object) -> bool:
+        """Whether ``unit`` is kept."""
+        return unit in self.kept
+
+    def __getitem__(self, unit: str) -> float:
+        """The score of one unit (kept or not), by its site string."""
+        if unit not in self.scores:
+            raise KeyError(f"no unit {unit!r} among the circuit's {len(self.units)} units")
+        return self.scores[unit]
+
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """One row per unit (index ``unit``): layer, kind, kept, score (and effect).
+
+        Needs pandas (``pip install 'meanablate[pandas]'``).
+        """
+        from meanablate.results.views import frame
+
+        return frame(self)
+
+    def save(self, path: str | os.PathLike[str], **context: Any) -> Path:
+        """Write a ``results.json`` (a folder: ``folder/results.json``), atomically.
+
+        ``context``: what else to record, as for :func:`meanablate.report` (``sweep=``,
+        ``attribution=``, ``ground_truth=``, ``name=``...). :meth:`load` gives back an equal
+        circuit.
+        """
+        from meanablate.results.persist import save_circuit
+
+        return save_circuit(self, path, **context)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Circuit:
+        """Read the circuit of a ``results.json`` (or of a run folder), validated."""
+        from meanablate.results.persist import load_circuit
+
+        return load_circuit(path)
+
     def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
         """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
         truth = set(ground_truth)
@@ -80,6 +134,7 @@ class Circuit:
         return fpr, tpr, auroc(s, y)
 
 
+@auto_threads
 def discover(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],

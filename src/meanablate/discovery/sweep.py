@@ -19,6 +19,7 @@ from meanablate.metrics import Metric, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 if TYPE_CHECKING:
     from meanablate.executors import Executor
@@ -91,6 +92,7 @@ def _calibrate(run: Any, n: int) -> int:
     return best_k
 
 
+@auto_threads
 def sweep(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],

@@ -1,13 +1,14 @@
-"""The self-contained ``report.html`` of a discovery run.
+"""The self-contained ``report.html`` of a run, rendered from Jinja2 templates.
 
 One file, no external resources (a Content-Security-Policy forbids any fetch): inline CSS and
-JS, plots as base64 PNGs, and the circuit as an inline SVG graph.
+JS, plots as base64 PNGs (their SVG and PDF copies are linked, beside the page), and the
+circuit as an inline SVG. Templates are package data (``meanablate/report/templates``) and
+rendered with autoescaping on: every string from the results is escaped.
 
-Modules: :mod:`~meanablate.report.graph` (the SVG circuit graph: see there for its layout),
-:mod:`~meanablate.report.static` (CSS, JS, Content-Security-Policy),
-:mod:`~meanablate.report.fmt` (numbers and escaping).
-
-All strings from the results are HTML-escaped.
+:func:`render_html` draws a discovery run (``results.json``); :func:`render_scores_html` a
+``sweep`` or ``attribute`` run (``sweep.json`` / ``attribution.json``). Modules:
+:mod:`~meanablate.report.graph` (the circuit SVG), :mod:`~meanablate.report.static` (CSS, JS,
+CSP), :mod:`~meanablate.report.fmt` (numbers, importance colours).
 """
 
 from __future__ import annotations
@@ -15,273 +16,397 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
-from meanablate.report.fmt import esc as _e
+from markupsafe import Markup
+
 from meanablate.report.fmt import interval as _interval
 from meanablate.report.fmt import num as _num
 from meanablate.report.fmt import seconds as _seconds
-from meanablate.report.graph import NEG as _NEG
-from meanablate.report.graph import POS as _POS
-from meanablate.report.graph import TRUTH as _TRUTH
-from meanablate.report.graph import circuit_svg
-from meanablate.report.static import CSP as _CSP
-from meanablate.report.static import SCRIPT as _SCRIPT
-from meanablate.report.static import STYLE as _STYLE
+from meanablate.report.graph import TRUTH, circuit_svg, drawn_units
+from meanablate.report.static import CSP, script, style
 
-__all__ = ["circuit_svg", "render_html"]
+__all__ = ["TABLE_ROWS", "circuit_svg", "rank_correlation", "render_html", "render_scores_html"]
+
+TABLE_ROWS = 300  # units listed in the table (kept ones first, then by |effect|)
+
+_CAPTIONS = {
+    "effects": "Importance of each unit alone (orange: ablating it hurts the metric; purple: "
+    "ablating it helps). Outlined: kept in the circuit; yellow mark: ground truth.",
+    "faithfulness": "Faithfulness as units are added by |effect|; the star is the circuit.",
+    "roc": "Unit scores against the ground truth; the star is the discovered circuit.",
+    "estimates": "Attribution estimates against exact effects, one point per unit.",
+}
 
 
-def _tile(key: str, value: str, detail: str = "") -> str:
-    d = f'<div class="d">{detail}</div>' if detail else ""
-    return f'<div class="tile"><div class="k">{key}</div><div class="v">{value}</div>{d}</div>'
+@lru_cache(maxsize=1)
+def _env() -> Any:
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("meanablate.report", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
-def _legend() -> str:
-    def icon(body: str) -> str:
-        return f'<svg width="26" height="22" viewBox="0 0 26 22" aria-hidden="true">{body}</svg>'
+def _icon(body: str) -> Markup:
+    return Markup(
+        f'<svg width="26" height="22" viewBox="0 0 26 22" aria-hidden="true">{body}</svg>'
+    )
 
-    items = [
-        (
-            icon('<circle cx="13" cy="11" r="8" fill="#e8a39a" stroke="#111" stroke-width="2"/>'),
-            "kept head (fill: effect)",
-        ),
-        (
-            icon(
-                '<rect x="5" y="3" width="16" height="16" rx="4" fill="#c9def0" stroke="#111" '
-                'stroke-width="2"/>'
-            ),
-            "kept MLP (blue: negative)",
-        ),
-        (icon('<circle cx="13" cy="11" r="8" fill="#f1f3f5" stroke="#adb5bd"/>'), "not kept"),
-        (
-            icon(
-                f'<circle cx="13" cy="11" r="9" fill="none" stroke="{_TRUTH}" stroke-width="2.5" '
-                'stroke-dasharray="4 2.5"/>'
-            ),
-            "ground truth",
-        ),
-        (
-            icon('<polygon points="13,2 22,11 13,20 4,11" fill="#f1f3f5" stroke="#adb5bd"/>'),
-            "other unit kind",
-        ),
-        (
-            icon(
-                f'<path d="M1,11 H20" stroke="{_POS}" stroke-width="3"/><path d="M18,6 L25,11 '
-                f'L18,16 z" fill="{_POS}"/>'
-            ),
-            "arrow: weight (width), sign (colour)",
-        ),
+
+def rank_correlation(a: Sequence[Any], b: Sequence[Any]) -> tuple[float, int] | None:
+    """Spearman's rank correlation of the pairs where both are finite, and their count."""
+    pairs = [
+        (x, y)
+        for x, y in zip(a, b)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float))
+        and math.isfinite(x) and math.isfinite(y)
+    ]  # fmt: skip
+    if len(pairs) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    return (rho, len(pairs)) if math.isfinite(rho) else None
+
+
+def _figures(images: Mapping[str, bytes], links: Mapping[str, Sequence[str]]) -> list[dict]:
+    return [
+        {
+            "key": key,
+            "uri": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+            "caption": _CAPTIONS.get(key, key),
+            "links": list(links.get(key, ())),
+        }
+        for key, data in images.items()
     ]
-    return '<div class="legend">' + "".join(f"<span>{a}{b}</span>" for a, b in items) + "</div>"
 
 
-def _key(value: Any) -> str:
-    return "" if value is None else str(value)
+def _legend(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Legend entries for what the graph shows, and nothing else."""
+    units = results["units"]
+    drawn = [units[i] for i in drawn_units(units)]
+    hib = bool(results["metric"]["higher_is_better"])
+    items = []
+    kinds = {u["kind"] for u in drawn if u["in_circuit"]}
+    shapes = {
+        "head": ('<circle cx="13" cy="11" r="8" fill="#f08c32" stroke="#111" stroke-width="2"/>',
+                 "kept head"),
+        "neuron": ('<circle cx="13" cy="11" r="8" fill="#f08c32" stroke="#111" stroke-width="2"/>',
+                   "kept neuron"),
+        "mlp": ('<rect x="5" y="3" width="16" height="16" rx="4" fill="#f08c32" stroke="#111" '
+                'stroke-width="2"/>', "kept MLP"),
+        "attn": ('<rect x="5" y="3" width="16" height="16" rx="4" fill="#f08c32" stroke="#111" '
+                 'stroke-width="2"/>', "kept attention layer"),
+    }  # fmt: skip
+    other = (
+        '<polygon points="13,2 22,11 13,20 4,11" fill="#f08c32" stroke="#111" stroke-width="2"/>'
+    )
+    for kind in sorted(kinds):
+        body, label = shapes.get(kind, (other, f"kept {kind} unit"))
+        items.append({"icon": _icon(body), "label": label})
+    if drawn:
+        items.append(
+            {
+                "icon": Markup('<span class="swatch"></span>'),
+                "label": "fill: importance (|effect|, "
+                + ("−effect" if hib else "effect")
+                + " > 0 hurts the metric)",
+            }
+        )
+    if any(not u["in_circuit"] for u in drawn):
+        items.append(
+            {
+                "icon": _icon('<circle cx="13" cy="11" r="8" fill="#f1f3f5" stroke="#98a2ad"/>'),
+                "label": "not kept (largest effects only)",
+            }
+        )
+    from meanablate.report.fmt import importance
+
+    if any(
+        math.isfinite(importance(u["effect"], hib)) and importance(u["effect"], hib) < 0
+        for u in drawn
+    ):
+        items.append(
+            {
+                "icon": _icon(
+                    '<circle cx="13" cy="11" r="8" fill="#fff" stroke="#111" stroke-width="2" '
+                    'stroke-dasharray="3 2"/>'
+                ),
+                "label": "dashed: ablating it improves the metric",
+            }
+        )
+    if any(u["in_ground_truth"] for u in drawn):
+        items.append(
+            {
+                "icon": _icon(
+                    f'<circle cx="13" cy="11" r="9" fill="none" stroke="{TRUTH}" '
+                    'stroke-width="2.5" stroke-dasharray="4 2.5"/>'
+                ),
+                "label": "ground truth",
+            }
+        )
+    if results.get("edges"):
+        items.append(
+            {
+                "icon": _icon('<path d="M1,11 H20" stroke="#555" stroke-width="3"/>'
+                              '<path d="M18,6 L25,11 L18,16 z" fill="#555"/>'),
+                "label": "measured edge (width: |weight|; dashed: negative)",
+            }
+        )  # fmt: skip
+    return items
 
 
-def _units_table(results: Mapping[str, Any]) -> str:
+def _flag(value: bool | None) -> dict[str, Any]:
+    if value is None:
+        return {"html": Markup('<span class="no">—</span>'), "sort": "", "cls": ""}
+    if value:
+        return {"html": Markup('<span class="yes">✓</span>'), "sort": "1", "cls": ""}
+    return {"html": Markup('<span class="no">·</span>'), "sort": "0", "cls": ""}
+
+
+def _cell(text: Any, sort: Any = None, cls: str = "num") -> dict[str, Any]:
+    return {
+        "html": text,
+        "sort": None if sort is None else ("" if sort is None else sort),
+        "cls": cls,
+    }
+
+
+def _table_order(units: Sequence[Mapping[str, Any]], key: str = "effect") -> list[int]:
+    def size(i: int) -> float:
+        v = units[i].get(key)
+        return abs(v) if isinstance(v, (int, float)) and math.isfinite(v) else -1.0
+
+    kept = [i for i, u in enumerate(units) if u.get("in_circuit")]
+    rest = sorted(
+        (i for i, u in enumerate(units) if not u.get("in_circuit")), key=lambda i: -size(i)
+    )
+    kept.sort(key=lambda i: -size(i))
+    return (kept + rest)[: max(TABLE_ROWS, len(kept))]
+
+
+def _units_table(results: Mapping[str, Any]) -> dict[str, Any]:
     units = results["units"]
     minimality = results["scores"]["minimality"] or {}
-    finite = [abs(u["effect"]) for u in units if math.isfinite(u["effect"])]
-    vmax = max(finite, default=1.0) or 1.0
-    order = sorted(
-        range(len(units)),
-        key=lambda i: -abs(units[i]["effect"]) if math.isfinite(units[i]["effect"]) else 0.0,
-    )
-
-    def flag(value: bool | None) -> tuple[str, str]:
-        if value is None:
-            return "", '<span class="no">—</span>'
-        return ("1", '<span class="yes">✓</span>') if value else ("0", '<span class="no">·</span>')
-
+    source = results.get("effect_source") or "sweep"
+    effect_label = "effect" if source == "sweep" else f"{source} score"
+    has_attr = any(u["attribution"] is not None for u in units)
+    headers = [("unit", True), ("layer", True), ("kind", True), (effect_label, True),
+               ("interval", False)]  # fmt: skip
+    if has_attr:
+        headers.append(("attribution (estimate)", True))
+    headers += [("minimality", True), ("circuit", True), ("truth", True)]
     rows = []
+    order = _table_order(units)
     for i in order:
         u = units[i]
-        effect = u["effect"]
-        width = 60 * abs(effect) / vmax if math.isfinite(effect) else 0
-        color = _POS if effect >= 0 else _NEG
-        bar = f'<span class="bar" style="width:{width:.0f}px;background:{color}"></span>'
-        c_key, c_val = flag(u["in_circuit"])
-        g_key, g_val = flag(u["in_ground_truth"])
+        row = [
+            _cell(Markup("<code>{}</code>").format(u["name"]), u["name"], ""),
+            _cell(u["layer"], u["layer"]),
+            _cell(u["kind"], u["kind"], ""),
+            _cell(_num(u["effect"], signed=True), u["effect"]),
+            _cell(_interval(u["ci"]), None, "nowrap"),
+        ]
+        if has_attr:
+            a = u["attribution"]
+            row.append(_cell(_num(a, signed=True), "" if a is None else a))
         mini = minimality.get(u["name"])
-        rows.append(
-            "<tr>"
-            f'<td data-sort="{_e(u["name"])}"><code>{_e(u["name"])}</code></td>'
-            f'<td class="num" data-sort="{_e(u["layer"])}">{_e(u["layer"])}</td>'
-            f'<td data-sort="{_e(u["kind"])}">{_e(u["kind"])}</td>'
-            f'<td class="num" data-sort="{_e(effect)}">{bar}{_e(_num(effect, signed=True))}</td>'
-            f"<td>{_e(_interval(u['ci']))}</td>"
-            f'<td class="num" data-sort="{_e(_key(u["attribution"]))}">'
-            f"{_e(_num(u['attribution'], signed=True))}</td>"
-            f'<td class="num" data-sort="{_e(_key(mini))}">{_e(_num(mini))}</td>'
-            f'<td data-sort="{c_key}">{c_val}</td><td data-sort="{g_key}">{g_val}</td>'
-            "</tr>"
-        )
-    head = "".join(
-        f'<th class="sortable">{h}</th>' if s else f"<th>{h}</th>"
-        for h, s in (
-            ("unit", True),
-            ("layer", True),
-            ("kind", True),
-            ("effect", True),
-            ("interval", False),
-            ("attribution", True),
-            ("minimality", True),
-            ("circuit", True),
-            ("truth", True),
-        )
-    )
-    return (
-        f'<table id="units-table"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
+        row += [_cell(_num(mini), "" if mini is None else mini), _flag(u["in_circuit"]),
+                _flag(u["in_ground_truth"])]  # fmt: skip
+        rows.append(row)
+    left = len(units) - len(order)
+    return {
+        "summary": f"{len(units)} units",
+        "headers": [{"label": h, "sortable": s} for h, s in headers],
+        "rows": rows,
+        "more": f"{left} more units with smaller effects are in results.json." if left else "",
+    }
 
 
-def _summary(results: Mapping[str, Any]) -> tuple[str, str]:
-    model, metric, circuit = results["model"], results["metric"], results["circuit"]
-    scores, units, timings = results["scores"], results["units"], results["timings"]
-    n_kept, n_units = len(circuit["units"]), len(units)
+def _caveats(results: Mapping[str, Any]) -> list[str]:
+    units, scores = results["units"], results["scores"]
+    out = []
+    if not results.get("edges"):
+        out.append(
+            "Connections between units were not measured (no edge discovery was run): the "
+            "graph shows the kept units in layer order, without arrows."
+        )
+    source = results.get("effect_source") or "sweep"
+    if source == "attribution":
+        out.append(
+            "The effects shown are attribution estimates (a gradient approximation), not "
+            "exact ablations."
+        )
+    elif source != "sweep":
+        out.append(
+            f"The per-unit values are the {source} algorithm's own scores (the metric change "
+            "when the unit was tried during pruning), not single-unit ablation effects."
+        )
+    attr = [u["attribution"] for u in units]
+    if any(a is not None for a in attr):
+        rc = rank_correlation([u["effect"] for u in units], attr) if source == "sweep" else None
+        text = (
+            "Attribution is an estimate of each unit's effect (one forward and one backward pass)"
+        )
+        if rc is not None:
+            text += (
+                f"; its Spearman rank correlation with the exact effect is {rc[0]:.3f} over "
+                f"{rc[1]} units"
+            )
+        out.append(text + ".")
+    faith = scores["faithfulness"]
+    if isinstance(faith, (int, float)) and math.isfinite(faith) and not 0 <= faith <= 1:
+        out.append(
+            f"Faithfulness {_num(faith)} lies outside [0, 1]: the circuit moves the metric "
+            "beyond the full model (above 1) or beyond the empty circuit (below 0); with a full "
+            "and empty metric close together the ratio is unstable."
+        )
+    return out
+
+
+def _tiles(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    circuit, scores, units = results["circuit"], results["scores"], results["units"]
     labelled = [u for u in units if u["in_ground_truth"] is not None]
     truth = [u for u in labelled if u["in_ground_truth"]]
     found = sum(1 for u in truth if u["in_circuit"])
     extra = sum(1 for u in labelled if u["in_circuit"] and not u["in_ground_truth"])
+    timings = results["timings"]
     phases = {k: v for k, v in timings.items() if k != "total"}
-    total_time = timings.get("total", sum(phases.values()))
-    direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+    total = timings.get("total", sum(phases.values()))
     faith_ci = scores["faithfulness_ci"]
-
     tiles = [
-        _tile(
-            "faithfulness",
-            _e(_num(scores["faithfulness"])),
-            _e(_interval(faith_ci)) if faith_ci else "",
+        {"key": "faithfulness", "value": _num(scores["faithfulness"]), "small": "",
+         "detail": _interval(faith_ci) if faith_ci else ""},
+        {"key": "circuit size", "value": str(len(circuit["units"])), "small": f"/ {len(units)}",
+         "detail": "units kept"},
+        {"key": "completeness", "value": _num(scores["completeness"]), "small": "", "detail": ""},
+    ]  # fmt: skip
+    certificate = circuit.get("certificate")
+    if certificate is not None:
+        tiles.append({"key": "certificate", "value": str(certificate), "small": "",
+                      "detail": "minimality proven"})  # fmt: skip
+    tiles += [
+        {"key": "AUROC", "value": _num(scores["auroc"]), "small": "",
+         "detail": f"{found}/{len(truth)} true units found, {extra} extra" if labelled
+         else "no ground truth"},
+        {"key": "run time", "value": _seconds(total), "small": "",
+         "detail": f"{len(phases)} phases"},
+    ]  # fmt: skip
+    return tiles
+
+
+def _summary(results: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    model, metric, circuit = results["model"], results["metric"], results["circuit"]
+    scores, timings = results["scores"], results["timings"]
+    phases = {k: v for k, v in timings.items() if k != "total"}
+    total = timings.get("total", sum(phases.values()))
+    direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+    how = circuit["algorithm"]
+    if circuit.get("threshold") is not None:
+        how += f", threshold {_num(circuit['threshold'])}"
+    for key, label in (("threshold_kind", "threshold"), ("mean_kind", "means"),
+                       ("certificate", "certificate")):  # fmt: skip
+        value = circuit.get(key, results.get(key))
+        if value is not None:
+            how += f", {label}: {value}"
+    timing_table = Markup("<table>{}<tr><th>total</th><th class='num'>{}</th></tr></table>").format(
+        Markup("").join(
+            Markup("<tr><td>{}</td><td class='num'>{}</td></tr>").format(k, _seconds(v))
+            for k, v in phases.items()
         ),
-        _tile("circuit size", f"{n_kept}<small> / {n_units}</small>", "units kept"),
-        _tile("completeness", _e(_num(scores["completeness"]))),
-        _tile(
-            "AUROC",
-            _e(_num(scores["auroc"])),
-            f"{found}/{len(truth)} true units found, {extra} extra"
-            if labelled
-            else "no ground truth",
-        ),
-        _tile("run time", _e(_seconds(total_time)), f"{len(phases)} phases"),
-    ]
-    threshold = "" if circuit["threshold"] is None else f", threshold {_num(circuit['threshold'])}"
-    timing_rows = "".join(
-        f"<tr><td>{_e(k)}</td><td class='num'>{_e(_seconds(v))}</td></tr>"
-        for k, v in phases.items()
+        _seconds(total),
     )
-    rows = [
-        (
-            "model",
-            f"<b>{_e(model['name'])}</b> <code>{_e(model['class'])}</code>, "
-            f"{_e(model['n_layers'])} layers",
-        ),
-        ("metric", f"<b>{_e(metric['name'])}</b> ({direction})"),
-        ("circuit", f"{n_kept} of {n_units} units — {_e(circuit['algorithm'])}{_e(threshold)}"),
-        (
-            "metric: full / circuit / empty",
-            " / ".join(
-                _e(_num(circuit[k])) for k in ("metric_full", "metric_circuit", "metric_empty")
-            ),
-        ),
-        (
-            "faithfulness",
-            f"{_e(_num(scores['faithfulness']))} {_e(_interval(faith_ci))}"
-            if faith_ci
-            else _e(_num(scores["faithfulness"])),
-        ),
-        ("completeness", _e(_num(scores["completeness"]))),
-        (
-            "AUROC",
-            _e(_num(scores["auroc"])) if scores["auroc"] is not None else "— (no ground truth)",
-        ),
-        (
-            "timings",
-            f"<table>{timing_rows}<tr><th>total</th>"
-            f"<th class='num'>{_e(_seconds(total_time))}</th></tr></table>"
-            if timings
-            else "—",
-        ),
-        ("seed", _e(results["seed"])),
-        ("created", _e(results["created"])),
-    ]
-    table = (
-        '<table class="summary">'
-        + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-        + "</table>"
-    )
-    return '<div class="tiles">' + "".join(tiles) + "</div>", table
+    faith_ci = scores["faithfulness_ci"]
+    return [
+        ("model", Markup("<b>{}</b> <code>{}</code>, {} layers").format(
+            model["name"], model["class"], model["n_layers"])),
+        ("metric", Markup("<b>{}</b> ({})").format(metric["name"], direction)),
+        ("circuit", f"{len(circuit['units'])} of {len(results['units'])} units — {how}"),
+        ("metric: full / circuit / empty",
+         " / ".join(_num(circuit[k]) for k in ("metric_full", "metric_circuit", "metric_empty"))),
+        ("faithfulness", f"{_num(scores['faithfulness'])} {_interval(faith_ci)}" if faith_ci
+         else _num(scores["faithfulness"])),
+        ("completeness", _num(scores["completeness"])),
+        ("AUROC", _num(scores["auroc"]) if scores["auroc"] is not None
+         else "— (no ground truth)"),
+        ("timings", timing_table if timings else "—"),
+        ("seed", results["seed"]),
+        ("created", results["created"]),
+    ]  # fmt: skip
 
 
-_CAPTIONS = {
-    "effects": "Effect of mean-ablating each unit alone. Outlined: kept in the circuit; "
-    "yellow mark: ground truth.",
-    "faithfulness": "Faithfulness as units are added; the star is the discovered circuit.",
-    "roc": "Unit scores against the ground truth; the star is the discovered circuit.",
-}
-
-
-def render_html(results: Mapping[str, Any], images: Mapping[str, bytes] | None = None) -> str:
-    """The report page as a string. ``images`` maps plot names (``effects``,
-    ``faithfulness``, ``roc``) to PNG bytes, embedded as base64 ``data:`` URIs."""
-    images = images or {}
+def render_html(
+    results: Mapping[str, Any],
+    images: Mapping[str, bytes] | None = None,
+    links: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The report page of a discovery run as a string. ``images`` maps plot names
+    (``effects``, ``faithfulness``, ``roc``) to PNG bytes, embedded as ``data:`` URIs;
+    ``links`` maps them to the file names of their SVG / PDF copies beside the page."""
     model = results["model"]
     title = results.get("title") or f"Circuit report — {model['name']}"
-    tiles, summary = _summary(results)
-    figures = "".join(
-        f'<figure><img alt="{_e(key)} plot" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{_e(_CAPTIONS.get(key, key))}'
-        "</figcaption></figure>"
-        for key, data in images.items()
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    return (
+        _env()
+        .get_template("report.html.j2")
+        .render(
+            csp=CSP,
+            style=Markup(style()),
+            script=Markup(script()),
+            version=results["meanablate_version"],
+            title=title,
+            subtitle=f"{model['name']} · metric {results['metric']['name']} · "
+            f"{results['circuit']['algorithm']} · {results['created']}",
+            notes=results.get("notes"),
+            tiles=_tiles(results),
+            caveats=_caveats(results),
+            empty=not results["circuit"]["units"],
+            graph=Markup(circuit_svg(results)),
+            legend=_legend(results),
+            figures=_figures(images or {}, links or {}),
+            summary=_summary(results),
+            units_table=_units_table(results),
+            config=json.dumps(results["config"], indent=2, ensure_ascii=False, default=str),
+            versions=versions,
+            schema_version=results["schema_version"],
+        )
     )
-    notes = results.get("notes")
-    notes_html = f"<p>{_e(notes)}</p>" if notes else ""
-    versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in results["versions"].items())
-    config = json.dumps(results["config"], indent=2, ensure_ascii=False, default=str)
-    n_kept = len(results["circuit"]["units"])
-    empty_note = '<p class="sub">The circuit is empty: no unit was kept.</p>' if n_kept == 0 else ""
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="meanablate {_e(results["meanablate_version"])}">
-<link rel="icon" href="data:,">
-<title>{_e(title)}</title>
-<style>{_STYLE}</style>
-</head>
-<body>
-<main>
-<h1>{_e(title)}</h1>
-<p class="sub">{_e(model["name"])} · metric <b>{_e(results["metric"]["name"])}</b> ·
-{_e(results["circuit"]["algorithm"])} · {_e(results["created"])}</p>
-{notes_html}
-{tiles}
-<h2>Circuit</h2>
-{empty_note}
-<div class="graph-wrap">
-{circuit_svg(results)}
-</div>
-{_legend()}
-<h2>Plots</h2>
-<div class="plots">{figures or '<p class="sub">No plots.</p>'}</div>
-<h2>Summary</h2>
-{summary}
-<h2>Units</h2>
-<details open><summary>{len(results["units"])} units (click a column to sort)</summary>
-{_units_table(results)}
-</details>
-<details><summary>Config</summary><pre>{_e(config)}</pre></details>
-<footer>meanablate {_e(results["meanablate_version"])} · {versions} ·
-schema v{_e(results["schema_version"])}</footer>
-</main>
-<div id="tooltip" role="tooltip" hidden></div>
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
+
+
+def render_scores_html(
+    scores: Mapping[str, Any],
+    images: Mapping[str, bytes] | None = None,
+    links: Mapping[str, Sequence[str]] | None = None,
+    *,
+    exact: Mapping[str, Any] | None = None,
+    version: str = "",
+) -> str:
+    """The page of a ``sweep`` / ``attribute`` run (a ``sweep.json`` / ``attribution.json``
+    object). ``exact``: the sweep's object beside an attribution's: its effects are shown
+    next to the estimates, with their rank correlation."""
+    from meanablate.report.scores_page import scores_context
+
+    ctx = scores_context(scores, exact)
+    return (
+        _env()
+        .get_template("scores.html.j2")
+        .render(
+            csp=CSP,
+            style=Markup(style()),
+            script=Markup(script()),
+            version=version,
+            figures=_figures(images or {}, links or {}),
+            config=json.dumps(scores.get("config", {}), indent=2, ensure_ascii=False, default=str),
+            versions="",
+            schema_version=None,
+            notes=None,
+            **ctx,
+        )
+    )
