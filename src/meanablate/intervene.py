@@ -175,7 +175,20 @@ def run_ablated(
     method: Method = "mean",
     source: Any = None,
 ) -> Any:
-    """One forward pass of ``batch`` with ``ablations`` applied; returns the model's output."""
+    """One forward pass of ``batch`` with ``ablations`` applied; returns the model's output
+    (hooks in for the pass only).
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> ma.run_ablated(model, tokens, "blocks.0.hook_mlp_out", means).shape  # [batch, pos, vocab]
+    torch.Size([6, 8, 10])
+    """
     with ablate(model, ablations, means, method=method, source=source):
         return run_model(model, batch)
 
@@ -248,6 +261,12 @@ class Effect:
 
     ``value``: mean per-example effect; ``per_example [batch]``; ``ci``: bootstrap
     interval of the mean; ``clean`` / ``ablated``: the metric's mean before and after.
+    Made by :func:`ablation_effect`; :meth:`to_dataframe` gives one row per example.
+
+    >>> import torch, meanablate as ma
+    >>> e = ma.Effect(0.5, torch.tensor([0.4, 0.6]), (0.4, 0.6), 1.0, 1.5, "loss")
+    >>> e
+    Effect(metric=loss, effect=+0.5 [0.4, 0.6], clean=1, ablated=1.5, examples=2)
     """
 
     value: float
@@ -291,6 +310,20 @@ def ablation_effect(
 
     For comparing metrics (``l2``, ``kl``) the effect is the distance from the clean
     output; for task metrics it is ``metric(ablated) - metric(clean)`` per example.
+    ``batch``: one batch (a tensor ``[batch, pos]`` or a dict); returns :class:`Effect` with
+    ``per_example [batch]``.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> e = ma.ablation_effect(model, tokens, units[0], means, metric="kl", n_boot=100)
+    >>> e.per_example.shape, e.ci[0] <= e.value <= e.ci[1]
+    (torch.Size([6]), True)
     """
     m = get_metric(metric)
     with torch.no_grad():

@@ -32,6 +32,12 @@ class MeanAccumulator:
 
     ``sums[key]`` has the activation's shape without batch (and without position unless
     ``per_position``); ``counts[key]`` is a float64 tensor: a scalar, or ``[pos]``.
+
+    >>> import torch, meanablate as ma
+    >>> acc = ma.MeanAccumulator()
+    >>> acc.add("x", torch.tensor([[[1.0], [3.0]]]), None)           # [batch, pos, d]
+    >>> acc.result()["x"]
+    tensor([2.], dtype=torch.float64)
     """
 
     per_position: bool = False
@@ -116,7 +122,13 @@ class Means:
 
     ``tensors[key]`` has the activation's shape without batch — ``[d]``, ``[head, d_head]``
     — or, with ``per_position``, ``[pos, ...]``. ``counts[key]`` is the number of tokens
-    (per position) that went into it.
+    (per position) that went into it. Made by :func:`compute_means`; ``save`` / ``load``
+    (safetensors), :meth:`to_dataframe` (one row per site).
+
+    >>> import torch, meanablate as ma
+    >>> m = ma.compute_means(torch.nn.Sequential(torch.nn.Linear(3, 2)), ["0"], torch.ones(4, 3))
+    >>> m["0"].shape, m.keys()                                    # [d_out], sites
+    (torch.Size([2]), ['0'])
     """
 
     tensors: dict[str, Tensor]

@@ -66,6 +66,18 @@ def attribute(
     Returns :class:`Scores` like :func:`sweep`, ``values [n_units]`` and
     ``per_example [n_units, n_examples]``, with ``exact`` all ``False``. Cost: one
     forward and one backward pass per batch (per probe for comparing metrics).
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> est = ma.attribute(model, tokens, units, means, metric="kl")
+    >>> est.values.shape, bool(est.exact.any())                   # estimates, not exact
+    (torch.Size([6]), False)
     """
     m = get_metric(metric)
     batches = as_batches(batches)

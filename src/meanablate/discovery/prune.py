@@ -51,6 +51,15 @@ class Circuit:
     ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
     the unit was tried; score-based: the unit's effect). ``curve``: faithfulness against
     circuit size for score-based algorithms (``(size, faithfulness)`` pairs).
+
+    ``len(circuit)``: units kept; ``unit in circuit``: kept or not; ``circuit[unit]``: its
+    score. :meth:`save` / :meth:`load` (``results.json``), :meth:`to_dataframe` (pandas).
+
+    >>> import meanablate as ma
+    >>> c = ma.Circuit("acdc", ["a.0", "a.1"], ["a.1"], {"a.0": 0.0, "a.1": 0.5}, "kl",
+    ...                metric_full=0.0, metric_circuit=0.01, metric_empty=1.2, threshold=0.1)
+    >>> len(c), "a.1" in c, c["a.1"]
+    (1, True, 0.5)
     """
 
     algorithm: str
@@ -157,6 +166,23 @@ def discover(
     (0, 1] is what score-based pruning must reach. ``n_probes``: random probes per
     batch for attribution of ``kl``/``l2``/``mse`` (one backward each; more rank better:
     Spearman with the exact sweep 0.89 with 1, 0.96 with 4 on the trained benchmark model).
+
+    ``batches``: one batch (a tensor ``[batch, pos]`` or a dict) or an iterable of them;
+    ``units``: site strings (:func:`transformer_units`). The circuit's ``kept`` lists the
+    units kept, ``metric_full`` / ``metric_circuit`` / ``metric_empty`` the metric with
+    nothing, everything outside the circuit and everything ablated.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> circuit = ma.discover(model, tokens, means, units=units, metric="kl", threshold=0.01)
+    >>> set(circuit.kept) <= set(units), len(circuit) == len(circuit.kept)
+    (True, True)
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")

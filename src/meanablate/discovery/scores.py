@@ -24,6 +24,15 @@ class Scores:
     ``units [n]`` site strings; ``values [n]`` mean effect over examples;
     ``per_example [n, examples]``; ``exact [n]`` which values come from a real ablation
     (``False``: a linear estimate); ``method`` says which algorithm produced them.
+
+    ``len(scores)``, ``scores[unit]`` (its value), :meth:`ranking`, :meth:`save` /
+    :meth:`load` (JSON), :meth:`to_dataframe` (pandas).
+
+    >>> import torch, meanablate as ma
+    >>> s = ma.Scores.from_examples(["a.0", "a.1"], torch.tensor([[0.1, 0.3], [-1.0, -2.0]]),
+    ...                             "logit_diff", "sweep", seconds=0.0)
+    >>> len(s), s["a.1"], s.ranking()
+    (2, -1.5, ['a.1', 'a.0'])
     """
 
     units: list[str]

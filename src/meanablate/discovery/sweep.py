@@ -120,6 +120,20 @@ def sweep(
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> scores = ma.sweep(model, tokens, units, means, metric="kl")
+    >>> scores.values.shape, scores.per_example.shape             # [units], [units, examples]
+    (torch.Size([6]), torch.Size([6, 6]))
+    >>> bool(scores.exact.all())
+    True
     """
     m = get_metric(metric)
     units = check_units(model, units)

@@ -44,6 +44,13 @@ def transformer_units(
     ``components``: heads and MLPs; ``neurons``: ``blocks.L.mlp.hook_post[neurons=i]``;
     ``layers``: ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out``;
     ``positions``: ``blocks.L.hook_resid_pre[pos=p]`` (needs ``n_positions``).
+
+    >>> import meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> model = HookedTransformer(TransformerConfig(n_layers=1, d_model=8, n_heads=2,
+    ...     d_head=4, d_mlp=16, d_vocab=5, n_ctx=4))
+    >>> ma.transformer_units(model)
+    ['blocks.0.attn.hook_z[heads=0]', 'blocks.0.attn.hook_z[heads=1]', 'blocks.0.hook_mlp_out']
     """
     cfg = _cfg(model)
     n_layers = int(cfg.n_layers)  # type: ignore[attr-defined]
