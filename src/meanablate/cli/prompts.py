@@ -19,12 +19,20 @@ def read_prompts(
     batch_size: int,
     n_examples: int | None,
     max_length: int | None = None,
+    *,
+    mask_token_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Padded batches from a prompts file; a bad line raises naming the file and line."""
+    """Padded batches from a prompts file; a bad line raises naming the file and line.
+
+    A masked LM (``mask_token_id`` given) is scored at its mask: see
+    :func:`meanablate.data.prompt_batches`.
+    """
     from meanablate.data.prompts import read_prompts as read
 
     try:
-        return read(path, tokenizer, batch_size, n_examples, max_length)
+        return read(
+            path, tokenizer, batch_size, n_examples, max_length, mask_token_id=mask_token_id
+        )
     except FileNotFoundError:
         raise InputError(f"--prompts {path}: no such file") from None
     except (ValueError, TypeError) as exc:

@@ -128,8 +128,9 @@ def _collate(
     tokenizer: Any,
     batch_size: int,
     max_length: int | None,
+    mask_token_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
-    rows: list[tuple[list[int], dict[str, Any]]] = []
+    rows: list[tuple[list[int], dict[str, Any], int]] = []
     for record in records:
         ids = list(tokenizer(record.text)["input_ids"])
         if not ids:
@@ -154,28 +155,43 @@ def _collate(
                 answers[f] = bad
             else:
                 answers[f] = _answer_id(tokenizer, record.fields[f], f, record.where)
-        rows.append((ids, answers))
+        at = len(ids) - 1  # a causal LM predicts the answer after the last token
+        if mask_token_id is not None:
+            n_masks = ids.count(mask_token_id)
+            if n_masks != 1:
+                convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+                mask = convert(mask_token_id) if convert else f"token {mask_token_id}"
+                raise ValueError(
+                    f"{record.where}: a masked LM is scored at its mask token: the "
+                    f"prompt needs exactly one {mask}, it has {n_masks}"
+                )
+            at = ids.index(mask_token_id)
+        rows.append((ids, answers, at))
     if not rows:
         raise ValueError("no prompts")
     pad_id = _pad_id(tokenizer)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
+        length = max(len(ids) for ids, _, _ in chunk)
         ids_t = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
         batch: dict[str, Tensor] = {"input_ids": ids_t, "attention_mask": mask}
         for f in fields:
             fill = pad_id if f == "corrupt" else -100
             batch[f] = torch.full((len(chunk), length), fill, dtype=torch.long)
-        for i, (ids, answers) in enumerate(chunk):
+        if mask_token_id is not None:
+            batch["metric_mask"] = torch.zeros((len(chunk), length), dtype=torch.bool)
+        for i, (ids, answers, at) in enumerate(chunk):
             ids_t[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
+            if mask_token_id is not None:
+                batch["metric_mask"][i, at] = True
             for f, a in answers.items():
                 if f == "corrupt":
                     batch[f][i, : len(a)] = torch.tensor(a)
                 else:
-                    batch[f][i, len(ids) - 1] = a
+                    batch[f][i, at] = a
         batches.append(batch)
     return batches
 
@@ -188,6 +204,7 @@ def prompt_batches(
     n_examples: int | None = None,
     max_length: int | None = None,
     text_field: str = "text",
+    mask_token_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """Padded batches ``{"input_ids": [b, pos], "attention_mask": [b, pos], ...}``.
 
@@ -199,6 +216,11 @@ def prompt_batches(
     Answers are single tokens (a string or a token id); ``target`` / ``wrong`` are
     ``[b, pos]`` long, ``-100`` except at each prompt's last token. ``n_examples`` keeps
     the first prompts only. A bad prompt raises ``ValueError`` naming where it is.
+
+    A masked LM (``mask_token_id``: e.g. ``tokenizer.mask_token_id``) is scored at its mask
+    instead of the last token: each prompt needs exactly one mask token; answers sit at its
+    position and ``metric_mask [b, pos]`` (bool) marks it, so that ``kl`` compares the
+    predictions for the masked token only.
 
     >>> class Chars:  # a toy tokenizer: one token per character
     ...     pad_token_id = 0
@@ -226,7 +248,7 @@ def prompt_batches(
         )
     if n_examples is not None:
         records = itertools.islice(records, n_examples)
-    return _collate(records, fields, tokenizer, batch_size, max_length)
+    return _collate(records, fields, tokenizer, batch_size, max_length, mask_token_id)
 
 
 def read_prompts(
@@ -235,10 +257,17 @@ def read_prompts(
     batch_size: int = 32,
     n_examples: int | None = None,
     max_length: int | None = None,
+    *,
+    mask_token_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """The batches of a prompts file (JSONL or plain text): :func:`prompt_batches` on a path."""
     return prompt_batches(
-        Path(path), tokenizer, batch_size=batch_size, n_examples=n_examples, max_length=max_length
+        Path(path),
+        tokenizer,
+        batch_size=batch_size,
+        n_examples=n_examples,
+        max_length=max_length,
+        mask_token_id=mask_token_id,
     )
 
 

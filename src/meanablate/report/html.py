@@ -261,6 +261,13 @@ def _caveats(results: Mapping[str, Any]) -> list[str]:
                 f"{rc[1]} units"
             )
         out.append(text + ".")
+    circuit = results["circuit"]
+    if circuit.get("certificate_text"):
+        out.append(f"Minimality certificate — {circuit['certificate_text']}.")
+    notes = circuit.get("notes")
+    if isinstance(notes, list) and notes:
+        out.extend(f"{n}." for n in notes if isinstance(n, str))
+        return out
     faith = scores["faithfulness"]
     if isinstance(faith, (int, float)) and math.isfinite(faith) and not 0 <= faith <= 1:
         out.append(

@@ -203,6 +203,13 @@ def discovery_results(
         "metric_empty": cs.metric_empty if cs is not None else circuit.metric_empty,
         "record": record,  # the Circuit's own fields: Circuit.load rebuilds it from these
     }
+    for key in ("certificate", "certificate_text", "mean_kind", "abs_threshold"):
+        value = getattr(circuit, key, None)
+        if value is not None:
+            circuit_obj[key] = _json_safe(value)
+    notes_of = getattr(circuit, "notes", None)
+    if isinstance(notes_of, list) and notes_of:
+        circuit_obj["notes"] = list(notes_of)
     timings = dict(timings or {})
     timings.setdefault("search", circuit.seconds)
     from meanablate.results.persist import scores_to_dict

@@ -114,8 +114,17 @@ def circuit_from_results(results: Any) -> Any:
 
     c = results["circuit"]
     record = dict(c.get("record") or {})
-    known = {f.name for f in dataclasses.fields(Circuit)}
-    kwargs: dict[str, Any] = {k: v for k, v in record.items() if k in known}
+    fields = {f.name: f for f in dataclasses.fields(Circuit)}
+    kwargs: dict[str, Any] = {}
+    for k, v in record.items():
+        f = fields.get(k)
+        if f is None:
+            continue
+        if v is None and isinstance(f.default, float) and math.isnan(f.default):
+            continue  # a NaN default (JSON has no NaN): keep the default
+        if isinstance(v, list) and "tuple" in str(f.type).split("[", 1)[0]:
+            v = tuple(v)
+        kwargs[k] = v
     kwargs.update(
         units=[u["name"] for u in results["units"]],
         kept=list(c["units"]),

@@ -1,0 +1,208 @@
+"""The forward pass that honours edge ablations, for our :class:`HookedTransformer`.
+
+Every node's output is kept apart (``outs``: one ``[batch, pos, d_model]`` tensor per
+source), so a destination's input can be rebuilt as the residual stream plus, for each
+ablated edge, ``mask * (ablated_src - out_src)`` — auto-circuit's difference form
+(``patch_wrapper.py``), with ``mask`` a float per edge (0: clean, 1: ablated; values in
+between interpolate, which is what EAP-IG integrates over). Heads read their own
+query / key / value inputs; the attention bias ``b_O`` is a constant of the stream that
+no edge carries (ablating a head's node ablates ``hook_z``, which leaves ``b_O`` too).
+
+The one family-specific piece of the edge layer: :func:`edge_family` returns the object
+that knows a model's graph and runs this forward. Other families (Hugging Face,
+TransformerLens bridges) add their own class with the same three methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from meanablate.discovery.graph import Graph, build_graph
+from meanablate.organisms.transformer import HookedTransformer
+
+__all__ = ["EdgeFamily", "EdgeRun", "OursEdges", "edge_family"]
+
+
+@dataclass
+class EdgeRun:
+    """What a patched forward returns: ``logits``; ``outs [n_src, batch, pos, d_model]``
+    (each node's output in this run) and ``inputs`` (destination name -> its input
+    ``[batch, pos, d_model]``) when asked for."""
+
+    logits: Tensor
+    outs: Tensor | None = None
+    inputs: dict[str, Tensor] | None = None
+
+
+class EdgeFamily(Protocol):
+    """What the edge layer needs from a model family."""
+
+    def graph(self, *, split_qkv: bool = True) -> Graph: ...
+
+    def run(
+        self,
+        graph: Graph,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        ablated: Tensor | None = None,
+        edge_mask: Tensor | None = None,
+        **options: Any,
+    ) -> EdgeRun: ...
+
+
+def edge_family(model: nn.Module) -> OursEdges:
+    """The edge description of ``model`` (today: meanablate's own ``HookedTransformer``)."""
+    if isinstance(model, HookedTransformer):
+        return OursEdges(model)
+    raise TypeError(
+        f"edges are not described for {type(model).__name__} yet; edge circuits work on "
+        "meanablate.organisms.transformer.HookedTransformer (every built-in organism). "
+        "Node-level discovery (sweep/attribute/discover over units) works on any model."
+    )
+
+
+def _dense_mask(graph: Graph, edge_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    if edge_mask is None:
+        return None
+    if edge_mask.shape != (len(graph),):
+        raise ValueError(
+            f"edge_mask must have shape [n_edges] = ({len(graph)},), got {tuple(edge_mask.shape)}"
+        )
+    src = torch.tensor([e.src_index for e in graph.edges], device=device)
+    dst = torch.tensor([e.dst_index for e in graph.edges], device=device)
+    dense = torch.zeros(len(graph.srcs), len(graph.dsts), dtype=edge_mask.dtype, device=device)
+    return dense.index_put((src, dst), edge_mask.to(device))
+
+
+class OursEdges:
+    """Edges of a :class:`HookedTransformer` (pre-LN or no-LN, with or without MLPs)."""
+
+    def __init__(self, model: HookedTransformer) -> None:
+        self.model = model
+        self.cfg = model.cfg
+
+    def graph(self, *, split_qkv: bool = True) -> Graph:
+        c = self.cfg
+        return build_graph(c.n_layers, c.n_heads, c.d_mlp is not None, split_qkv=split_qkv)
+
+    # -- pieces shared with the sweep --------------------------------------------------
+    def attention(
+        self, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, key_mask: Tensor | None
+    ) -> Tensor:
+        """Per-head outputs ``[head, batch, pos, d_model]`` (no ``b_O``) from per-head
+        inputs ``x* [batch, pos, head, d_model]`` (before ``ln1``)."""
+        block = self.model.blocks[layer]
+        attn = block.attn
+        q = torch.einsum("bphd,hde->bphe", block.ln1(xq), attn.W_Q) + attn.b_Q
+        k = torch.einsum("bphd,hde->bphe", block.ln1(xk), attn.W_K) + attn.b_K
+        v = torch.einsum("bphd,hde->bphe", block.ln1(xv), attn.W_V) + attn.b_V
+        z = self._attend(q, k, v, key_mask)
+        return torch.einsum("bphe,hed->hbpd", z, attn.W_O)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+        cfg = self.cfg
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.d_head**0.5
+        n = q.shape[1]
+        if cfg.causal:
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        block = self.model.blocks[layer]
+        return block.mlp(block.ln2(x))
+
+    # -- the patched forward -------------------------------------------------------------
+    def run(
+        self,
+        graph: Graph,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        ablated: Tensor | None = None,
+        edge_mask: Tensor | None = None,
+        *,
+        out_override: dict[int, Tensor] | None = None,
+        in_override: dict[int, Tensor] | None = None,
+        keep_outs: bool = False,
+        record_inputs: bool = False,
+        probes: list[Tensor] | None = None,
+    ) -> EdgeRun:
+        """Logits with the edges in ``edge_mask`` ablated (``[n_edges]``, float).
+
+        ``ablated``: what an ablated edge carries, ``[n_src, batch | 1, pos | 1, d_model]``.
+        ``out_override``: source index -> output forced for every reader (path patching's
+        frozen and patched senders); ``in_override``: destination index -> its input.
+        ``probes``: a list that receives, per read, a zero tensor ``[batch, pos, width,
+        d_model]`` added to the destinations' inputs, whose gradient is the gradient with
+        respect to those inputs (what EAP multiplies the edge's change by).
+        """
+        model = self.model
+        n_h = self.cfg.n_heads
+        dense = _dense_mask(graph, edge_mask, tokens.device)
+        if dense is not None and ablated is None:
+            raise ValueError("an edge mask needs `ablated` (the values ablated edges carry)")
+        if dense is not None and not bool(dense.any()) and not dense.requires_grad:
+            dense = None
+        out_override = out_override or {}
+        in_override = in_override or {}
+        inputs: dict[str, Tensor] = {}
+        outs: list[Tensor] = []
+
+        def emit(t: Tensor) -> Tensor:
+            t = out_override.get(len(outs), t)
+            outs.append(t)
+            return t
+
+        def read(d0: int, width: int, resid: Tensor) -> Tensor:
+            """Inputs of destinations ``d0 .. d0 + width``: ``[batch, pos, width, d_model]``."""
+            x = resid.unsqueeze(2).expand(*resid.shape[:2], width, resid.shape[-1])
+            if dense is not None:
+                n = len(outs)
+                m = dense[:n, d0 : d0 + width]
+                if m.requires_grad or bool(m.any()):
+                    delta = ablated[:n] - torch.stack(outs)  # type: ignore[index]
+                    x = x + torch.einsum("nbpd,nw->bpwd", delta, m.to(delta.dtype))
+            if probes is not None:
+                z = torch.zeros(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+                probes.append(z)
+                x = x + z
+            forced = [j for j in range(width) if d0 + j in in_override]
+            if forced:
+                x = x.clone(memory_format=torch.contiguous_format)
+                for j in forced:
+                    x[:, :, j] = in_override[d0 + j]
+            if record_inputs:
+                for j in range(width):
+                    inputs[graph.dsts[d0 + j]] = x[:, :, j]
+            return x
+
+        resid = emit(model.embed(tokens))
+        d = 0
+        per_head = 3 if graph.split_qkv else 1
+        for layer in range(self.cfg.n_layers):
+            block = model.blocks[layer]
+            x = read(d, n_h * per_head, resid).reshape(*resid.shape[:2], n_h, per_head, -1)
+            d += n_h * per_head
+            xq, xk, xv = (x[:, :, :, c] for c in ((0, 1, 2) if per_head == 3 else (0, 0, 0)))
+            heads = self.attention(layer, xq, xk, xv, attention_mask)
+            for h in range(n_h):
+                resid = resid + emit(heads[h])
+            resid = resid + block.attn.b_O
+            if graph.has_mlp:
+                x = read(d, 1, resid)[:, :, 0]
+                d += 1
+                resid = resid + emit(self.mlp(layer, x))
+        x = read(d, 1, resid)[:, :, 0]
+        logits = model.unembed(x)
+        return EdgeRun(
+            logits,
+            torch.stack(outs) if keep_outs else None,
+            inputs if record_inputs else None,
+        )

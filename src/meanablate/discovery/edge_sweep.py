@@ -1,0 +1,175 @@
+"""Exact edge sweep: the effect of ablating every edge alone.
+
+An edge ablation changes one destination's input and nothing upstream of it, so the clean
+run is reused: the destination is recomputed from its changed input (one head with its
+query, key or value input changed; one MLP; or the unembedding), its output change is
+added to the clean stream, and only the blocks after it run — with logits only at the
+positions the metric reads. Edges into one destination share stacked forwards.
+This equals :class:`~meanablate.discovery.edges.EdgeData` with the one edge ablated
+(to float error), which the tests check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from meanablate.discovery import fastpath
+from meanablate.discovery.edges import EdgeData
+from meanablate.discovery.graph import Edge, check_edge_names
+from meanablate.discovery.scores import Scores
+from meanablate.discovery.source import Source
+from meanablate.discovery.sweep import restrict_positions
+from meanablate.metrics import Metric, get_metric
+
+__all__ = ["MAX_SWEEP_EDGES", "edge_sweep"]
+
+# Beyond this many edges an exact sweep is hours on a CPU: we ask for EAP instead.
+MAX_SWEEP_EDGES = 50_000
+
+
+def edge_sweep(
+    model: nn.Module,
+    batches: Iterable[Any] | EdgeData,
+    source: Source | str = "mean",
+    *,
+    edges: Sequence[str] | None = None,
+    metric: str | Metric = "kl",
+    split_qkv: bool = True,
+    stack: int = 8,
+    max_edges: int = MAX_SWEEP_EDGES,
+) -> Scores:
+    """Every edge ablated alone, exactly: :class:`Scores` over edge names.
+
+    ``values [n_edges]`` mean effects, ``per_example [n_edges, n_examples]`` (effects as
+    in :func:`~meanablate.discovery.sweep.sweep`: the distance for ``kl``/``l2``, the change
+    for task metrics). ``stack``: edges into one destination per forward.
+
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
+    >>> batch = {"tokens": torch.tensor([[1, 2, 3]])}
+    >>> edge_sweep(HookedTransformer(cfg), [batch], "zero").units[:2]
+    ['input->a0.h0<q>', 'input->a0.h0<k>']
+    """
+    m = get_metric(metric)
+    data = (
+        batches
+        if isinstance(batches, EdgeData)
+        else EdgeData(model, batches, source, split_qkv=split_qkv)
+    )
+    graph = data.graph
+    chosen = (
+        graph.edges if edges is None else [graph.edges[i] for i in check_edge_names(graph, edges)]
+    )
+    if not chosen:
+        raise ValueError("edges must name at least one edge")
+    if len(chosen) > max_edges:
+        raise ValueError(
+            f"an exact sweep over {len(chosen)} edges is {len(chosen)} downstream forwards "
+            f"per batch (more than max_edges={max_edges}); rank them with eap() (one forward "
+            "and one backward) or eap_ig(), verify the top ones with edge_sweep(edges=...), "
+            "or raise max_edges"
+        )
+    if stack < 1:
+        raise ValueError(f"stack must be >= 1, got {stack}")
+    t0 = time.perf_counter()
+    by_dst: dict[int, list[Edge]] = {}
+    for e in chosen:
+        by_dst.setdefault(e.dst_index, []).append(e)
+    rows: dict[int, list[Tensor]] = {e.index: [] for e in chosen}
+    with torch.inference_mode():
+        for item in data.items:
+            _sweep_item(data, item, by_dst, m, stack, rows)
+    per_example = torch.stack([torch.cat(rows[e.index]) for e in chosen])
+    return Scores.from_examples(
+        [e.name for e in chosen], per_example, m.name, "sweep", time.perf_counter() - t0
+    )
+
+
+def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, rows: dict) -> None:
+    fam, graph, model = data.family, data.graph, data.family.model
+    run = fam.run(graph, item.tokens, item.mask, keep_outs=True, record_inputs=True)
+    outs, inputs = run.outs, run.inputs
+    assert outs is not None and inputs is not None
+    positions, sub = restrict_positions(item.batch, run.logits)
+    clean = run.logits if positions is None else run.logits[:, positions]
+    effect_of = m.bind(sub, clean)
+    b = item.tokens.shape[0]
+    n_layers = fam.cfg.n_layers
+    has_mlp = graph.has_mlp
+    ablated = item.ablated
+
+    def resid_before(layer: int) -> Tensor:
+        if layer < n_layers:
+            return inputs[graph.dsts[_first_dst(graph, layer)]]
+        return inputs["logits"]
+
+    for d, group in by_dst.items():
+        dst = graph.dsts[d]
+        layer = graph.dst_layer[d]
+        for start in range(0, len(group), stack):
+            chunk = group[start : start + stack]
+            k = len(chunk)
+            delta = torch.cat(
+                [(ablated[e.src_index] - outs[e.src_index]).expand_as(outs[0]) for e in chunk]
+            )
+            mask = item.mask.repeat(k, 1) if item.mask is not None else None
+            x = inputs[dst].repeat(k, 1, 1) + delta
+            if dst == "logits":
+                xs = x if positions is None else x[:, positions]
+                logits = model.unembed(xs)
+            else:
+                if dst.startswith("m"):
+                    node = graph.src_index(dst)
+                    change = fam.mlp(layer, x) - outs[node].repeat(k, 1, 1)
+                    resid = resid_before(layer + 1).repeat(k, 1, 1) + change
+                    start_layer = layer + 1
+                else:
+                    e0 = chunk[0]
+                    node = graph.src_index(e0.dst)
+                    head = graph.srcs[node].head
+                    change = _one_head(fam, layer, head, x, e0.qkv, inputs[dst], mask, k)
+                    change = change - outs[node].repeat(k, 1, 1)
+                    if has_mlp:
+                        mid = inputs[f"m{layer}"].repeat(k, 1, 1) + change
+                        resid = fastpath.finish_block_from_mid(model.blocks[layer], mid)
+                    else:
+                        resid = resid_before(layer + 1).repeat(k, 1, 1) + change
+                    start_layer = layer + 1
+                logits = fastpath.run_downstream(model, resid, start_layer, mask, positions)
+            for i, e in enumerate(chunk):
+                rows[e.index].append(effect_of(logits[i * b : (i + 1) * b]).double().cpu())
+
+
+def _first_dst(graph: Any, layer: int) -> int:
+    return graph.dst_layer.index(layer)
+
+
+def _one_head(
+    fam: Any,
+    layer: int,
+    head: int,
+    x: Tensor,
+    qkv: str | None,
+    clean_in: Tensor,
+    mask: Tensor | None,
+    k: int,
+) -> Tensor:
+    """Head ``head``'s output ``[k * batch, pos, d_model]`` with its ``qkv`` input ``x``
+    (all three with ``qkv=None``) and the others clean."""
+    block = fam.model.blocks[layer]
+    attn = block.attn
+    h = slice(head, head + 1)
+    xc = clean_in.repeat(k, 1, 1)
+    xq = x if qkv in ("q", None) else xc
+    xk = x if qkv in ("k", None) else xc
+    xv = x if qkv in ("v", None) else xc
+    q = torch.einsum("bpd,hde->bphe", block.ln1(xq), attn.W_Q[h]) + attn.b_Q[h]
+    kk = torch.einsum("bpd,hde->bphe", block.ln1(xk), attn.W_K[h]) + attn.b_K[h]
+    v = torch.einsum("bpd,hde->bphe", block.ln1(xv), attn.W_V[h]) + attn.b_V[h]
+    z = fam._attend(q, kk, v, mask)
+    return torch.einsum("bphe,hed->bpd", z, attn.W_O[h])
