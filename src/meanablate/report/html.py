@@ -298,7 +298,8 @@ def _tiles(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     certificate = circuit.get("certificate")
     if certificate is not None:
         tiles.append({"key": "certificate", "value": str(certificate), "small": "",
-                      "detail": "minimality proven"})  # fmt: skip
+                      "detail": "minimality proven" if certificate != "none" else "not minimised",
+                      "text": True})  # fmt: skip
     tiles += [
         {"key": "AUROC", "value": _num(scores["auroc"]), "small": "",
          "detail": f"{found}/{len(truth)} true units found, {extra} extra" if labelled

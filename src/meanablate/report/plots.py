@@ -156,11 +156,12 @@ def effect_grid(
 
 # -- the plots -------------------------------------------------------------------------------
 def _scale(vmax: float) -> tuple[float, str]:
-    """A power of ten that brings ``vmax`` into [1, 1000) for the cell labels, and its name."""
+    """A power of ten for the cell labels when ``vmax`` is below 0.01 or 1000 and above (so
+    ``1e-3`` effects read ``4.2`` on a ``×1e-3`` colour bar, not ``0.00``), and its name."""
     if not math.isfinite(vmax) or vmax <= 0:
         return 1.0, ""
     k = math.floor(math.log10(vmax))
-    k = 0 if 0 <= k < 3 else k
+    k = 0 if -2 <= k < 3 else k  # 0.01 .. 999 read fine with 2 significant digits
     return 10.0**k, ("" if k == 0 else f" (×1e{k})")
 
 
