@@ -27,6 +27,7 @@ from meanablate.discovery import (
     sweep,
     transformer_units,
 )
+from meanablate.estimates import Estimate, estimate
 from meanablate.hooks import capture, run_model
 from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
 from meanablate.sites import Site, parse_site
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Circuit",
     "Effect",
+    "Estimate",
     "MeanAccumulator",
     "Means",
     "Scores",
@@ -52,6 +54,7 @@ __all__ = [
     "compute_ablation_effect",
     "compute_means",
     "discover",
+    "estimate",
     "mean_ablation",
     "metrics",
     "parse_site",

@@ -7,6 +7,7 @@ Ctrl-C) inside the block never leaves a model with hooks attached.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.sites import resolve_module
 
 __all__ = ["TASK_KEYS", "capture", "hooked", "output_tensor", "run_model"]
@@ -47,6 +49,47 @@ def _replace_first(value: Any, fn: ActivationFn) -> Any:
     )
 
 
+def _framework_view(
+    model: nn.Module, path: str, module: nn.Module, fn: ActivationFn
+) -> ActivationFn:
+    """``fn`` as it must run on ``module`` to see what the model's own framework shows.
+
+    A TransformerLens-4 ``HookPoint`` passes a raw tensor through its torch hooks (a
+    bridge's ``blocks.L.attn.hook_z`` is the flat ``[batch, pos, n_heads * d_head]``
+    input of the output projection) and converts it only for TL hook functions:
+    ``HookPoint.add_hook`` calls ``hook_conversion.convert`` before the function and
+    ``revert`` on what it returns. We do the same, so ``fn`` sees TL's shapes
+    (``[batch, pos, head, d_head]``) and its replacement takes effect as in
+    ``run_with_hooks``. A hook point the bridge never fires (gated off by its config)
+    is refused instead of silently doing nothing. Other modules: ``fn`` unchanged.
+    """
+    hook_points = sys.modules.get("transformer_lens.hook_points")  # loaded if a bridge exists
+    if hook_points is None or not isinstance(module, hook_points.HookPoint):
+        return fn
+    gated = getattr(model, "_gated_hook_reason", None)
+    reason = gated(module.name or path) if callable(gated) else None
+    if reason is not None:
+        raise ValueError(
+            f"site {path}: this TransformerLens hook point never fires because "
+            f"cfg.{reason} is False; call model.set_{reason}(True) first"
+        )
+
+    def tl_fn(act: Tensor) -> Tensor | None:
+        conv = module.hook_conversion  # read per call, as HookPoint.add_hook's hook does
+        if conv is None:
+            return fn(act)
+        states = getattr(conv, "_conversion_state", None)
+        fresh = isinstance(states, dict) and id(act) not in states
+        try:
+            new = fn(conv.convert(act))
+            return None if new is None else conv.revert(new)
+        finally:
+            if fresh:  # AttentionAutoConversion keys state by tensor id: drop ours
+                states.pop(id(act), None)  # type: ignore[union-attr]
+
+    return tl_fn
+
+
 @contextmanager
 def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None]:
     """Run ``fn`` on the activation at each site key while inside the block.
@@ -55,11 +98,13 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
     ``"transformer.h.0.attn.c_proj@input"`` for its first positional input) to a
     function of the activation that returns its replacement, or ``None`` to keep it.
     """
+    model = unwrap(model)
     handles = []
     try:
         for key, fn in hooks.items():
             path, is_input = _split_key(key)
             module = resolve_module(model, path)
+            fn = _framework_view(model, path, module, fn)
             if is_input:
 
                 def pre_hook(_m: nn.Module, args: tuple, _fn: ActivationFn = fn) -> tuple:
@@ -127,6 +172,7 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     >>> ma.run_model(model, torch.ones(4, 3)).shape
     torch.Size([4, 2])
     """
+    model = unwrap(model)
     if isinstance(batch, Tensor):
         return model(batch)
     if not isinstance(batch, Mapping):

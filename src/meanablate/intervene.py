@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.core import replace_where
 from meanablate.families import check_sites
 from meanablate.hooks import capture, hooked, output_tensor, run_model
@@ -96,7 +97,7 @@ def _fill_for(
         if act.ndim < 2 or mean.ndim < 1 or tuple(mean.shape[1:]) != per_ex[1:]:
             raise ValueError(
                 f"site {site.key}: per-position mean has shape {tuple(mean.shape)}, wanted "
-                f"[pos, ...] = (n_pos, {', '.join(map(str, per_ex[1:]))}) for the activation "
+                f"{per_ex} [pos, ...] (at least {act.shape[1]} positions) for the activation "
                 f"{tuple(act.shape)} [batch, pos, ...]"
             )
         if mean.shape[0] < act.shape[1]:
@@ -170,6 +171,7 @@ def ablate(
     >>> len(m[1]._forward_hooks)
     0
     """
+    model = unwrap(model)
     sites = as_sites(ablations)
     if method not in ("mean", "zero", "resample"):
         raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
@@ -217,6 +219,7 @@ def run_ablated(
     >>> ma.run_ablated(model, tokens, "blocks.0.hook_mlp_out", means).shape  # [batch, pos, vocab]
     torch.Size([6, 8, 10])
     """
+    model = unwrap(model)
     with ablate(model, ablations, means, method=method, source=source):
         return run_model(model, batch)
 
@@ -353,6 +356,7 @@ def ablation_effect(
     >>> e.per_example.shape, e.ci[0] <= e.value <= e.ci[1]
     (torch.Size([6]), True)
     """
+    model = unwrap(model)
     m = get_metric(metric)
     with torch.no_grad():
         clean = output_tensor(run_model(model, batch))

@@ -29,7 +29,19 @@ _TORCH_DEFAULT = torch.get_num_threads()  # what torch chose, before anyone chan
 _explicit: int | None = None  # the count set_threads was last given
 
 
-def _on_cpu(model: nn.Module | None) -> bool:
+def _module(model: Any) -> nn.Module | None:
+    if model is None:
+        return None
+    from meanablate._unwrap import unwrap
+
+    try:
+        return unwrap(model)
+    except TypeError:
+        return None
+
+
+def _on_cpu(model: Any) -> bool:
+    model = _module(model)
     if model is None:
         return True
     for p in model.parameters():
@@ -44,6 +56,7 @@ def choose_threads(model: nn.Module | None = None) -> int:
     >>> choose_threads(nn.Linear(4, 4))
     1
     """
+    model = _module(model)
     if model is None or sum(p.numel() for p in model.parameters()) < BIG_MODEL:
         return 1
     try:

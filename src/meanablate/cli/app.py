@@ -17,6 +17,7 @@ from meanablate.cli.options import (
     Config,
     Debug,
     Device,
+    DryRun,
     GroundTruth,
     MeansFile,
     Method,
@@ -118,6 +119,7 @@ def demo(
     out: Out = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find, score and report the circuit of a built-in model whose true circuit is known.
@@ -164,6 +166,7 @@ def discover(
     out: Out = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find a circuit: means, sweep, discovery, scores, and a report in the run folder.
@@ -238,6 +241,7 @@ def _scores_command(command: str) -> Any:
         out: Out = None,
         config: Config = None,
         quiet: Quiet = None,
+        dry_run: DryRun = None,
         debug: Debug = False,
     ) -> None:
         _run(command, debug, dict(locals()))

@@ -85,4 +85,8 @@ Quiet = Annotated[
         "--quiet", "-q", help="no progress bars or logs", rich_help_panel=_OUT, show_default=False
     ),
 ]
+DryRun = Annotated[
+    bool | None,
+    typer.Option("--dry-run", help=_h("dry_run"), rich_help_panel=_RUN, show_default=False),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_OUT)]

@@ -148,11 +148,14 @@ def run_discovery(
     command: str = "discover",
     timings: dict[str, float] | None = None,
     executor: Any = None,
+    on_means: Any = None,
 ) -> tuple[dict[str, Any], Any]:
     """Means, sweep, attribution, discovery and scores: ``(results, means)``.
 
     ``executor`` (a :class:`~meanablate.executors.RayExecutor`, say) runs the means, the
-    sweep and the attribution; the discovery and the scores run here.
+    sweep and the attribution; the discovery and the scores run here. ``on_means(means)``
+    is called once the means are known; it may return a sweep
+    :class:`~meanablate.Estimate` whose ``run()`` then does the sweep.
     """
     import meanablate as ma
     from meanablate.discovery import score_circuit
@@ -165,11 +168,15 @@ def run_discovery(
     means = compute_or_load_means(cfg, inputs, progress=progress, log=log, executor=executor)
     timings["means"] = time.perf_counter() - t
 
+    planned = on_means(means) if on_means is not None else None
     log(f"sweep: {len(units)} units, metric {metric}")
-    sweep = ma.sweep(
-        model, batches, units, means,
-        metric=metric, method=method, progress=progress, executor=executor,
-    )  # fmt: skip
+    if planned is not None:  # reuses the units its calibration swept
+        sweep = planned.run(progress=progress)
+    else:
+        sweep = ma.sweep(
+            model, batches, units, means,
+            metric=metric, method=method, progress=progress, executor=executor,
+        )  # fmt: skip
     timings["sweep"] = sweep.seconds
     t = time.perf_counter()
     cis = unit_cis(sweep.per_example, n_boot, seed, progress)

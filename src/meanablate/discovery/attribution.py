@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.data.normalize import as_batches
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
@@ -80,6 +81,7 @@ def attribute(
     >>> est.values.shape, bool(est.exact.any())                   # estimates, not exact
     (torch.Size([6]), False)
     """
+    model = unwrap(model)
     m = get_metric(metric)
     batches = as_batches(batches)
     if executor is not None and not executor.in_process:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.data.normalize import as_batches
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -50,6 +51,7 @@ def needs_clean(metric: Metric) -> bool:
 def clean_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor] | None:
     """The clean outputs of ``batches`` (on the model's device), or ``None`` if together
     they would take more than ``CLEAN_CACHE_BYTES``."""
+    model = unwrap(model)
     device = model_device(model)
     outs: list[Tensor] = []
     total = 0
@@ -78,6 +80,7 @@ def metric_per_example(
     ``clean``: the clean outputs of ``batches`` (from :func:`clean_outputs`), to save
     the clean forward that comparing metrics need for every call.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     if clean is not None and len(clean) != len(batches):
         raise ValueError(f"clean has {len(clean)} outputs for {len(batches)} batches")
@@ -188,6 +191,7 @@ def score_circuit(
     (True, 2)
     """
     batches = list(as_batches(batches))
+    model = unwrap(model)
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")

@@ -1,12 +1,35 @@
 """Exact single-unit ablations on our transformer, re-running only what lies downstream.
 
-A head writes into the residual stream through ``W_O`` and an MLP neuron through its row
-of ``W_out``; both are linear, so ablating the unit changes the stream by exactly
-``(fill - act) @ W``. The downstream part therefore starts from ``resid + delta`` — at the
-next block for an MLP unit (and for a head in an attention-only block), at the MLP of the
-same block for a head — instead of re-running the whole model. The last step computes
-logits only at the positions the metric reads. Many units can ride one forward pass as
-stacked copies of the batch (``stack``); the result is the same ablation, unit by unit.
+Ablating a unit of block ``L`` cannot change blocks ``0..L-1``, so the clean run's cached
+streams stand in for them; from the unit's activation on, the ablated run is *replayed*:
+the hook's replacement is applied to the cached activation (the very function
+``ablate()`` installs), and the rest of block ``L`` runs with the block's own operations
+in the block's own order (for a head: ``resid_pre + hook_attn_out(W_O-projection of z)``,
+then the MLP half; for a neuron: ``resid_mid + hook_mlp_out(post @ W_out + b_out)``), then
+every later block in full. The last step may compute logits only at the positions the
+metric reads. Many units can ride one forward pass as stacked copies of the batch.
+
+Why replay rather than the linear shortcut ``resid + (fill - act) @ W``: both give the
+same number in exact arithmetic, but floats round differently, and on an exact tie of the
+ablated logits (common on compiled models such as tracr's, whose ablated outputs are
+often exactly equal) the residue of the clean answer decides the argmax: accuracy came
+out 1.0 where the hooked forward gives 0.333. A float error bound cannot rescue a tie
+(any bound is > 0 = the margin, and no cheap rigorous bound exists through softmax and
+normalization), so for **discrete metrics** (``Metric.discrete``: accuracy, any argmax)
+the fast path takes only steps that are the hooked forward's own: no stacking (a bigger
+batch may change matmul blocking), no cut last block (fewer rows, the same), positions
+cut only from the finished logits. With deterministic kernels (CPU; CUDA for the same
+shapes) the logits are then bit for bit the hooked forward's, ties included. The replay
+costs no more than the linear shortcut (the full ``W_O``/``W_out`` product instead of one
+column, offset by not forming the delta; measured in ``benchmarks/bench_discovery.py``);
+what discrete metrics give up is the cut last block and stacking.
+
+**Continuous metrics** take the same replay, so with all positions read and no stacking
+they too equal the hooked forward bit for bit; the cut last block (and GPU stacking)
+changes only rounding, ~1e-7 relative on the logits.
+
+Only our own classes are replayed (:func:`supports`): a subclass may compute its
+forward differently, and then the hooked forward is the only definition.
 """
 
 from __future__ import annotations
@@ -16,15 +39,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from meanablate.hooks import capture
-from meanablate.intervene import _fill_for, unit_mask, view_shape
-from meanablate.organisms.transformer import HookedTransformer
+from meanablate.intervene import _make_hook
+from meanablate.organisms.transformer import (
+    MLP,
+    Attention,
+    HookedTransformer,
+    LayerNorm,
+    TransformerBlock,
+)
 from meanablate.sites import Site, parse_site
 from meanablate.stats import Means
 
-__all__ = ["Plan", "ablated_logits", "clean_state", "plan_unit"]
+__all__ = ["Plan", "ablated_act", "ablated_logits", "clean_state", "plan_unit", "supports"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +69,21 @@ class Plan:
     layer: int
     kind: str
     resume: str
+
+
+def supports(model: Any) -> bool:
+    """Whether ``model`` is built of exactly our classes, whose forward the replay mirrors."""
+    if type(model) is not HookedTransformer:
+        return False
+    norms = (LayerNorm, nn.Identity)
+    for block in model.blocks:
+        if type(block) is not TransformerBlock or type(block.attn) is not Attention:
+            return False
+        if type(block.ln1) not in norms or (
+            hasattr(block, "mlp") and (type(block.mlp) is not MLP or type(block.ln2) not in norms)
+        ):
+            return False
+    return type(model.ln_final) in norms
 
 
 def plan_unit(model: HookedTransformer, unit: str | Site) -> Plan | None:
@@ -100,40 +144,48 @@ def clean_state(
     )
 
 
-def _delta(
-    model: HookedTransformer, plan: Plan, act: Tensor, means: Means | None, method: str
-) -> Tensor:
-    """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes."""
-    site = plan.site
-    fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
-    block = model.blocks[plan.layer]
-    pos_w = None
-    if site.positions is not None:
-        pos_w = torch.zeros(act.shape[1], 1, dtype=act.dtype, device=act.device)
-        pos_w[list(site.positions)] = 1
-    if plan.kind == "neuron" and site.neurons is not None:
-        # Only the chosen columns move: a thin matmul instead of a masked full one.
-        idx = list(site.neurons)
-        f = fill if fill.ndim == 0 else fill[..., idx]
-        diff = f - act[..., idx]
-        if pos_w is not None:
-            diff = diff * pos_w
-        return diff @ block.mlp.W_out[idx]
-    if plan.kind == "head" and site.heads is not None:
-        idx = list(site.heads)
-        f = fill if fill.ndim == 0 else fill[..., idx, :]
-        diff = f - act[..., idx, :]
-        if pos_w is not None:
-            diff = diff * pos_w[..., None]
-        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O[idx])
-    mask = unit_mask(site, tuple(act.shape), act.device)
-    vact = act.reshape(view_shape(site, tuple(act.shape)))
-    diff = torch.where(mask, fill - vact, torch.zeros((), dtype=act.dtype, device=act.device))
-    if plan.kind == "head":
-        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O)
-    if plan.kind == "neuron":
-        return diff @ block.mlp.W_out
-    return diff.reshape(act.shape)  # attn_out, mlp_out, resid: the activation is the stream
+def ablated_act(plan: Plan, act: Tensor, means: Means | None, method: str) -> Tensor:
+    """The activation as the hook of ``ablate(model, plan.site, ...)`` replaces it."""
+    return _make_hook([plan.site], means, method, None)(act)  # type: ignore[arg-type]
+
+
+def resumed_stream(model: HookedTransformer, plan: Plan, state: CleanState, new: Tensor) -> Tensor:
+    """The stream where ``plan`` resumes, with its activation replaced by ``new``.
+
+    ``resid_pre`` / ``resid_mid`` / ``resid_post`` of ``plan.layer`` for ``plan.resume``
+    ``"pre"`` / ``"mid"`` / ``"post"``. The rest of the plan's sub-layer runs with the
+    block's own operations in its own order, from the clean run's cached stream (which
+    the ablation cannot change): bit for bit the hooked forward's stream there.
+    """
+    layer, kind = plan.layer, plan.kind
+    block = model.blocks[layer]
+    if kind == "resid":
+        return new
+    if kind in ("head", "attn_out"):
+        # TransformerBlock.forward: resid + hook_attn_out(attn(...)), where attn ends
+        # with head_outputs_to_resid(hook_z(z)).
+        out = block.hook_attn_out(block.attn.head_outputs_to_resid(new)) if kind == "head" else new
+        resid = state.resid_pre[layer] + out
+        return resid if plan.resume == "mid" else block.hook_resid_post(resid)
+    # MLP.forward ends with hook_post(post) @ W_out + b_out
+    out = block.hook_mlp_out(new @ block.mlp.W_out + block.mlp.b_out) if kind == "neuron" else new
+    return block.hook_resid_post(state.resid_mid[layer] + out)
+
+
+def replay_stream(
+    model: HookedTransformer, plans: list[Plan], state: CleanState, news: list[Tensor]
+) -> tuple[Tensor, int]:
+    """The stream entering block ``start`` for each plan (stacked along the batch), and
+    ``start``. The plans share ``layer`` and ``resume``; ``news`` are their ablated
+    activations. With one plan, bit for bit the hooked forward's stream."""
+    streams = [resumed_stream(model, p, state, n) for p, n in zip(plans, news)]
+    resid = streams[0] if len(streams) == 1 else torch.cat(streams, dim=0)
+    layer, resume = plans[0].layer, plans[0].resume
+    if resume == "pre":
+        return resid, layer
+    if resume == "mid":
+        return finish_block_from_mid(model.blocks[layer], resid), layer + 1
+    return resid, layer + 1
 
 
 def ablated_logits(
@@ -144,46 +196,31 @@ def ablated_logits(
     method: str,
     attention_mask: Tensor | None,
     positions: Tensor | None,
+    *,
+    exact: bool = False,
 ) -> Tensor:
     """Logits ``[len(plans), batch, n_positions, vocab]`` with each plan ablated alone.
 
     All plans must share ``layer`` and ``resume`` (they are stacked along the batch).
     ``positions``: indices of the positions whose logits are needed (``None``: all).
+    ``exact``: bit for bit the logits of the hooked forward (one plan, every block in
+    full, the positions cut only from the finished logits); otherwise the last block
+    computes only ``positions`` (float rounding apart, the same logits).
     """
-    layer, resume = plans[0].layer, plans[0].resume
-    b = state.logits.shape[0]
-    deltas = [_delta(model, p, state.acts[p.site.key], means, method) for p in plans]
-    delta = torch.cat(deltas, dim=0)
     k = len(plans)
-    mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
-    resid, start = resume_stream(model, state, layer, resume, delta, copies=k)
-    logits = run_downstream(model, resid, start, mask, positions)
+    if exact and k != 1:
+        raise ValueError(f"exact logits come one plan at a time, got {k}")
+    b = state.logits.shape[0]
+    news = [ablated_act(p, state.acts[p.site.key], means, method) for p in plans]
+    mask = attention_mask.repeat(k, 1) if attention_mask is not None and k > 1 else attention_mask
+    resid, start = replay_stream(model, plans, state, news)
+    if exact:
+        logits = run_downstream(model, resid, start, mask, None)
+        if positions is not None:
+            logits = logits[:, positions]
+    else:
+        logits = run_downstream(model, resid, start, mask, positions)
     return logits.reshape(k, b, *logits.shape[1:])
-
-
-def resume_stream(
-    model: HookedTransformer,
-    state: CleanState,
-    layer: int,
-    resume: str,
-    delta: Tensor,
-    copies: int = 1,
-) -> tuple[Tensor, int]:
-    """The stream with ``delta`` applied where a plan resumes, and the next block to run.
-
-    ``copies``: the clean stream is repeated that many times along the batch (``delta``
-    then holds one change per copy).
-    """
-
-    def rep(t: Tensor) -> Tensor:
-        return t if copies == 1 else t.repeat(copies, *([1] * (t.ndim - 1)))
-
-    if resume == "pre":
-        return rep(state.resid_pre[layer]) + delta, layer
-    if resume == "mid":
-        mid = rep(state.resid_mid[layer]) + delta
-        return finish_block_from_mid(model.blocks[layer], mid), layer + 1
-    return rep(state.resid_post[layer]) + delta, layer + 1
 
 
 def finish_block_from_mid(block: Any, mid: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.data.normalize import as_batches
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
@@ -99,6 +100,7 @@ def discover(
     >>> c.kept, c.certificate
     (['0[neurons=1]', '0[neurons=2]'], 'exhaustive')
     """
+    model = unwrap(model)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if target_faithfulness is not None and not (0 < target_faithfulness <= 1):
