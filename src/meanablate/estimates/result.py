@@ -42,6 +42,12 @@ class Estimate:
     (the worst case when ``worst_case``). ``parts``: seconds per phase.
     ``reused_seconds``: the part of ``seconds`` the calibration already did and
     :meth:`run` will not repeat.
+
+    >>> from meanablate.estimates import Estimate
+    >>> e = Estimate("sweep", seconds=90.0, peak_bytes=2**20, n_units=8, n_batches=4,
+    ...              calibrated_on=2, calibration_seconds=1.0, evaluations=32)
+    >>> e.remaining_seconds
+    90.0
     """
 
     algorithm: str
