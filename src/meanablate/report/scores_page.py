@@ -48,7 +48,7 @@ def heatmap_results(scores: Mapping[str, Any]) -> dict[str, Any]:
 
 def scores_context(scores: Mapping[str, Any], exact: Mapping[str, Any] | None) -> dict[str, Any]:
     """Title, tiles, caveats and the units table of a scores page."""
-    from meanablate.report.html import TABLE_ROWS, rank_correlation
+    from meanablate.report.parts import TABLE_ROWS, rank_correlation
 
     method, metric = scores["method"], scores["metric"]
     units = scores["units"]
