@@ -42,6 +42,12 @@ _CAPTIONS = {
 }
 
 
+_SCORES_CAPTIONS = {
+    "effects": "Importance of each unit alone (orange: ablating it hurts the metric; purple: "
+    "ablating it helps); for an attribution, estimated.",
+}
+
+
 @lru_cache(maxsize=1)
 def _env() -> Any:
     import jinja2
@@ -55,12 +61,17 @@ def _env() -> Any:
     )
 
 
-def _figures(images: Mapping[str, bytes], links: Mapping[str, Sequence[str]]) -> list[dict]:
+def _figures(
+    images: Mapping[str, bytes],
+    links: Mapping[str, Sequence[str]],
+    captions: Mapping[str, str] | None = None,
+) -> list[dict]:
+    captions = _CAPTIONS if captions is None else captions
     return [
         {
             "key": key,
             "uri": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
-            "caption": _CAPTIONS.get(key, key),
+            "caption": captions.get(key, key),
             "links": list(links.get(key, ())),
         }
         for key, data in images.items()
@@ -247,7 +258,7 @@ def render_scores_html(
             style=Markup(style()),
             script=Markup(script()),
             version=version,
-            figures=_figures(images or {}, links or {}),
+            figures=_figures(images or {}, links or {}, _SCORES_CAPTIONS),
             config=json.dumps(scores.get("config", {}), indent=2, ensure_ascii=False, default=str),
             versions="",
             schema_version=None,

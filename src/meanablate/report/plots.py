@@ -293,9 +293,13 @@ def plot_effects(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
             fontsize=8,
         )  # fmt: skip
     sense = "−effect" if hib else "effect"
+    what = "Unit importance"
+    if results.get("effect_source") == "attribution":
+        what, sense = "Estimated importance", f"attribution of the {sense}"
     ax.set_title(
-        f"Unit importance ({sense} on {results['metric']['name']}) — {results['model']['name']}",
+        f"{what} ({sense} on {results['metric']['name']}) — {results['model']['name']}",
         fontsize=10,
+        wrap=True,
     )
     return _save(fig, path)
 

@@ -34,6 +34,7 @@ def heatmap_results(scores: Mapping[str, Any]) -> dict[str, Any]:
                    in_ground_truth=None)  # fmt: skip
         rows.append(row)
     return {
+        "effect_source": "sweep" if scores["method"] == "sweep" else "attribution",
         "model": {
             "name": scores.get("name", "model"),
             "n_layers": max([r["layer"] + 1 for r in rows] + [0]),
@@ -56,8 +57,8 @@ def scores_context(scores: Mapping[str, Any], exact: Mapping[str, Any] | None) -
     exact_of = {u["name"]: u["effect"] for u in exact["units"]} if exact else {}
     kind = "attribution (estimates)" if estimate else "sweep (exact effects)"
     tiles = [
-        {"key": "method", "value": method, "small": "", "detail": kind},
-        {"key": "metric", "value": metric, "small": "", "detail": ""},
+        {"key": "method", "value": method, "small": "", "detail": kind, "text": True},
+        {"key": "metric", "value": metric, "small": "", "detail": "", "text": True},
         {"key": "units", "value": str(len(units)), "small": "", "detail": ""},
         {"key": "examples", "value": str(scores.get("n_examples", "—")), "small": "", "detail": ""},
         {"key": "run time", "value": num(scores.get("seconds")) + " s", "small": "", "detail": ""},
@@ -75,6 +76,13 @@ def scores_context(scores: Mapping[str, Any], exact: Mapping[str, Any] | None) -
             tiles.append({"key": "rank corr.", "value": f"{rc[0]:.3f}", "small": "",
                           "detail": f"Spearman with the exact sweep, {rc[1]} units"})  # fmt: skip
             text += f" Spearman rank correlation with the exact sweep: {rc[0]:.3f}."
+            n_exact = exact.get("n_examples") if exact else None
+            n_here = scores.get("n_examples")
+            if n_exact is not None and n_here is not None and n_exact != n_here:
+                text += (
+                    f" (The sweep ran on {n_exact} examples, the attribution on {n_here}: "
+                    "they compare different data.)"
+                )
         caveats.append(text)
 
     def size(u: Mapping[str, Any]) -> float:
