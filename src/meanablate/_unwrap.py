@@ -6,16 +6,15 @@ entry point can unwrap without an import cycle through :mod:`meanablate.families
 
 from __future__ import annotations
 
-import sys
-
 from torch import nn
 
 __all__ = ["unwrap"]
 
 
 def unwrap(model: object) -> nn.Module:
-    """``model`` itself, or for an nnsight ``NNsight``/``LanguageModel``/any ``Envoy``
-    the ``torch.nn.Module`` it wraps (``envoy._module``), found without importing nnsight.
+    """``model`` itself, or for an nnsight wrapper (``NNsight``, ``LanguageModel``, any
+    ``Envoy``) the ``torch.nn.Module`` it wraps, found without importing nnsight:
+    ``envoy._module`` (nnsight >= 0.5), ``_model`` before that.
 
     Meanablate then hooks the wrapped module directly, exactly as on the raw model;
     nnsight's own per-module controllers pass torch hooks through unchanged.
@@ -26,11 +25,11 @@ def unwrap(model: object) -> nn.Module:
     """
     if isinstance(model, nn.Module):
         return model
-    envoy = sys.modules.get("nnsight.intervention.envoy")
-    if envoy is not None and isinstance(model, envoy.Envoy):
-        inner = model.__dict__.get("_module")
-        if isinstance(inner, nn.Module):
-            return inner
+    if any(c.__module__.split(".")[0] == "nnsight" for c in type(model).__mro__):
+        for attr in ("_module", "_model"):
+            inner = vars(model).get(attr)
+            if isinstance(inner, nn.Module):
+                return inner
     raise TypeError(
         f"expected a torch nn.Module (or an nnsight wrapper of one), got {type(model).__name__}"
     )

@@ -137,6 +137,7 @@ OPTIONS: dict[str, Option] = {
         "stop (no run folder)",
         saved=False,
     ),
+    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.core import replace_where
 from meanablate.families import check_sites
 from meanablate.hooks import capture, hooked, output_tensor, run_model
@@ -173,17 +174,14 @@ def ablate(
     """
     model = unwrap(model)
     sites = as_sites(ablations)
-    if method not in ("mean", "zero", "resample"):
-        raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
+    check_source(means, method, where="ablate")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
         resolve_module(model, path)
     sites = check_sites(model, sites)  # head layouts from the model's family
     groups = _group(sites)
     if method == "mean":
-        if means is None:
-            raise ValueError("mean ablation needs means; compute them with compute_means()")
         for key in groups:
-            means[key]
+            means[key]  # type: ignore[index]  # a MissingSiteError before any hook goes in
     captured = None
     if method == "resample":
         if source is None:

@@ -7,6 +7,9 @@ busy 2-core machine). :func:`choose_threads` picks 1 for models under
 leave free. :func:`sweep`, :func:`attribute` and :func:`discover` use it on their own while
 torch's setting is untouched, and restore the caller's setting when they return; once you
 call :func:`set_threads` (or ``torch.set_num_threads``) yourself, your choice holds.
+("Untouched" is judged against the count torch had when this module was first imported; a
+count you set with ``torch.set_num_threads`` before that is not seen as yours: use
+:func:`set_threads`, or ``OMP_NUM_THREADS``, which torch reads at start.)
 """
 
 from __future__ import annotations

@@ -420,3 +420,36 @@ def test_discover_finds_a_circuit_and_leaves_no_trace(bridge, algorithm: str) ->
     rest = [u for u in UNITS if u not in circuit.kept]
     want = torch.cat([tl_effect(bridge, b, rest, "mean", ref_means, "kl") for b in BATCHES])
     assert abs(float(want.mean()) - circuit.metric_circuit) < 1e-6
+
+
+def test_sweep_resumes_from_the_units_block(bridge, monkeypatch) -> None:
+    from meanablate.discovery import layerskip
+
+    fam = family_of(bridge)
+    assert fam.can_resume()
+    resumed: list[int] = []
+    run_from = layerskip.run_from
+
+    def spy(family, calls, layer):
+        resumed.append(layer)
+        return run_from(family, calls, layer)
+
+    monkeypatch.setattr(layerskip, "run_from", spy)
+    means = compute_means(bridge, UNITS, BATCHES)
+    ref_means = tl_means(bridge, sorted({parse_site(u).module for u in UNITS}), BATCHES)
+    later = [u for u in UNITS if u.startswith("blocks.1.")]
+    scores = sweep(bridge, BATCHES, later, means, metric="accuracy")
+    assert resumed and set(resumed) == {1}  # blocks 0.. were not re-run
+    for i, unit in enumerate(later):
+        want = torch.cat(
+            [tl_effect(bridge, b, [unit], "mean", ref_means, "accuracy") for b in BATCHES]
+        )
+        assert torch.equal(scores.per_example[i], want.double())
+    # a hook of the user's (TL's add_hook here) is never bypassed: then no resuming
+    resumed.clear()
+    bridge.add_hook("blocks.0.hook_resid_pre", lambda act, hook: None)
+    try:
+        sweep(bridge, BATCHES, later, means, metric="accuracy")
+    finally:
+        bridge.reset_hooks()
+    assert resumed == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -202,16 +204,19 @@ def test_generic_heads_need_n_heads_on_a_flat_activation() -> None:
         ma.transformer_units(model, "heads")
 
 
-def test_nnsight_style_wrappers_unwrap_to_the_module() -> None:
-    class Wrapper:  # what nnsight's NNsight holds: the module as ``_model``
-        def __init__(self, m: nn.Module) -> None:
-            self._model = m
+def test_nnsight_wrappers_unwrap_to_the_module() -> None:
+    nnsight = pytest.importorskip("nnsight")  # the real class: NNsight holds ``_module``
 
-    model = MODELS["hf_gpt2"]
-    assert unwrap(Wrapper(model)) is model
-    assert family_of(Wrapper(model)).name == "hf_gpt2"
-    with pytest.raises(TypeError, match=r"nn\.Module"):
-        unwrap(object())
+    class Lookalike:  # an object holding a module is not a wrapper unless it is nnsight's
+        def __init__(self, m: nn.Module) -> None:
+            self._model = self._module = m
+
+    model = copy.deepcopy(MODELS["hf_gpt2"])  # NNsight instruments every module it wraps
+    assert unwrap(nnsight.NNsight(model)) is model
+    assert family_of(nnsight.NNsight(model)).name == "hf_gpt2"
+    for bad in (object(), Lookalike(model)):
+        with pytest.raises(TypeError, match=r"nn\.Module"):
+            unwrap(bad)
 
 
 def test_llama_style_classes_are_recognised_by_structure() -> None:

@@ -14,11 +14,14 @@ from meanablate.cli.options import (
     Algorithm,
     Attribution,
     BatchSize,
+    Command,
     Config,
     Debug,
     Device,
     DryRun,
+    Force,
     GroundTruth,
+    Group,
     MeansFile,
     Method,
     Metric,
@@ -44,6 +47,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="meanablate",
+    cls=Group,
     help=(
         "Mean ablation and circuit discovery for PyTorch models.\n\n"
         "Start with [bold]meanablate demo[/bold]: it finds the circuit of a built-in model "
@@ -98,7 +102,7 @@ def _run(command: str, debug: bool, local: dict[str, Any], defaults: Any = None)
 
 
 # -- commands ---------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def demo(
     organism: Organism = None,
     metric: Metric = None,
@@ -117,6 +121,7 @@ def demo(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     dry_run: DryRun = None,
@@ -140,7 +145,7 @@ def demo(
     _run("demo", debug, dict(locals()), {"organism": "tracr-sort"})
 
 
-@app.command()
+@app.command(cls=Command)
 def discover(
     organism: Organism = None,
     model: Model = None,
@@ -164,6 +169,7 @@ def discover(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     dry_run: DryRun = None,
@@ -188,7 +194,7 @@ def discover(
     _run("discover", debug, dict(locals()))
 
 
-@app.command()
+@app.command(cls=Command)
 def means(
     organism: Organism = None,
     model: Model = None,
@@ -203,6 +209,7 @@ def means(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -239,6 +246,7 @@ def _scores_command(command: str) -> Any:
         ray: Ray = None,
         ray_workers: RayWorkers = None,
         out: Out = None,
+        force: Force = None,
         config: Config = None,
         quiet: Quiet = None,
         dry_run: DryRun = None,
@@ -266,11 +274,13 @@ RUN_DIR/attribution.json.
 
   meanablate attribute --model ./gpt2 --prompts ioi.jsonl --units neurons --metric logit_diff
 """
-sweep = app.command("sweep", help=_SWEEP_HELP)(_scores_command("sweep"))
-attribute = app.command("attribute", help=_ATTRIBUTE_HELP)(_scores_command("attribute"))
+sweep = app.command("sweep", cls=Command, help=_SWEEP_HELP)(_scores_command("sweep"))
+attribute = app.command("attribute", cls=Command, help=_ATTRIBUTE_HELP)(
+    _scores_command("attribute")
+)
 
 
-@app.command()
+@app.command(cls=Command)
 def organisms(
     quiet: Quiet = None,
     debug: Debug = False,
@@ -315,7 +325,7 @@ def organisms(
             indented("ground truth: unknown\n")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     run_dir: Annotated[
         Path,

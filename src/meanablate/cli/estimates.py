@@ -58,7 +58,7 @@ def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned
             method=method,
             algorithm=f"discover:{algorithm}",
             threshold=cfg["threshold"] if algorithm == "acdc" else None,
-            target_faithfulness=cfg["target_faithfulness"] or 0.95,
+            target_faithfulness=cfg["target_faithfulness"] or 0.95,  # as the pipeline passes it
         )
         return Planned(total + found, sweep)
 

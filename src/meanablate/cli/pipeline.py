@@ -292,6 +292,23 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     return path
 
 
+# What a run leaves in its folder: an --out folder holding one of these holds a run. (A
+# folder with only config.toml holds a run that failed before writing anything: reusable.)
+RUN_FILES = ("results.json", "means.safetensors", "sweep.json", "attribution.json", "report.html")
+
+
+def check_out_free(out: Path, force: bool) -> None:
+    """``InputError`` if ``out`` already holds a run and ``force`` is not set."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    taken = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if taken and not force:
+        raise InputError(
+            f"--out {out}: already holds a run ({', '.join(taken[:3])}); choose another "
+            "folder, or pass --force to replace its files"
+        )
+
+
 def prepare_run_dir(out: Path, cfg: Resolved, command: str) -> None:
     """Create the run folder and write ``config.toml`` (the options, to rerun with --config)."""
     from meanablate.report import write_bytes_atomic

@@ -39,8 +39,10 @@ def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
 def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
     """The inputs and the run folder (created, with its config.toml; not for --dry-run)."""
     from meanablate.cli.inputs import load_inputs
-    from meanablate.cli.pipeline import prepare_run_dir
+    from meanablate.cli.pipeline import check_out_free, prepare_run_dir
 
+    if cfg["out"]:  # before the (slow) model load
+        check_out_free(Path(cfg["out"]), bool(cfg["force"]))
     inputs = load_inputs(cfg, session.log)
     out = _out_dir(cfg, inputs.name)
     _record_effective(cfg, inputs)
@@ -100,9 +102,12 @@ def run_discover(session: Session, cfg: Resolved) -> None:
             executor=executor,
             on_means=on_means,
         )
+    # One measurement of the run time, for results.json (the report) and the terminal.
+    total = time.perf_counter() - session.started
+    results["timings"]["total"] = total
     session.log("writing results.json and the report")
     write_run(out, results, means, on_results=lambda: setattr(session, "results_written", True))
-    print_summary(results, out, time.perf_counter() - session.started, inputs.ground_truth)
+    print_summary(results, out, total, inputs.ground_truth)
 
 
 def run_scores(session: Session, cfg: Resolved) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
@@ -84,6 +85,7 @@ def attribute(
     model = unwrap(model)
     m = get_metric(metric)
     batches = as_batches(batches)
+    check_source(means, method, where="attribute")
     if executor is not None and not executor.in_process:
         return _attribute_distributed(
             executor, model, list(batches), units, means, m, method, n_probes, seed

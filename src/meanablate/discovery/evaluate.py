@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -192,6 +193,7 @@ def score_circuit(
     """
     batches = list(as_batches(batches))
     model = unwrap(model)
+    check_source(means, method, where="score_circuit")
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")

@@ -1,35 +1,36 @@
 """Exact single-unit ablations on our transformer, re-running only what lies downstream.
 
-Ablating a unit of block ``L`` cannot change blocks ``0..L-1``, so the clean run's cached
-streams stand in for them; from the unit's activation on, the ablated run is *replayed*:
-the hook's replacement is applied to the cached activation (the very function
-``ablate()`` installs), and the rest of block ``L`` runs with the block's own operations
-in the block's own order (for a head: ``resid_pre + hook_attn_out(W_O-projection of z)``,
-then the MLP half; for a neuron: ``resid_mid + hook_mlp_out(post @ W_out + b_out)``), then
-every later block in full. The last step may compute logits only at the positions the
-metric reads. Many units can ride one forward pass as stacked copies of the batch.
+Ablating a unit of block ``L`` cannot change blocks ``0..L-1``: the clean run's cached
+streams stand in for them, and only the rest runs. Two routes:
 
-Why replay rather than the linear shortcut ``resid + (fill - act) @ W``: both give the
-same number in exact arithmetic, but floats round differently, and on an exact tie of the
-ablated logits (common on compiled models such as tracr's, whose ablated outputs are
-often exactly equal) the residue of the clean answer decides the argmax: accuracy came
-out 1.0 where the hooked forward gives 0.333. A float error bound cannot rescue a tie
-(any bound is > 0 = the margin, and no cheap rigorous bound exists through softmax and
-normalization), so for **discrete metrics** (``Metric.discrete``: accuracy, any argmax)
-the fast path takes only steps that are the hooked forward's own: no stacking (a bigger
-batch may change matmul blocking), no cut last block (fewer rows, the same), positions
-cut only from the finished logits. With deterministic kernels (CPU; CUDA for the same
-shapes) the logits are then bit for bit the hooked forward's, ties included. The replay
-costs no more than the linear shortcut (the full ``W_O``/``W_out`` product instead of one
-column, offset by not forming the delta; measured in ``benchmarks/bench_discovery.py``);
-what discrete metrics give up is the cut last block and stacking.
+- **Replay** (``exact=True``; every *discrete* metric, ``Metric.discrete``: accuracy, any
+  argmax). The hook's replacement (the very function ``ablate()`` installs) is applied to
+  the cached activation, and the rest of block ``L`` runs with the block's own operations
+  in the block's own order (a head: ``resid_pre + hook_attn_out(W_O-projection of z)``,
+  then the MLP half; a neuron: ``resid_mid + hook_mlp_out(post @ W_out + b_out)``), then
+  every later block in full, on the batch as given, and the read positions are cut from
+  the finished logits. Every step is one the hooked forward takes, on the same inputs
+  and shapes, so with deterministic kernels (CPU; CUDA for equal shapes) the logits are
+  bit for bit the hooked forward's.
+- **Linear shortcut** (continuous metrics). A head writes into the stream through
+  ``W_O`` and a neuron through its row of ``W_out``, so the ablation changes the stream by
+  ``(fill - act) @ W``, a thin product; the last block runs only at the positions the
+  metric reads, and ablations may ride one forward as stacked copies of the batch.
 
-**Continuous metrics** take the same replay, so with all positions read and no stacking
-they too equal the hooked forward bit for bit; the cut last block (and GPU stacking)
-changes only rounding, ~1e-7 relative on the logits.
+Why: the two give the same number in exact arithmetic, but floats round differently. On
+an exact tie of the ablated logits (common in compiled models such as tracr's) the
+shortcut's residue of the clean answer decided the argmax: accuracy 1.0 where the hooked
+forward gives 0.333, and discovery dropped the output head. A float error bound cannot
+certify a tie (the margin is 0, and no cheap rigorous bound exists through softmax and
+normalization), and stacking copies, the cut last block and the shortcut each change
+bits (other matmul shapes, other summation order), so discrete metrics take none of
+them. Continuous metrics move by ~1e-7 relative under such rounding, so they keep the
+shortcut: measured in ``benchmarks/bench_discovery.py``, the replay costs +6% per unit
+on a full-sequence neuron sweep and +12% (the full ``W_out`` product instead of one row)
+to +90% (no cut last block) on a last-token one.
 
-Only our own classes are replayed (:func:`supports`): a subclass may compute its
-forward differently, and then the hooked forward is the only definition.
+Only our own classes are replayed or shortcut (:func:`supports`): a subclass may compute
+its forward differently, and then the hooked forward is the only definition.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.hooks import capture
-from meanablate.intervene import _make_hook
+from meanablate.intervene import _fill_for, _make_hook, unit_mask, view_shape
 from meanablate.organisms.transformer import (
     MLP,
     Attention,
@@ -144,6 +145,42 @@ def clean_state(
     )
 
 
+def _delta(
+    model: HookedTransformer, plan: Plan, act: Tensor, means: Means | None, method: str
+) -> Tensor:
+    """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes."""
+    site = plan.site
+    fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+    block = model.blocks[plan.layer]
+    pos_w = None
+    if site.positions is not None:
+        pos_w = torch.zeros(act.shape[1], 1, dtype=act.dtype, device=act.device)
+        pos_w[list(site.positions)] = 1
+    if plan.kind == "neuron" and site.neurons is not None:
+        # Only the chosen columns move: a thin matmul instead of a masked full one.
+        idx = list(site.neurons)
+        f = fill if fill.ndim == 0 else fill[..., idx]
+        diff = f - act[..., idx]
+        if pos_w is not None:
+            diff = diff * pos_w
+        return diff @ block.mlp.W_out[idx]
+    if plan.kind == "head" and site.heads is not None:
+        idx = list(site.heads)
+        f = fill if fill.ndim == 0 else fill[..., idx, :]
+        diff = f - act[..., idx, :]
+        if pos_w is not None:
+            diff = diff * pos_w[..., None]
+        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O[idx])
+    mask = unit_mask(site, tuple(act.shape), act.device)
+    vact = act.reshape(view_shape(site, tuple(act.shape)))
+    diff = torch.where(mask, fill - vact, torch.zeros((), dtype=act.dtype, device=act.device))
+    if plan.kind == "head":
+        return torch.einsum("bphe,hed->bpd", diff, block.attn.W_O)
+    if plan.kind == "neuron":
+        return diff @ block.mlp.W_out
+    return diff.reshape(act.shape)  # attn_out, mlp_out, resid: the activation is the stream
+
+
 def ablated_act(plan: Plan, act: Tensor, means: Means | None, method: str) -> Tensor:
     """The activation as the hook of ``ablate(model, plan.site, ...)`` replaces it."""
     return _make_hook([plan.site], means, method, None)(act)  # type: ignore[arg-type]
@@ -203,24 +240,53 @@ def ablated_logits(
 
     All plans must share ``layer`` and ``resume`` (they are stacked along the batch).
     ``positions``: indices of the positions whose logits are needed (``None``: all).
-    ``exact``: bit for bit the logits of the hooked forward (one plan, every block in
-    full, the positions cut only from the finished logits); otherwise the last block
-    computes only ``positions`` (float rounding apart, the same logits).
+    ``exact``: bit for bit the logits of the hooked forward (the replay, one plan, every
+    block in full, the positions cut from the finished logits); otherwise the linear
+    shortcut with the last block computed only at ``positions`` (the same logits up to
+    float rounding).
     """
     k = len(plans)
-    if exact and k != 1:
-        raise ValueError(f"exact logits come one plan at a time, got {k}")
     b = state.logits.shape[0]
-    news = [ablated_act(p, state.acts[p.site.key], means, method) for p in plans]
-    mask = attention_mask.repeat(k, 1) if attention_mask is not None and k > 1 else attention_mask
-    resid, start = replay_stream(model, plans, state, news)
     if exact:
-        logits = run_downstream(model, resid, start, mask, None)
+        if k != 1:
+            raise ValueError(f"exact logits come one plan at a time, got {k}")
+        new = ablated_act(plans[0], state.acts[plans[0].site.key], means, method)
+        resid, start = replay_stream(model, plans, state, [new])
+        logits = run_downstream(model, resid, start, attention_mask, None)
         if positions is not None:
             logits = logits[:, positions]
-    else:
-        logits = run_downstream(model, resid, start, mask, positions)
+        return logits[None]
+    deltas = [_delta(model, p, state.acts[p.site.key], means, method) for p in plans]
+    delta = torch.cat(deltas, dim=0)
+    mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+    resid, start = resume_stream(model, state, plans[0].layer, plans[0].resume, delta, copies=k)
+    logits = run_downstream(model, resid, start, mask, positions)
     return logits.reshape(k, b, *logits.shape[1:])
+
+
+def resume_stream(
+    model: HookedTransformer,
+    state: CleanState,
+    layer: int,
+    resume: str,
+    delta: Tensor,
+    copies: int = 1,
+) -> tuple[Tensor, int]:
+    """The stream with ``delta`` applied where a plan resumes, and the next block to run.
+
+    ``copies``: the clean stream is repeated that many times along the batch (``delta``
+    then holds one change per copy).
+    """
+
+    def rep(t: Tensor) -> Tensor:
+        return t if copies == 1 else t.repeat(copies, *([1] * (t.ndim - 1)))
+
+    if resume == "pre":
+        return rep(state.resid_pre[layer]) + delta, layer
+    if resume == "mid":
+        mid = rep(state.resid_mid[layer]) + delta
+        return finish_block_from_mid(model.blocks[layer], mid), layer + 1
+    return rep(state.resid_post[layer]) + delta, layer + 1
 
 
 def finish_block_from_mid(block: Any, mid: Tensor) -> Tensor:
@@ -292,5 +358,21 @@ def group_key(plan: Plan) -> tuple[int, str]:
 
 
 def any_hooks(model: Any) -> bool:
-    """True if any module carries hooks (the fast path would bypass them)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """True if any module carries hooks (the fast path would bypass them).
+
+    Hooks a model's own framework installs do not count: those of a TransformerLens
+    bridge's blocks (:func:`~meanablate.families.tl_bridge.own_hook_ids`, inside the
+    blocks, so they fire on a resumed block too) and transformers' output-capturing
+    hooks (inert unless the forward is asked for attentions or hidden states).
+    """
+    from meanablate.families.tl_bridge import own_hook_ids
+
+    own = own_hook_ids(model)
+
+    def foreign(hooks: dict) -> bool:
+        return any(
+            k not in own and (getattr(fn, "__module__", None) or "").split(".")[0] != "transformers"
+            for k, fn in hooks.items()
+        )
+
+    return any(foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) for m in model.modules())

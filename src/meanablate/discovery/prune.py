@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
@@ -127,6 +128,7 @@ def discover(
     if not isinstance(max_exhaustive, int) or max_exhaustive < 0:
         raise ValueError(f"max_exhaustive must be an int >= 0, got {max_exhaustive!r}")
     m = get_metric(metric)
+    check_source(means, method, where="discover")
     units = check_units(model, units)
     batches = list(as_batches(batches))
     t0 = time.perf_counter()

@@ -4,13 +4,13 @@ Pruning (ACDC, score-then-prune, minimality) asks for the metric of one ablated 
 another on the same batches. :class:`SetMetric` computes the clean side once: the clean
 outputs that comparing metrics read and, on our :class:`HookedTransformer`, the clean
 residual streams. A set then runs only from its earliest unit on: that unit's group
-(units of one activation, merged into one) is replaced in the cached activation and its
-block finished as the block computes it (the sweep's fast path,
-:mod:`~meanablate.discovery.fastpath`), and every later unit is ablated by its hook on the
-way down. For discrete metrics every block runs in full, so the logits are bit for bit
-those of the hooked forward (ties included). Anything else (other models, foreign hooks,
-resampling, units the fast path does not know) takes one hooked full forward per batch,
-the plain definition.
+(units of one activation, merged into one) enters as in the sweep's fast path
+(:mod:`~meanablate.discovery.fastpath`), and every later unit is ablated by its hook on
+the way down. For discrete metrics the group's block is replayed as the block computes
+it and every block runs in full, so the logits are bit for bit those of the hooked
+forward (ties included); continuous metrics take the linear shortcut. Anything else
+(other models, foreign hooks, resampling, units the fast path does not know) takes one
+hooked full forward per batch, the plain definition.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class SetMetric:
 
     ``units``: every unit a set may contain (their activations are cached for the fast
     path). Equal to :func:`~meanablate.discovery.metric_per_example` for every set: exactly
-    for discrete metrics, and for continuous ones up to the rounding of the cut last block.
+    for discrete metrics, and for continuous ones up to float32 rounding of the stream.
     """
 
     def __init__(
@@ -151,14 +151,19 @@ class SetMetric:
         model = self.model
         assert isinstance(model, HookedTransformer)
         _, amask = fastpath.tokens_and_mask(batch)
-        new = fastpath.ablated_act(plan, state.acts[plan.site.key], self.means, self.method)
-        resid, start = fastpath.replay_stream(model, [plan], state, [new])
+        exact = self.metric.discrete
+        act = state.acts[plan.site.key]
+        if exact:  # replayed as the hooked forward computes it: bit for bit its logits
+            new = fastpath.ablated_act(plan, act, self.means, self.method)
+            resid, start = fastpath.replay_stream(model, [plan], state, [new])
+        else:  # the linear shortcut: the same up to float rounding
+            delta = fastpath._delta(model, plan, act, self.means, self.method)
+            resid, start = fastpath.resume_stream(model, state, plan.layer, plan.resume, delta)
         positions, sub, clean = reads
         # Only a block still to run may be cut to the read positions (last_block_at, which
         # skips hook points, so not with hooks; nor for a discrete metric, whose ties the
-        # cut's rounding could break). Otherwise the whole output, as the hooked forward
-        # computes it: bit for bit its logits.
-        exact = self.metric.discrete
+        # cut's rounding could break). Otherwise the whole output: an unchanged stream then
+        # gives exactly the clean logits (a dead unit scores 0.0).
         if exact or hooks or positions is None or start >= model.cfg.n_layers:
             logits = fastpath.run_downstream(model, resid, start, amask, None)
             bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.data.normalize import as_batches
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
@@ -125,12 +126,13 @@ def sweep(
     in :func:`ablation_effect` (distance for ``kl``/``l2``, change for task metrics).
 
     On our :class:`HookedTransformer` (``fast=True``) the clean run is cached and only
-    the unit's own block (from the unit on) and the later ones re-run, as the hooked
-    forward runs them (:mod:`~meanablate.discovery.fastpath`); ``stack`` ablations share
-    one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and sites run
-    one hooked forward per unit. For discrete metrics (``Metric.discrete``, e.g.
-    accuracy) both give the hooked forward's numbers exactly, ties included (no stacking,
-    every position computed); for continuous ones to float rounding.
+    the layers from the unit's on re-run (:mod:`~meanablate.discovery.fastpath`). For
+    discrete metrics (``Metric.discrete``, e.g. accuracy) they re-run as the hooked
+    forward runs them, so the result is the hooked forward's exactly, ties included.
+    For continuous ones the stream resumes from ``resid + (fill - act) @ W``, the last
+    layer runs only where the metric reads, and ``stack`` ablations share one forward
+    (``"auto"``: 1 on CPU, calibrated on GPU): the same numbers up to float rounding.
+    Other models and sites run one hooked forward per unit.
 
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
@@ -152,10 +154,14 @@ def sweep(
     """
     model = unwrap(model)
     m = get_metric(metric)
+    check_source(means, method, where="sweep")
     units = check_units(model, units)
     batches = list(as_batches(batches))
     if not batches:
         raise ValueError("sweep needs at least one batch")
+    for i, b in enumerate(batches):
+        check_batch(b, f"sweep: batches[{i}]")
+    check_units_fit(model, units, batches[0], means if method == "mean" else None)
     if executor is not None and not executor.in_process:
         return _sweep_distributed(
             executor, model, batches, units, means, m, method, stack, fast, progress

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery.attribution import attribute
+from meanablate.discovery.minimal import MAX_EXHAUSTIVE, check_behaviour
 from meanablate.discovery.prune import ALGORITHMS as DISCOVER_ALGORITHMS
 from meanablate.discovery.prune import discover
 from meanablate.discovery.scores import Scores
@@ -72,25 +74,38 @@ def _calibrate_sweep(ctx: _Ctx, k: int) -> tuple[float, float, int, list[Scores]
     """``(seconds, reused seconds, peak bytes, calibrated scores)`` of a sweep of all units.
 
     Two calibrated units run under the memory counter (two, so that one unit's logits
-    are still alive while the next one's are made, as in the run), the rest are timed;
-    the run's fixed cost per batch is priced as one plain forward.
+    are still alive while the next one's are made, as in the run). The rest are timed in
+    two sweeps, of one unit and of the others: the difference prices a unit, and what is
+    left of the first is the run's fixed cost (its clean forwards), on the run's own code
+    path. With fewer than three units left, the fixed cost is priced as plain forwards.
     """
     n = len(ctx.units)
     sample = ctx.units if k >= n else _spread(ctx.units, k)
-    mem_units, timed = (sample[:2], sample[2:]) if len(sample) > 2 else (sample, sample)
+    mem_units, rest = (sample[:2], sample[2:]) if len(sample) > 2 else (sample, sample)
     kw = {"metric": ctx.metric, "method": ctx.method}
+
+    def swept(units: list[str]) -> tuple[float, Scores]:
+        t0 = ctx.clock()
+        out = sweep(ctx.model, ctx.batches, units, ctx.means, **kw)  # type: ignore[arg-type]
+        return ctx.clock() - t0, out
+
     with PeakMemory(ctx.device) as mem:
-        measured = sweep(ctx.model, ctx.batches, mem_units, ctx.means, **kw)  # type: ignore[arg-type]
-    t_fixed = _plain_forwards(ctx)
-    t0 = ctx.clock()
-    part = sweep(ctx.model, ctx.batches, timed, ctx.means, **kw)  # type: ignore[arg-type]
-    t_s = ctx.clock() - t0
-    parts = [measured] if timed is sample else [measured, part]
-    done = len(set(mem_units) | set(timed))
-    n_examples = int(part.per_example.shape[1])
+        parts = [sweep(ctx.model, ctx.batches, mem_units, ctx.means, **kw)]  # type: ignore[arg-type]
+    if len(rest) >= 3:
+        (t_a, a), (t_b, b) = swept(rest[:1]), swept(rest[1:])
+        per_unit = max(0.0, t_b - t_a) / (len(rest) - 2)
+        fixed = max(0.0, t_a - per_unit)
+        parts += [a, b]
+    else:
+        fixed = _plain_forwards(ctx)
+        t_s, part = swept(rest)
+        per_unit = max(0.0, t_s - fixed) / len(rest)
+        if rest is not sample:
+            parts.append(part)
+    done = len(set(mem_units) | set(rest))
+    n_examples = int(parts[0].per_example.shape[1])
     peak = mem.bytes + _result_bytes(n - len(mem_units), n_examples)
-    per_unit = max(0.0, t_s - t_fixed) / len(timed)
-    seconds = t_fixed + per_unit * n
+    seconds = fixed + per_unit * n
     return seconds, seconds if done == n else per_unit * done, peak, parts
 
 
@@ -119,6 +134,39 @@ def _prune_evaluations(n: int) -> int:
     return n if n <= 64 else 2 * math.ceil(math.log2(n)) + 1
 
 
+def _check_discover_args(
+    algorithm: str,
+    threshold: float | None,
+    abs_threshold: float | None,
+    target: float | None,
+    max_exhaustive: int,
+) -> None:
+    """:func:`~meanablate.discover`'s argument checks, before any calibration runs."""
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"target_faithfulness must lie in (0, 1], got {target}")
+    if algorithm == "acdc":
+        if threshold is not None and abs_threshold is not None:
+            raise ValueError("give ACDC threshold= (relative) or abs_threshold=, not both")
+        if abs_threshold is not None:
+            if not math.isfinite(abs_threshold) or abs_threshold < 0:
+                raise ValueError(f"abs_threshold must be a finite number >= 0, got {abs_threshold}")
+        elif threshold is None or not math.isfinite(threshold) or not 0 <= threshold < 1:
+            raise ValueError(
+                f"ACDC needs threshold in [0, 1) or abs_threshold >= 0, got threshold={threshold}"
+            )
+    elif threshold is not None or abs_threshold is not None:
+        raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
+    if not isinstance(max_exhaustive, int) or max_exhaustive < 0:
+        raise ValueError(f"max_exhaustive must be an int >= 0, got {max_exhaustive!r}")
+
+
+def _certificate_worst(n: int, max_exhaustive: int) -> int:
+    """Most set evaluations the removal pass and the exhaustive check can make."""
+    removal = n * (n + 1) // 2  # each pass drops one unit, then tries the rest again
+    exhaustive = min(max_exhaustive, 2**n - 1) if n < 64 else max_exhaustive
+    return removal + exhaustive
+
+
 def estimate(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -132,8 +180,12 @@ def estimate(
     n_probes: int | None = None,
     seed: int = 0,
     threshold: float | None = None,
-    target_faithfulness: float = 0.95,
+    abs_threshold: float | None = None,
+    target_faithfulness: float | None = None,
     verify_top: int | None = None,
+    force: bool = False,
+    minimize: bool = True,
+    max_exhaustive: int = MAX_EXHAUSTIVE,
     clock: Callable[[], float] = time.perf_counter,
     warn: bool = True,
 ) -> Estimate:
@@ -143,6 +195,10 @@ def estimate(
     :func:`~meanablate.discover` with ``algorithm=<name>`` (``"acdc"``,
     ``"attribution"`` and ``"attribute_verify"`` may be given bare). The other arguments
     are those of the function estimated. ``clock``: seconds as a float (for tests).
+    Discovery's certificate (the removal pass and the exhaustive check, ``minimize``)
+    depends on the circuit it finds: ``seconds`` leaves it out, ``worst_seconds`` adds
+    its worst case (a removal pass that drops one unit per pass, and every subset the
+    exhaustive check may try).
     Warns (:class:`EstimateWarning`) when the run would take over an hour or more memory than
     is available (``warn=False``: only ``Estimate.warnings()`` says so).
 
@@ -163,21 +219,16 @@ def estimate(
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
     if not isinstance(n_calibrate, int) or n_calibrate < 1:
         raise ValueError(f"n_calibrate must be a positive int, got {n_calibrate!r}")
+    model = unwrap(model)  # an nnsight wrapper: its module
     m = get_metric(metric)
     units = check_units(model, units)
     batches = list(batches)
     if not batches:
         raise ValueError("estimate needs at least one batch")
-    if algorithm == "discover:acdc" and (
-        threshold is None or not math.isfinite(threshold) or threshold < 0
-    ):
-        raise ValueError(f"ACDC needs a finite threshold >= 0, got {threshold}")
-    if algorithm.startswith("discover:") and algorithm != "discover:acdc" and threshold is not None:
-        raise ValueError(
-            f"{algorithm.split(':')[1]!r} prunes to target_faithfulness; threshold is for acdc"
+    if algorithm.startswith("discover:"):
+        _check_discover_args(
+            algorithm[9:], threshold, abs_threshold, target_faithfulness, max_exhaustive
         )
-    if not 0 < target_faithfulness <= 1:
-        raise ValueError(f"target_faithfulness must lie in (0, 1], got {target_faithfulness}")
     device = model_device(model)
     ctx = _Ctx(model, batches, units, means, m, method, clock, device)
     start = clock()
@@ -188,15 +239,17 @@ def estimate(
     elif algorithm == "attribute":
         est = _estimate_attribute(ctx, n_probes or 1, seed)
     else:
-        est = _estimate_discover(
-            ctx,
-            algorithm.split(":", 1)[1],
-            n_calibrate,
-            n_probes or 4,
-            threshold,
-            target_faithfulness,
-            verify_top,
-        )
+        options = {
+            "threshold": threshold,
+            "abs_threshold": abs_threshold,
+            "target_faithfulness": target_faithfulness,
+            "verify_top": verify_top,
+            "n_probes": n_probes or 4,
+            "force": force,
+            "minimize": minimize,
+            "max_exhaustive": max_exhaustive,
+        }
+        est = _estimate_discover(ctx, algorithm[9:], n_calibrate, options)
     est = replace(
         est,
         calibration_seconds=clock() - start,
@@ -279,13 +332,7 @@ def _estimate_attribute(ctx: _Ctx, n_probes: int, seed: int) -> Estimate:
 
 
 def _estimate_discover(
-    ctx: _Ctx,
-    algorithm: str,
-    n_calibrate: int,
-    n_probes: int,
-    threshold: float | None,
-    target: float,
-    verify_top: int | None,
+    ctx: _Ctx, algorithm: str, n_calibrate: int, options: dict[str, Any]
 ) -> Estimate:
     n = len(ctx.units)
     clock = ctx.clock
@@ -299,19 +346,23 @@ def _estimate_discover(
     set_metric = new_set_metric()
     t_set = clock() - t0
     t0 = clock()
-    set_metric([])
+    full = set_metric([])
     t_full = clock() - t0
     t0 = clock()
-    set_metric(ctx.units)
+    empty = set_metric(ctx.units)
     t_empty = clock() - t0
+    check_behaviour(full, empty, force=options["force"])  # discover would refuse: say so now
     if algorithm == "acdc":
-        # at most an eighth of the evaluations ACDC will make (none of these is reused)
+        # ACDC's j-th trial ablates unit j of the reverse order on top of those removed
+        # before it: priced as if all of them were (the most hooks), on at most an
+        # eighth of the trials (none of these is reused)
+        order = reverse_topological(ctx.units)
         k = min(n_calibrate, n, max(2, n // 8))
-        sample = _spread(reverse_topological(ctx.units), k)
+        picks = [min(n - 1, int((i + 0.5) * n / k)) for i in range(k)]
         t0 = clock()
-        for u in sample:
-            set_metric([u])
-        per_eval = (clock() - t0) / len(sample)
+        for j in picks:
+            set_metric(order[: j + 1])
+        per_eval = (clock() - t0) / len(picks)
     del set_metric
     with PeakMemory(ctx.device) as held:  # the set metric's cache stays for the whole run
         set_metric = new_set_metric()
@@ -319,7 +370,8 @@ def _estimate_discover(
         set_metric(ctx.units)
     del set_metric
     parts = {"set metric": t_set + t_full + t_empty}
-    peak = held.bytes + mem.bytes
+    # the cache the set metric keeps, plus one evaluation (or building it, if more)
+    peak = max(held.bytes, held.live_bytes + mem.bytes)
     calibrated = 0
     worst = algorithm != "acdc"
     if algorithm == "acdc":
@@ -327,13 +379,13 @@ def _estimate_discover(
         # the full and the empty model.
         evaluations = n + 2
         parts["acdc"] = per_eval * n
-        calibrated = len(sample)
-        note = "exactly n + 2 set evaluations"
+        calibrated = len(picks)
+        note = "ACDC: exactly n + 2 set evaluations"
     else:
         prune = _prune_evaluations(n)
         rounds = 1
         if algorithm == "attribute_verify":
-            k = verify_top if verify_top is not None else max(1, math.ceil(0.1 * n))
+            k = options["verify_top"] or max(1, math.ceil(0.1 * n))
             while k < n:
                 k, rounds = min(n, math.ceil(1.25 * k)), rounds + 1
         evaluations = 2 + rounds * prune
@@ -343,7 +395,7 @@ def _estimate_discover(
         note = f"worst case: {evaluations} set evaluations"
         if algorithm in ("attribution", "attribute_verify"):
             grad = ctx if ctx.metric.name != "accuracy" else replace(ctx, metric=get_metric("loss"))
-            a = _estimate_attribute(grad, n_probes, 0)  # as discover ranks: loss for accuracy
+            a = _estimate_attribute(grad, options["n_probes"], 0)  # discover ranks by loss
             parts["attribution"] = a.seconds
             peak = max(peak, held.live_bytes + a.peak_bytes)
             calibrated = a.calibrated_on
@@ -354,15 +406,21 @@ def _estimate_discover(
             calibrated = sum(len(p.units) for p in s_parts)
             if algorithm == "attribute_verify":
                 note += ", every unit verified"
+    seconds = sum(parts.values())
+    worst_seconds = seconds
+    if options["minimize"]:
+        extra = _certificate_worst(n, options["max_exhaustive"])
+        worst_seconds += extra * t_empty
+        note += f"; certificate: up to {extra} more"
 
     def run(progress: bool) -> Any:
         return discover(
             ctx.model, ctx.batches, ctx.means, units=ctx.units, metric=ctx.metric,
-            algorithm=algorithm, threshold=threshold, target_faithfulness=target,
-            verify_top=verify_top, n_probes=n_probes, method=ctx.method, progress=progress,
-        )  # type: ignore[arg-type]  # fmt: skip
+            algorithm=algorithm, method=ctx.method, progress=progress, **options,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     return Estimate(
-        f"discover:{algorithm}", sum(parts.values()), peak, n, len(ctx.batches), calibrated,
+        f"discover:{algorithm}", seconds, peak, n, len(ctx.batches), calibrated,
         0.0, evaluations, worst_case=worst, parts=parts, note=note, runner=run,
+        worst_seconds=worst_seconds,
     )  # fmt: skip

@@ -41,7 +41,8 @@ class Estimate:
     sweep, forward+backward passes for attribution, set evaluations for discovery
     (the worst case when ``worst_case``). ``parts``: seconds per phase.
     ``reused_seconds``: the part of ``seconds`` the calibration already did and
-    :meth:`run` will not repeat.
+    :meth:`run` will not repeat. ``worst_seconds``: with what ``seconds`` leaves out
+    at its worst (discovery's certificate), when that is more.
 
     >>> from meanablate.estimates import Estimate
     >>> e = Estimate("sweep", seconds=90.0, peak_bytes=2**20, n_units=8, n_batches=4,
@@ -64,6 +65,7 @@ class Estimate:
     device: str = "cpu"
     note: str = ""
     reused_seconds: float = 0.0
+    worst_seconds: float | None = None
     runner: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -93,7 +95,13 @@ class Estimate:
         noun = "batch" if self.algorithm in ("attribute", "discover:attribution") else "unit"
         plural = ("es" if noun == "batch" else "s") * (self.calibrated_on != 1)
         return (
-            f"estimate: {self.algorithm} of {what}: ~{_duration(self.seconds)}{worst}, "
+            f"estimate: {self.algorithm} of {what}: ~{_duration(self.seconds)}{worst}"
+            + (
+                f" (up to {_duration(self.worst_seconds)} with the certificate)"
+                if self.worst_seconds is not None and self.worst_seconds > 1.05 * self.seconds
+                else ""
+            )
+            + ", "
             f"peak ~{_size(self.peak_bytes)} on {self.device} "
             f"(calibrated on {self.calibrated_on} {noun}{plural} "
             f"in {_duration(self.calibration_seconds)}"
@@ -127,4 +135,9 @@ class Estimate:
             self.device,
             "; ".join(n for n in (self.note, other.note) if n),
             self.reused_seconds + other.reused_seconds,
+            worst_seconds=(
+                None
+                if self.worst_seconds is None and other.worst_seconds is None
+                else (self.worst_seconds or self.seconds) + (other.worst_seconds or other.seconds)
+            ),
         )

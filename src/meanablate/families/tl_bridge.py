@@ -17,9 +17,13 @@ conversion, so every site on a bridge reads and replaces exactly what
 - ``blocks.L.hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``:
   ``[batch, pos, d_model]``.
 
-The bridge runs through plain hooks (one full forward per ablation: exact by
-definition); there is no linear fast path, because calling the bridge's blocks from a
-cached stream would bypass the wrapped model's own forward.
+A sweep resumes from the unit's block (:mod:`meanablate.discovery.layerskip`): the bridge
+puts its ``BlockBridge`` modules in place of the wrapped model's blocks, so the blocks are
+called by the wrapped model's own forward and can be called again from their recorded
+arguments. That is allowed only where the wrapped model's structure is known to be
+embed, blocks, final norm, unembedding: an HF model whose family can resume (its rules
+for repeating a block call and for the tail are used), or TransformerLens's own
+``NativeModel`` without logit soft-capping. There is no linear (delta) fast path.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from meanablate.families import register
 from meanablate.families.base import Family, Granularity, HeadLayout, UnitInfo
 from meanablate.sites import Site
 
-__all__ = ["TLBridge"]
+__all__ = ["TLBridge", "is_bridge", "own_hook_ids"]
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 # Head-split attention activations (TL's [batch, pos, head, d_head]) and which head
@@ -51,6 +55,20 @@ _HEAD_HOOKS = {
 # neurons = -1) do not fit, so only a whole-activation site is accepted.
 _PATTERN_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")
 _NEURON_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
+
+
+def own_hook_ids(model: nn.Module) -> set[int]:
+    """Ids of the torch hooks a TransformerLens bridge's blocks registered themselves
+    (``BlockBridge._capture_hook_handles``: the split-qkv and ``hook_mlp_in`` captures,
+    on modules inside the block); empty for any other model."""
+    if not is_bridge(model):
+        return set()
+    return {
+        h.id
+        for m in model.modules()
+        for h in getattr(m, "_capture_hook_handles", ())
+        if hasattr(h, "id")
+    }
 
 
 def is_bridge(model: object) -> bool:
@@ -247,12 +265,74 @@ class TLBridge(Family):
                 out += [f"{pre}[pos={p}]" for p in range(n_positions)]
         return out
 
-    # -- the fast path ------------------------------------------------------------
+    # -- resuming from a block (the sweep's layer skipping) --------------------------
+    def _wrapped(self) -> tuple[nn.Module | None, Family | None]:
+        """The wrapped module and, for an HF model of a known family, that family."""
+        try:
+            inner = self.model.original_model  # type: ignore[union-attr]
+        except AttributeError:  # a remote driver (vLLM, ...): no local module
+            return None, None
+        if not isinstance(inner, nn.Module):
+            return None, None
+        from meanablate.families import family_of
+
+        family = family_of(inner)
+        return inner, (family if family.name.startswith("hf_") else None)
+
+    def can_resume(self) -> bool:
+        found = self.blocks()
+        if found is None or self.model.training:
+            return False
+        inner, family = self._wrapped()
+        if family is not None:
+            # Resuming runs our blocks: they must be the very modules the HF forward calls.
+            theirs = family.blocks()
+            same = theirs is not None and len(theirs[1]) == len(found[1])
+            same = same and all(a is b for a, b in zip(theirs[1], found[1]))  # type: ignore[index]
+            return same and family.can_resume()
+        native = sys.modules.get("transformer_lens.model_bridge.sources.native.model")
+        if native is None or not isinstance(inner, native.NativeModel):
+            return False
+        # NativeModel.forward: embed, blocks, ln_out, head, then a soft cap when one is
+        # set (TL: a cap is active only when > 0).
+        cap = getattr(inner, "output_logits_soft_cap", None)
+        return cap is None or cap <= 0
+
+    def resume_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """The recorded call, repeatable: the stream positional, and a key/value cache
+        dropped where it holds nothing yet (the bridge's attention components leave the
+        HF cache empty; a cache holding earlier tokens makes the call unrepeatable)."""
+        hidden = args[0] if args else None
+        if not isinstance(hidden, Tensor):
+            return None
+        _, family = self._wrapped()
+        if family is None:
+            return args, kwargs
+        new_args = tuple(_drop_empty_cache(a) for a in args)
+        new_kwargs = {k: _drop_empty_cache(v) for k, v in kwargs.items()}
+        # the rest (a cache the HF forward filled in step with the blocks) by the HF rule
+        return family.resume_call(new_args, new_kwargs)
+
     def tail(self, hidden: Tensor) -> Tensor:
-        """``unembed(ln_final(hidden))``: the bridge's own final norm and unembedding
-        components (their hooks fire), ``hidden`` being ``blocks.{last}.hook_resid_post``."""
+        """Final norm + unembedding of the last block's output: the wrapped HF family's
+        tail (its modules are the bridge's components), else the bridge's ``ln_final``
+        and ``unembed`` components (their hooks fire as in a full forward)."""
+        _, family = self._wrapped()
+        if family is not None:
+            return family.tail(hidden)
         ln = getattr(self.model, "ln_final", None)
         unembed = getattr(self.model, "unembed", None)
         if unembed is None:
             raise NotImplementedError(f"this bridge has no unembed component: {self.cfg}")
         return unembed(ln(hidden) if ln is not None else hidden)
+
+
+def _drop_empty_cache(value: Any) -> Any:
+    """``None`` for an HF key/value cache that holds no tokens; anything else (a cache
+    holding tokens included: the HF family's rule decides) unchanged."""
+    names = {c.__name__ for c in type(value).__mro__}
+    if not any(n.endswith("Cache") for n in names) or not hasattr(value, "get_seq_length"):
+        return value
+    if value.get_seq_length() == 0:
+        return None
+    return value
