@@ -95,7 +95,7 @@ def test_discover_on_a_masked_lm_directory(tiny_bert, tmp_path) -> None:
     ]
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "run"
-    args = ["discover", "--model", tiny_bert, "--prompts", prompts, "--out", out, "-q"]
+    args = ["discover", "--model", tiny_bert, "--prompts", prompts, "--out", out, "-q", "--force"]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--algorithm", "sweep"]])
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     results = load_results(out)

@@ -458,7 +458,9 @@ def test_calls_leave_every_module_as_it_was(name: str) -> None:
     ma.sweep(model, batches, units, means, metric="loss", fast=False)
     ma.attribute(model, batches, units, means, metric="loss")
     ma.discover(model, batches, means, units=units, metric="kl", algorithm="acdc", threshold=1e-3)
-    ma.discover(model, batches, means, units=units, metric="loss", algorithm="attribute_verify")
+    ma.discover(
+        model, batches, means, units=units, metric="loss", algorithm="attribute_verify", force=True
+    )
     assert state() == before
     after = model.state_dict()
     assert all(torch.equal(weights[k], after[k]) for k in weights)
