@@ -231,7 +231,7 @@ def circuit_svg(results: Mapping[str, Any], *, top_k: int = TOP_K) -> str:
             )
         )
         label = _label(unit)
-        font = 10.0 if len(label) <= 3 else max(6.5, 10.0 - 1.1 * (len(label) - 3))
+        font = 10.0 if len(label) <= 3 else max(6.0, 10.0 - 1.6 * (len(label) - 3))
         out.append(
             f'<text x="{x:.1f}" y="{y + font * 0.35:.1f}" font-size="{font:.1f}" '
             f'style="fill:{ink_for(fill)}">{_e(label)}</text></g>'
