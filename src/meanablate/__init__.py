@@ -69,6 +69,7 @@ __all__ = [
     "transformer_units",
 ]
 
+
 def _where() -> dict[str, str]:
     """name -> the module it comes from, read off this file's imports (one source of truth:
     a name added to the ``TYPE_CHECKING`` block above is public and lazy at once)."""

@@ -166,7 +166,13 @@ OPTIONS: dict[str, Option] = {
         "stop (no run folder)",
         saved=False,
     ),
-    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
+    "force": Option(
+        bool,
+        False,
+        "go ahead where a run would refuse: write into an --out folder that holds a run, "
+        "discover when the full model is indistinguishable from the empty circuit",
+        saved=False,
+    ),
 }
 
 

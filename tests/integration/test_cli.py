@@ -253,7 +253,18 @@ def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("the cat sat on the mat\n\na dog sat\n")
     args = ["--units", "neurons:1", "--units", "heads:0", "--algorithm", "sweep"]
-    ok("discover", "--model", path, "--prompts", text, "--out", tmp_path / "b", "-q", *args)
+    ok(
+        "discover",
+        "--model",
+        path,
+        "--prompts",
+        text,
+        "--out",
+        tmp_path / "b",
+        "-q",
+        "--force",
+        *args,
+    )
     results = load_results(tmp_path / "b")
     assert results["metric"]["name"] == "kl" and len(results["units"]) == 64 + 2
 

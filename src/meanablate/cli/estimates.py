@@ -61,7 +61,7 @@ def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned
             threshold=cfg["threshold"] if algorithm == "acdc" else None,
             abs_threshold=cfg["abs_threshold"] if algorithm == "acdc" else None,
             target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
-            force=bool(cfg["force_discovery"]),
+            force=bool(cfg["force_discovery"] or cfg["force"]),
             max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
         )
         return Planned(total + found, sweep)

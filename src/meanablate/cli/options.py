@@ -97,7 +97,7 @@ Force = Annotated[
     bool | None,
     typer.Option(
         "--force",
-        help="write into an --out folder that already holds a run (its files are replaced)",
+        help=_h("force"),
         rich_help_panel=_OUT,
         show_default=False,
     ),

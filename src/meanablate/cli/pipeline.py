@@ -273,7 +273,7 @@ def run_discovery(
         target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
         method=method,
         progress=progress,
-        force=bool(cfg["force_discovery"]),
+        force=bool(cfg["force_discovery"] or cfg["force"]),
         max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
     )
     timings["search"] = circuit.seconds
