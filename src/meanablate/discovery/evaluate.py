@@ -143,6 +143,22 @@ class CircuitScores:
     minimality: Mapping[str, float]
     notes: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
 
 def score_notes(
     faithfulness: float, completeness: float | None, minimality: Mapping[str, float] | None
@@ -187,22 +203,6 @@ def score_notes(
             "costs more than the whole behaviour (the rest then does worse than nothing)"
         )
     return out
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
-        from meanablate.results.views import frame
-
-        return frame(self)
 
 
 def score_circuit(
