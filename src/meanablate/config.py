@@ -65,6 +65,7 @@ class Option:
     maximum: float | None = None
     exclusive_minimum: bool = False
     saved: bool = True  # written to the run folder's config.toml
+    exclusive_maximum: bool = False
 
 
 OPTIONS: dict[str, Option] = {
@@ -91,6 +92,13 @@ OPTIONS: dict[str, Option] = {
     "metric": Option(str, None, "metric (default: the task's)", choices=METRIC_NAMES),
     "means": Option(str, None, "precomputed means (.safetensors from `meanablate means`)"),
     "per_position": Option(bool, None, "per-position means (default: the organism's choice)"),
+    "mean_kind": Option(
+        str,
+        None,
+        "means: per_position, plain (over all positions) or plain_except (plain over "
+        "positions 1.., BOS keeps its own); default: the organism's choice",
+        choices=("per_position", "plain", "plain_except"),
+    ),
     "n_examples": Option(
         int,
         None,
@@ -102,7 +110,28 @@ OPTIONS: dict[str, Option] = {
     "method": Option(str, "mean", "ablation: replace by the mean, or by zero", METHOD_NAMES),
     "algorithm": Option(str, "acdc", "circuit discovery algorithm", choices=ALGORITHM_NAMES),
     "threshold": Option(
-        float, 1e-3, "ACDC: largest metric change a removed unit may cause", minimum=0
+        float,
+        0.01,
+        "ACDC: largest metric change a removed unit may cause, as a fraction of "
+        "|m(full) - m(empty)|; the circuit keeps faithfulness >= 1 - threshold",
+        minimum=0,
+        maximum=1,
+        exclusive_maximum=True,
+    ),
+    "abs_threshold": Option(
+        float,
+        None,
+        "ACDC: the threshold in the metric's own units (replaces --threshold)",
+        minimum=0,
+    ),
+    "force_discovery": Option(
+        bool, False, "discover even when m(full) - m(empty) is not told apart from 0"
+    ),
+    "max_exhaustive": Option(
+        int,
+        4096,
+        "most smaller subsets the minimality check may try (beyond: certificate 1-minimal)",
+        minimum=0,
     ),
     "target_faithfulness": Option(
         float,
@@ -137,7 +166,13 @@ OPTIONS: dict[str, Option] = {
         "stop (no run folder)",
         saved=False,
     ),
-    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
+    "force": Option(
+        bool,
+        False,
+        "go ahead where a run would refuse: write into an --out folder that holds a run, "
+        "discover when the full model is indistinguishable from the empty circuit",
+        saved=False,
+    ),
 }
 
 
@@ -253,8 +288,11 @@ def _check(key: str, value: Any, where: str) -> Any:
     ):
         op = ">" if opt.exclusive_minimum else ">="
         raise ConfigError(f"{who} must be {op} {opt.minimum:g}, got {value}")
-    if opt.maximum is not None and value > opt.maximum:
-        raise ConfigError(f"{who} must be <= {opt.maximum:g}, got {value}")
+    if opt.maximum is not None and (
+        value > opt.maximum or (opt.exclusive_maximum and value == opt.maximum)
+    ):
+        op = "<" if opt.exclusive_maximum else "<="
+        raise ConfigError(f"{who} must be {op} {opt.maximum:g}, got {value}")
     return value
 
 
@@ -298,25 +336,21 @@ def resolve(
     return Resolved(values, sources, ignored)
 
 
-# -- writing TOML (tomllib reads only) ----------------------------------------------------
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
+# -- writing TOML (tomllib reads only; tomli-w writes) -------------------------------------
 def dump_toml(values: Mapping[str, Any], header: str = "") -> str:
-    """Flat ``{key: value}`` as TOML, keys as flags spell them (``n-examples``)."""
+    """Flat ``{key: value}`` as TOML (by ``tomli_w``), keys as flags spell them
+    (``n-examples``), after ``header`` as ``#`` comment lines.
+
+    >>> print(dump_toml({"n_examples": 64, "metric": "kl"}, header="rerun me"), end="")
+    # rerun me
+    n-examples = 64
+    metric = "kl"
+    """
+    import tomli_w
+
+    for key, value in values.items():
+        if value is None:
+            raise TypeError(f"cannot write {key}=None to TOML (TOML has no null)")
     lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    body = tomli_w.dumps({k.replace("_", "-"): v for k, v in values.items()})
+    return "\n".join(lines) + ("\n" if lines else "") + body

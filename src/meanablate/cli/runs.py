@@ -29,7 +29,11 @@ def _out_dir(cfg: Resolved, name: str) -> Path:
 
 def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
     """Write the values a run actually used (metric, example count) into its options."""
-    for key, value in (("metric", inputs.metric), ("per_position", inputs.per_position)):
+    for key, value in (
+        ("metric", inputs.metric),
+        ("per_position", inputs.per_position),
+        ("mean_kind", inputs.effective_mean_kind),
+    ):
         if cfg.sources[key] != "not used":  # an option of this command
             cfg.values[key] = value
     if inputs.source != "huggingface" or cfg["n_examples"] is not None:
@@ -47,12 +51,17 @@ def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
     out = _out_dir(cfg, inputs.name)
     _record_effective(cfg, inputs)
     if cfg.sources["algorithm"] != "not used":  # demo, discover
-        unused = "target_faithfulness" if cfg["algorithm"] == "acdc" else "threshold"
-        if cfg.sources[unused] != "default":
-            session.log(
-                f"note: {unused.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
-            )
-        cfg.values[unused] = None
+        acdc = cfg["algorithm"] == "acdc"
+        unused = ["target_faithfulness"] if acdc else ["threshold", "abs_threshold"]
+        if acdc and cfg["abs_threshold"] is not None:
+            unused.append("threshold")  # --abs-threshold replaces it
+        for key in unused:
+            if cfg.sources[key] != "default":
+                session.log(
+                    f"note: {key.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
+                    + (" with --abs-threshold" if key == "threshold" and acdc else "")
+                )
+            cfg.values[key] = None
     if not cfg["dry_run"]:
         prepare_run_dir(out, cfg, session.command)
     return inputs, out
@@ -114,9 +123,9 @@ def run_scores(session: Session, cfg: Resolved) -> None:
     """``means``, ``sweep`` or ``attribute`` (``session.command``): its file in the run folder."""
     import meanablate as ma
     from meanablate.cli.estimates import plan_run, show_estimate
-    from meanablate.cli.pipeline import compute_or_load_means, scores_json, unit_cis, write_means
+    from meanablate.cli.pipeline import compute_or_load_means, unit_cis, write_means
     from meanablate.cli.tables import print_scores
-    from meanablate.report import write_json_atomic
+    from meanablate.results.api import write_scores_run
 
     command, progress = session.command, not session.quiet
     with _executor(cfg, session) as executor:
@@ -155,5 +164,6 @@ def run_scores(session: Session, cfg: Resolved) -> None:
                 metric=metric, method=cfg["method"], executor=executor, **extra,
             )  # fmt: skip
     cis = unit_cis(scores.per_example, cfg["n_boot"], cfg["seed"], progress)
-    path = write_json_atomic(out / SCORE_FILES[command], scores_json(scores, cis, cfg))
+    saved = {k.replace("_", "-"): v for k, v in cfg.saved().items()}
+    path = write_scores_run(out, scores, cis, saved, name=inputs.name)
     print_scores(kind, scores, cis, path)

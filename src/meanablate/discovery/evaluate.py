@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
+from meanablate.data.normalize import as_batches
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import METRICS, Metric, get_metric
@@ -36,6 +37,7 @@ __all__ = [
     "faithfulness",
     "metric_per_example",
     "score_circuit",
+    "score_notes",
 ]
 
 # Pruning evaluates many ablated sets against the same clean outputs; they are kept
@@ -139,6 +141,68 @@ class CircuitScores:
     faithfulness_ci: tuple[float, float]
     completeness: float
     minimality: Mapping[str, float]
+    notes: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
+
+def score_notes(
+    faithfulness: float, completeness: float | None, minimality: Mapping[str, float] | None
+) -> list[str]:
+    """Plain-words notes for scores outside [0, 1] (they are not errors: ablation can help).
+
+    >>> score_notes(1.2, 0.5, {"a": -0.1})[0][:24]
+    'faithfulness 1.2 > 1: th'
+    """
+    eps = 1e-9
+    out = []
+    if faithfulness > 1 + eps:
+        out.append(
+            f"faithfulness {faithfulness:.3g} > 1: the circuit alone scores better than the "
+            "full model (ablating the other units helps this metric)"
+        )
+    elif faithfulness < -eps:
+        out.append(
+            f"faithfulness {faithfulness:.3g} < 0: the circuit alone scores worse than "
+            "ablating every unit"
+        )
+    if completeness is not None and completeness > 1 + eps:
+        out.append(
+            f"completeness {completeness:.3g} > 1: ablating only the circuit hurts more than "
+            "ablating every unit (the other units partly undo the damage)"
+        )
+    elif completeness is not None and completeness < -eps:
+        out.append(
+            f"completeness {completeness:.3g} < 0: ablating the circuit from the full model "
+            "improves the metric"
+        )
+    neg = sorted(u for u, v in (minimality or {}).items() if v < -eps)
+    big = sorted(u for u, v in (minimality or {}).items() if v > 1 + eps)
+    if neg:
+        out.append(
+            f"minimality < 0 for {', '.join(neg[:5])}{' ...' if len(neg) > 5 else ''}: "
+            "removing that unit from the circuit improves it"
+        )
+    if big:
+        out.append(
+            f"minimality > 1 for {', '.join(big[:5])}: removing that unit from the circuit "
+            "costs more than the whole behaviour (the rest then does worse than nothing)"
+        )
+    return out
 
 
 def score_circuit(
@@ -155,7 +219,26 @@ def score_circuit(
     seed: int = 0,
     with_minimality: bool = True,
 ) -> CircuitScores:
-    """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring."""
+    """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring.
+
+    ``batches``: one batch or an iterable of them (at least 2 examples in all, for the
+    interval). Returns :class:`CircuitScores`: the metric with nothing / everything outside
+    the circuit / everything / the circuit ablated, faithfulness with a bootstrap interval
+    (``n_boot`` resamples), completeness and per-unit minimality.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> cs = ma.score_circuit(model, tokens, units[:3], units, means, "kl", n_boot=50)
+    >>> sorted(cs.minimality) == sorted(units[:3]), len(cs.faithfulness_ci)
+    (True, 2)
+    """
+    batches = list(as_batches(batches))
     model = unwrap(model)
     check_source(means, method, where="score_circuit")
     unknown = set(circuit) - set(units)
@@ -187,6 +270,15 @@ def score_circuit(
         for v in circuit:
             m_minus = float(per_ex([*rest, v]).mean())
             minimality[v] = (float(circ.mean()) - m_minus) / denom
+    notes = tuple(score_notes(faith, completeness, minimality))
     return CircuitScores(
-        mf, float(circ.mean()), me, float(without.mean()), faith, ci, completeness, minimality
+        mf,
+        float(circ.mean()),
+        me,
+        float(without.mean()),
+        faith,
+        ci,
+        completeness,
+        minimality,
+        notes,
     )

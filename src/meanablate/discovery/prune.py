@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
 from meanablate.discovery.evaluate import faithfulness
@@ -45,6 +46,7 @@ from meanablate.discovery.units import reverse_topological
 from meanablate.intervene import Method
 from meanablate.metrics import Metric, get_metric
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 __all__ = ["ALGORITHMS", "Circuit", "discover"]
 
@@ -54,6 +56,7 @@ ALGORITHMS: tuple[str, ...] = ("acdc", "sweep", "attribution", "attribute_verify
 VERIFY_MARGIN = 2.0
 
 
+@auto_threads
 def discover(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -127,7 +130,7 @@ def discover(
     m = get_metric(metric)
     check_source(means, method, where="discover")
     units = check_units(model, units)
-    batches = list(batches)
+    batches = list(as_batches(batches))
     t0 = time.perf_counter()
 
     memo: dict[frozenset[str], float] = {}
@@ -147,9 +150,11 @@ def discover(
     delta, delta_ci = check_behaviour(full_ex, empty_ex, force=force)
     scale = abs(delta)
     target = 0.95 if target_faithfulness is None else target_faithfulness
+    step: float | None = None
     if algorithm == "acdc":
         if abs_threshold is not None:
             threshold = abs_threshold / scale
+        step = abs_threshold if abs_threshold is not None else threshold * scale  # type: ignore[operator]
         target = target_faithfulness if target_faithfulness is not None else 1 - threshold
         if target <= 0:
             raise ValueError(
@@ -161,7 +166,7 @@ def discover(
             value,
             m_full,
             m_empty,
-            threshold * scale,
+            step,
             target,
             progress,  # type: ignore[operator]
         )
@@ -190,7 +195,7 @@ def discover(
         _certify(circuit, units, value, m_full, m_empty, max_exhaustive)
     circuit.algorithm, circuit.metric = algorithm, m.name
     circuit.threshold = threshold
-    circuit.abs_threshold = None if algorithm != "acdc" else threshold * scale  # type: ignore[operator]
+    circuit.abs_threshold = step if algorithm == "acdc" else None
     circuit.behaviour, circuit.behaviour_ci = delta, delta_ci
     circuit.mean_kind = getattr(means, "kind", None)
     circuit.seconds = time.perf_counter() - t0
