@@ -362,3 +362,34 @@ def test_fast_routes_equal_plain_hooks_on_random_models(case) -> None:
         ablated = hooked_logits(model, batch, subset, means)
         want = metric(ablated, batch, clean)
         _close(sm(subset), want, metric.name, _slack(metric, want, clean, ablated))
+
+
+# -- the check behind the construction -------------------------------------------------------
+def test_a_replay_that_is_not_the_forward_falls_back_to_it(reverse, monkeypatch) -> None:
+    """If replaying differed from the forward by one bit (a kernel that is not
+    deterministic, say), the per-batch check sends sweep and SetMetric to the hooked
+    forward: the discrete results stay exact."""
+    from meanablate.discovery import fastpath
+
+    org, batches, means = reverse
+    model, batch = org.model, batches[0]
+    real = fastpath.finish_block_from_mid
+
+    def off_by_a_bit(block, mid):
+        out = real(block, mid)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(fastpath, "finish_block_from_mid", off_by_a_bit)
+    plans = [fastpath.plan_unit(model, u) for u in org.units]
+    state = fastpath.clean_state(model, batch["tokens"], None, sorted({p.site.key for p in plans}))
+    assert not fastpath.replay_is_faithful(model, plans, state, None)
+
+    acc = METRICS["accuracy"]
+    clean = hooked_logits(model, batch, [], None)
+    every = sweep(model, batches, org.units, means, metric="accuracy")
+    sm = SetMetric(model, batches, org.units, means, "accuracy")
+    assert sm.states is None  # every set takes the hooked forward
+    for i, u in enumerate(org.units):
+        ablated = hooked_logits(model, batch, [u], means)
+        assert torch.equal(every.per_example[i], acc(ablated, batch) - acc(clean, batch)), u
+        assert torch.equal(sm([u]), acc(ablated, batch)), u
