@@ -154,11 +154,22 @@ def test_exact_tie_every_route_equals_the_hooked_forward(tie_case, method) -> No
     assert not torch.equal(shortcut, ref)  # the case tells the two routes apart
 
     fast = sweep(model, [batch], [UNIT], means, metric="accuracy", method=method)
+    # stacked copies would change the batch's shapes: discrete metrics never stack
+    stacked = sweep(
+        model,
+        [batch],
+        [UNIT, "blocks.0.attn.hook_z[heads=0;pos=1]"],
+        means,
+        metric="accuracy",
+        method=method,
+        stack=2,
+    )
     slow = sweep(model, [batch], [UNIT], means, metric="accuracy", method=method, fast=False)
     effect = ablation_effect(model, batch, UNIT, means, metric="accuracy", method=method)
     sm = SetMetric(model, [batch], [UNIT], means, "accuracy", method=method)
     assert sm.plans  # the fast route is the one under test
     assert torch.equal(fast.per_example[0], ref)
+    assert torch.equal(stacked.per_example[0], ref)
     assert torch.equal(slow.per_example[0], ref)
     assert torch.equal(effect.per_example, ref)
     assert torch.equal(sm([UNIT]), acc(ref_logits, batch))
@@ -195,9 +206,11 @@ def test_tracr_reverse_output_head_tie(reverse) -> None:
     assert torch.equal(sm([unit]), acc(ref_logits, batch))
     # every unit and a few sets, all exact
     every = sweep(model, batches, org.units, means, metric="accuracy")
+    stacked = sweep(model, batches, org.units, means, metric="accuracy", stack=4)
     for i, u in enumerate(org.units):
         want = acc(hooked_logits(model, batch, [u], means), batch) - acc(clean, batch)
         assert torch.equal(every.per_example[i], want), u
+        assert torch.equal(stacked.per_example[i], want), u
     for subset in (org.units[:3], org.units[2:7:2], org.units[5:]):
         want = acc(hooked_logits(model, batch, subset, means), batch)
         assert torch.equal(sm(subset), want), subset
