@@ -9,6 +9,8 @@ on it with random weights and on the copy trained on a synthetic language in
 Prints:
 - exact sweep vs the naive loop (one hooked full forward per neuron, the way a
   TransformerLens user writes it), and vs N x one plain forward of the downstream layers;
+- what exactness at ties costs: a sweep with a discrete metric (accuracy: every block
+  replayed as the hooked forward runs it) vs the same metric through the linear shortcut;
 - attribution time vs one plain forward, and its Spearman correlation with the sweep;
 - discovery: attribute-then-verify vs the full exact sweep at several faithfulness
   targets, with whether both reach the same circuit;
@@ -155,6 +157,8 @@ def main() -> None:
             f"{t_sweep / (n * t_down):.2f}); max |diff| {err:.1e}"
         )
 
+    exact_at_ties(model, batch, units, means)
+
     t_attr, attr = timed(lambda: attribute(model, [batch], units, means, metric="kl"), 3)
     rho = spearman(attr.values, scores.values)
     print(
@@ -203,6 +207,29 @@ def main() -> None:
         )
     if args.minilm_neurons:
         bench_minilm(args.minilm_neurons)
+
+
+def exact_at_ties(model: HookedTransformer, batch: dict, units: list[str], means: ma.Means) -> None:
+    """What faithfulness at exact ties costs: a discrete metric (accuracy) takes the
+    replay, bit for bit the hooked forward (every block in full, no stacking); the same
+    metric marked continuous would take the linear shortcut with the cut last block."""
+    from meanablate.metrics import Metric, accuracy
+
+    shortcut = Metric("accuracy", accuracy, discrete=False)  # what a tie would break
+    target = batch["tokens"].roll(-1, 1)
+    target[:, -1] = -100
+    last = torch.full_like(target, -100)
+    last[:, -2] = target[:, -2]
+    for label, tgt in (("all positions", target), ("last token", last)):
+        b = dict(batch, target=tgt)
+        t_exact, exact = timed(lambda b=b: sweep(model, [b], units, means, metric="accuracy"))
+        t_short, short = timed(lambda b=b: sweep(model, [b], units, means, metric=shortcut))
+        differ = int((exact.per_example != short.per_example).sum())
+        print(
+            f"[accuracy, {label}] exact sweep {t_exact:.2f} s vs linear shortcut "
+            f"{t_short:.2f} s: exactness costs {t_exact / t_short:.2f}x ({differ} of "
+            f"{exact.per_example.numel()} per-example values differ)"
+        )
 
 
 def compare_discovery(

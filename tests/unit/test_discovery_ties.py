@@ -154,11 +154,22 @@ def test_exact_tie_every_route_equals_the_hooked_forward(tie_case, method) -> No
     assert not torch.equal(shortcut, ref)  # the case tells the two routes apart
 
     fast = sweep(model, [batch], [UNIT], means, metric="accuracy", method=method)
+    # stacked copies would change the batch's shapes: discrete metrics never stack
+    stacked = sweep(
+        model,
+        [batch],
+        [UNIT, "blocks.0.attn.hook_z[heads=0;pos=1]"],
+        means,
+        metric="accuracy",
+        method=method,
+        stack=2,
+    )
     slow = sweep(model, [batch], [UNIT], means, metric="accuracy", method=method, fast=False)
     effect = ablation_effect(model, batch, UNIT, means, metric="accuracy", method=method)
     sm = SetMetric(model, [batch], [UNIT], means, "accuracy", method=method)
     assert sm.plans  # the fast route is the one under test
     assert torch.equal(fast.per_example[0], ref)
+    assert torch.equal(stacked.per_example[0], ref)
     assert torch.equal(slow.per_example[0], ref)
     assert torch.equal(effect.per_example, ref)
     assert torch.equal(sm([UNIT]), acc(ref_logits, batch))
@@ -195,9 +206,11 @@ def test_tracr_reverse_output_head_tie(reverse) -> None:
     assert torch.equal(sm([unit]), acc(ref_logits, batch))
     # every unit and a few sets, all exact
     every = sweep(model, batches, org.units, means, metric="accuracy")
+    stacked = sweep(model, batches, org.units, means, metric="accuracy", stack=4)
     for i, u in enumerate(org.units):
         want = acc(hooked_logits(model, batch, [u], means), batch) - acc(clean, batch)
         assert torch.equal(every.per_example[i], want), u
+        assert torch.equal(stacked.per_example[i], want), u
     for subset in (org.units[:3], org.units[2:7:2], org.units[5:]):
         want = acc(hooked_logits(model, batch, subset, means), batch)
         assert torch.equal(sm(subset), want), subset
@@ -362,3 +375,34 @@ def test_fast_routes_equal_plain_hooks_on_random_models(case) -> None:
         ablated = hooked_logits(model, batch, subset, means)
         want = metric(ablated, batch, clean)
         _close(sm(subset), want, metric.name, _slack(metric, want, clean, ablated))
+
+
+# -- the check behind the construction -------------------------------------------------------
+def test_a_replay_that_is_not_the_forward_falls_back_to_it(reverse, monkeypatch) -> None:
+    """If replaying differed from the forward by one bit (a kernel that is not
+    deterministic, say), the per-batch check sends sweep and SetMetric to the hooked
+    forward: the discrete results stay exact."""
+    from meanablate.discovery import fastpath
+
+    org, batches, means = reverse
+    model, batch = org.model, batches[0]
+    real = fastpath.finish_block_from_mid
+
+    def off_by_a_bit(block, mid):
+        out = real(block, mid)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(fastpath, "finish_block_from_mid", off_by_a_bit)
+    plans = [fastpath.plan_unit(model, u) for u in org.units]
+    state = fastpath.clean_state(model, batch["tokens"], None, sorted({p.site.key for p in plans}))
+    assert not fastpath.replay_is_faithful(model, plans, state, None)
+
+    acc = METRICS["accuracy"]
+    clean = hooked_logits(model, batch, [], None)
+    every = sweep(model, batches, org.units, means, metric="accuracy")
+    sm = SetMetric(model, batches, org.units, means, "accuracy")
+    assert sm.states is None  # every set takes the hooked forward
+    for i, u in enumerate(org.units):
+        ablated = hooked_logits(model, batch, [u], means)
+        assert torch.equal(every.per_example[i], acc(ablated, batch) - acc(clean, batch)), u
+        assert torch.equal(sm([u]), acc(ablated, batch)), u

@@ -11,7 +11,9 @@ streams stand in for them, and only the rest runs. Two routes:
   every later block in full, on the batch as given, and the read positions are cut from
   the finished logits. Every step is one the hooked forward takes, on the same inputs
   and shapes, so with deterministic kernels (CPU; CUDA for equal shapes) the logits are
-  bit for bit the hooked forward's.
+  bit for bit the hooked forward's. A check backs the construction: per batch, replaying
+  each kind of unit with nothing replaced must give the clean logits bit for bit
+  (:func:`replay_is_faithful`); where it does not, the hooked forward runs instead.
 - **Linear shortcut** (continuous metrics). A head writes into the stream through
   ``W_O`` and a neuron through its row of ``W_out``, so the ablation changes the stream by
   ``(fill - act) @ W``, a thin product; the last block runs only at the positions the
@@ -54,7 +56,18 @@ from meanablate.organisms.transformer import (
 from meanablate.sites import Site, parse_site
 from meanablate.stats import Means
 
-__all__ = ["Plan", "ablated_act", "ablated_logits", "clean_state", "plan_unit", "supports"]
+__all__ = [
+    "Plan",
+    "ablated_act",
+    "ablated_logits",
+    "clean_state",
+    "plan_unit",
+    "replay_is_faithful",
+    "supports",
+]
+
+
+_ORDER = {"pre": 0, "mid": 1, "post": 2}
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,28 @@ def replay_stream(
     if resume == "mid":
         return finish_block_from_mid(model.blocks[layer], resid), layer + 1
     return resid, layer + 1
+
+
+def replay_is_faithful(
+    model: HookedTransformer, plans: list[Plan], state: CleanState, attention_mask: Tensor | None
+) -> bool:
+    """Whether replaying nothing replaced gives the clean logits bit for bit, for the last
+    plan of each kind among ``plans`` (each kind replays its block its own way).
+
+    The replay mirrors our classes' forward; this catches what construction cannot
+    promise (a kernel that is not deterministic on this device, say). Cheap: the last
+    plan of a kind runs the fewest blocks.
+    """
+    last: dict[str, Plan] = {}
+    for plan in sorted(plans, key=lambda p: (p.layer, _ORDER[p.resume])):
+        last[plan.kind] = plan
+    with torch.inference_mode():
+        for plan in last.values():
+            resid, start = replay_stream(model, [plan], state, [state.acts[plan.site.key]])
+            logits = run_downstream(model, resid, start, attention_mask, None)
+            if not torch.equal(logits, state.logits):
+                return False
+    return True
 
 
 def ablated_logits(

@@ -91,6 +91,12 @@ class SetMetric:
                 if total > CLEAN_CACHE_BYTES:
                     return None  # too big to keep: every set takes a full forward
                 states.append(state)
+        if self.metric.discrete:
+            plans = list(self.plans.values())
+            for batch, state in zip(self.batches, states):
+                _, amask = fastpath.tokens_and_mask(batch)
+                if not fastpath.replay_is_faithful(self.model, plans, state, amask):  # type: ignore[arg-type]
+                    return None  # not bit for bit the forward here: every set runs it
         # What the metric reads of each batch does not depend on the set: cut it once.
         for batch, state in zip(self.batches, states):
             bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}

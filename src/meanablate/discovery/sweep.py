@@ -332,6 +332,11 @@ def _sweep_batch(
         positions, sub = None, bdict
     clean = state.logits if positions is None else state.logits[:, positions]
     effect_of = m.bind(sub, clean)
+    if exact and not fastpath.replay_is_faithful(
+        model, [plans[u] for u in fast_units], state, amask
+    ):  # the replay would not be the forward here: the hooked forward decides
+        effects.update(_hooked_effects(model, batch, fast_units, means, m, method, bar, False))
+        return effects
     groups: dict[tuple[int, str], list[str]] = {}
     for u in fast_units:
         groups.setdefault(fastpath.group_key(plans[u]), []).append(u)
