@@ -48,7 +48,7 @@ class MeansFileError(MeanAblateError, ValueError):
     """
 
     def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
         super().__init__(f"means file {self.path}: {problem}")
 
 
