@@ -50,7 +50,7 @@ def test_head_out_of_range_names_the_unit_and_the_range(tmp_path):
             "--out", tmp_path / "o", "-q")
     )  # fmt: skip
     assert "--units: unit 'blocks.0.attn.hook_z[heads=3]'" in line
-    assert re.search(r"head 3 out of range.* 1 heads", line), line
+    assert "head 3 out of range" in line and "1 heads" in line
     assert not (tmp_path / "o" / "sweep.json").exists()
 
 
@@ -198,14 +198,3 @@ def test_identical_demo_runs_write_identical_files_and_one_run_time(tmp_path):
         shown = re.search(r"time\s+│?\s*([0-9.]+ (?:ms|s|min [0-9.]+ s))", r.stdout)
         assert shown and shown.group(1) == seconds(total), (r.stdout, total)
         assert seconds(total) in (out / "report.html").read_text()
-
-
-def test_discovery_refusal_is_exit_2_and_force_goes_ahead(tiny_gpt2, tmp_path):
-    path, prompts = tiny_gpt2
-    args = ["discover", "--model", path, "--prompts", prompts, "-q", "--algorithm", "sweep"]
-    # the random tiny GPT-2 does not tell the full model from the empty circuit
-    line = error_line(run(*args, "--out", tmp_path / "a"))
-    assert "not distinguishable from the empty circuit" in line and "--force" in line
-    assert not (tmp_path / "a" / "results.json").exists()
-    result = run(*args, "--out", tmp_path / "b", "--force")
-    assert result.exit_code == 0, result.stderr

@@ -186,6 +186,6 @@ def check_behaviour(
             f"m(full) - m(empty) = {delta:.4g}, {level:.0%} bootstrap interval "
             f"[{ci[0]:.4g}, {ci[1]:.4g}] contains 0 over {diff.size} examples. A circuit "
             "found here would explain noise. Use more examples or another metric, or pass "
-            "force=True (CLI: --force) to discover anyway."
+            "force=True (CLI: --force-discovery) to discover anyway."
         )
     return delta, ci
