@@ -80,4 +80,4 @@ class NumericOverflowError(MeanAblateError, ValueError, OverflowError):
 
 class NoBehaviourError(MeanAblateError, ValueError):
     """Discovery refused: the full model is not distinguishable from the empty circuit on
-    this data and metric (``force=True``, CLI ``--force``, discovers anyway)."""
+    this data and metric (``force=True``, CLI ``--force-discovery``, discovers anyway)."""
