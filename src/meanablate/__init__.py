@@ -21,8 +21,9 @@ import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:
-    from meanablate import metrics
+    from meanablate import metrics, report
     from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
+    from meanablate.data import as_batches, prompt_batches
     from meanablate.discovery import (
         Circuit,
         Scores,
@@ -37,6 +38,7 @@ if _TYPE_CHECKING:
     from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
     from meanablate.sites import Site, parse_site
     from meanablate.stats import MeanAccumulator, Means, compute_means
+    from meanablate.torch_threads import set_threads, threads
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,7 @@ __all__ = [
     "__version__",
     "ablate",
     "ablation_effect",
+    "as_batches",
     "attribute",
     "bootstrap_ci",
     "capture",
@@ -61,11 +64,15 @@ __all__ = [
     "mean_ablation",
     "metrics",
     "parse_site",
+    "prompt_batches",
     "replace_where",
+    "report",
     "run_ablated",
     "run_model",
     "score_circuit",
+    "set_threads",
     "sweep",
+    "threads",
     "transformer_units",
 ]
 
