@@ -48,7 +48,7 @@ class MeansFileError(MeanAblateError, ValueError):
     """
 
     def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
         super().__init__(f"means file {self.path}: {problem}")
 
 
@@ -80,4 +80,4 @@ class NumericOverflowError(MeanAblateError, ValueError, OverflowError):
 
 class NoBehaviourError(MeanAblateError, ValueError):
     """Discovery refused: the full model is not distinguishable from the empty circuit on
-    this data and metric (``force=True``, CLI ``--force``, discovers anyway)."""
+    this data and metric (``force=True``, CLI ``--force-discovery``, discovers anyway)."""

@@ -59,7 +59,7 @@ def test_head_out_of_range_names_the_site(fast: bool) -> None:
 
 
 def test_a_batch_that_is_not_a_tensor_or_dict() -> None:
-    with pytest.raises(TypeError, match=r"sweep: batches\[0\]: a batch is a tensor"):
+    with pytest.raises(TypeError, match=r"batches\[0\].*tensor.*got list"):
         ma.sweep(MODEL, [[1, 2]], UNITS, MEANS)
 
 

@@ -38,6 +38,7 @@ def compute_or_load_means(
 ) -> Any:
     """The means of every unit's site: read from ``--means`` or computed on the batches
     (on ``executor``'s workers when given: see :mod:`meanablate.cli.executor`)."""
+    from meanablate.errors import MeansFileError
     from meanablate.sites import as_sites
     from meanablate.stats import Means, compute_means
 
@@ -48,6 +49,8 @@ def compute_or_load_means(
             raise InputError(f"--means {path}: no such file")
         try:
             means = Means.load(path, inputs.model)
+        except MeansFileError as exc:  # its message names the file: say it once
+            raise InputError(f"--means {path}: {one_line(exc.problem)}") from None
         except Exception as exc:
             raise InputError(f"--means {path}: {one_line(exc)}") from None
         missing = [k for k in keys if k not in means]
