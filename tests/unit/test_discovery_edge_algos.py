@@ -142,3 +142,60 @@ def test_eap_refuses_kl_and_eap_ig_converges_to_the_integral():
     m = get_metric("loss")
     assert one.method == "eap_ig" and one.values.abs().max() > 0
     assert m.name == "loss"
+
+
+def _naive_acdc(data: EdgeData, metric: str, threshold: float):
+    mask = torch.zeros(len(data.graph))
+    current = float(data.metric_of(mask, metric).mean())
+    scores = {}
+    order = sorted(data.graph.edges, key=lambda e: (-e.dst_index, -e.src_index))
+    for e in order:
+        mask[e.index] = 1
+        trial = float(data.metric_of(mask, metric).mean())
+        scores[e.name] = trial - current
+        if trial - current < threshold:
+            current = trial
+        else:
+            mask[e.index] = 0
+    return [e.name for e in data.graph.edges if mask[e.index] == 0], scores, current
+
+
+@pytest.mark.parametrize("metric,threshold", [("kl", 0.02), ("loss", 0.05), ("kl", 0.0)])
+def test_acdc_over_edges_equals_a_naive_acdc(metric, threshold):
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup(seed=7, pad=True)
+    data = EdgeData(model, batches, "mean")
+    c = discover_edges(model, data, metric=metric, threshold=threshold)
+    kept, scores, current = _naive_acdc(data, metric, threshold)
+    assert c.kept == kept
+    assert 0 < len(kept) < len(data.graph) or threshold == 0.0
+    for k, v in scores.items():
+        assert c.scores[k] == pytest.approx(v, abs=1e-5)
+    assert c.metric_circuit == pytest.approx(current, abs=1e-5)
+    assert c.units == data.graph.names
+
+
+@pytest.mark.parametrize("algorithm", ["sweep", "eap", "eap_ig", "attribute_verify"])
+def test_score_then_prune_over_edges_reaches_the_target(algorithm):
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup(seed=8)
+    data = EdgeData(model, batches, "zero")
+    c = discover_edges(model, data, metric="loss", algorithm=algorithm, target_faithfulness=0.8)
+    assert c.faithfulness >= 0.8
+    mask = edge_mask(data.graph, [n for n in data.graph.names if n not in set(c.kept)])
+    assert float(data.metric_of(mask, "loss").mean()) == pytest.approx(c.metric_circuit, abs=1e-6)
+    assert len(c.kept) < len(data.graph)
+
+
+def test_discover_edges_bad_arguments():
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup()
+    with pytest.raises(ValueError, match="finite threshold"):
+        discover_edges(model, batches, "zero")
+    with pytest.raises(ValueError, match="unknown algorithm 'magic'"):
+        discover_edges(model, batches, "zero", algorithm="magic")
+    with pytest.raises(ValueError, match="threshold is for acdc"):
+        discover_edges(model, batches, "zero", algorithm="eap", threshold=0.1)
