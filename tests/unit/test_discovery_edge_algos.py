@@ -207,7 +207,6 @@ def _hook_path_patching(model, batch, senders, receivers, freeze, metric):
 
     cfg = model.cfg
     tokens, corrupt = batch["tokens"], batch["corrupt"]
-    heads = [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
     keys = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     keys += [f"blocks.{layer}.hook_mlp_out" for layer in range(cfg.n_layers)]
     keys += [f"blocks.{layer}.attn.hook_{c}" for layer in range(cfg.n_layers) for c in "qkv"]
@@ -330,7 +329,7 @@ def test_path_patching_bad_receiver():
     from meanablate.discovery.path_patching import path_patching
 
     model, batches = _setup()
-    with pytest.raises(ValueError, match="receiver 'a9.h0' is not a destination"):
+    with pytest.raises(ValueError, match=r"receiver 'a9\.h0' is not a destination"):
         path_patching(model, batches, ["a0.h0"], ["a9.h0"])
-    with pytest.raises(ValueError, match="node 'a5.h5' is not a source node"):
+    with pytest.raises(ValueError, match=r"node 'a5\.h5' is not a source node"):
         path_patching(model, batches, ["a5.h5"], ["logits"])
