@@ -6,7 +6,7 @@ silent wrong answer in an ablation looks exactly like a scientific result.
 
 from __future__ import annotations
 
-import array
+import decimal
 import numbers
 import operator
 from collections.abc import Sequence
@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "check_numeric_rows",
+    "check_real",
     "is_torch_tensor",
     "list_shape",
     "means_to_list",
@@ -70,8 +71,9 @@ def _check_rectangular(
 def check_numeric_rows(x: Sequence[Any], depth: int, what: str) -> None:
     """``TypeError`` naming the first non-numeric entry of a rectangular nested list.
 
-    ``array('d', row)`` converts a whole row at C speed and rejects anything that is not
-    a real number, so the check costs little next to the ablation itself.
+    The check reads only each entry's *type* (``set(map(type, row))`` runs at C speed) and
+    never converts a value: an entry that is not ablated must pass through untouched, as
+    in the reference, even when no float could hold it (``10**400``).
     """
     if depth == 1:
         _check_numeric_row(x, (), what)
@@ -86,24 +88,43 @@ def check_numeric_rows(x: Sequence[Any], depth: int, what: str) -> None:
 
 
 def _check_numeric_row(row: Sequence[Any], where: tuple[int, ...], what: str) -> None:
-    try:
-        array.array("d", row)
-    except TypeError:
-        for j, v in enumerate(row):
-            if isinstance(v, (list, tuple)):
-                raise ValueError(
-                    f"{what} is ragged: element {list(where) + [j]} is a list, expected a number"
-                ) from None
-            if not _is_real(v):
-                raise TypeError(
-                    f"{what} must hold real numbers: element {list(where) + [j]} is "
-                    f"{v!r} ({type(v).__name__})"
-                ) from None
-        raise
+    if all(_is_real_type(t) for t in set(map(type, row))):
+        return
+    for j, v in enumerate(row):
+        if isinstance(v, (list, tuple)):
+            raise ValueError(
+                f"{what} is ragged: element {list(where) + [j]} is a list, expected a number"
+            )
+        if not _is_real_type(type(v)):
+            raise TypeError(
+                f"{what} must hold real numbers (int, float, Fraction, numpy scalars): element "
+                f"{list(where) + [j]} is {v!r} ({type(v).__name__}){_hint(v)}"
+            )
 
 
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real)
+def _hint(v: object) -> str:
+    if isinstance(v, decimal.Decimal):
+        return "; Decimal is not supported (mixed with floats its arithmetic fails): use float()"
+    return ""
+
+
+def _is_real_type(t: type) -> bool:
+    # numbers.Real covers int, float, bool, Fraction and numpy's scalars; np.bool_ is not
+    # registered but is a plain truth value, as Python's bool is.
+    return t is not decimal.Decimal and (issubclass(t, numbers.Real) or t is np.bool_)
+
+
+def check_real(v: object, what: str) -> None:
+    """``TypeError`` naming ``what`` unless ``v`` is a real number that ``round`` accepts.
+
+    Decimal is refused, and so is ``np.bool_`` (it has no ``__round__``: the reference
+    fails on it too).
+    """
+    if type(v) is np.bool_ or not _is_real_type(type(v)):
+        raise TypeError(
+            f"{what} = {v!r} is not a real number ({type(v).__name__}){_hint(v)}; "
+            "accepted: int, float, Fraction, numpy scalars"
+        )
 
 
 def normalize_indices(neurons_to_ablate: Any, n: int) -> list[int]:

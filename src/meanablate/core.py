@@ -10,8 +10,6 @@ it on activations with broadcast masks (heads, positions).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -19,11 +17,14 @@ import numpy as np
 
 from meanablate._checks import (
     check_numeric_rows,
+    check_real,
     is_torch_tensor,
     list_shape,
     means_to_list,
     normalize_indices,
 )
+from meanablate._fills import fill_value
+from meanablate.errors import NumericOverflowError
 
 __all__ = ["ablation_plan", "compute_ablation_effect", "mean_ablation", "replace_where"]
 
@@ -119,10 +120,7 @@ def ablation_plan(
     values = []
     for i in indices:
         m = means[i]
-        if not isinstance(m, numbers.Real):
-            raise TypeError(
-                f"mean_activations[{i}] = {m!r} is not a real number ({type(m).__name__})"
-            )
+        check_real(m, f"mean_activations[{i}]")
         values.append(m if decimals is None else round(m, decimals))
     return indices, values
 
@@ -144,7 +142,15 @@ def mean_ablation(
     Returns the same kind of object with the same shape (and dtype and device):
     ablated entries hold ``round(mean, decimals)``, all others are passed through
     untouched. On lists the result equals the seed reference value for value and type
-    for type. The input is never modified.
+    for type (entries that are not ablated are never converted, so ``10**400`` passes
+    through). The input is never modified.
+
+    Numbers: ``int``, ``float``, ``bool``, ``Fraction`` and numpy scalars; ``Decimal`` is
+    refused (``TypeError``). Integer (and bool) arrays take only means they hold exactly
+    — a whole number in the dtype's range — and float arrays only means whose magnitude
+    they can hold; otherwise an :class:`~meanablate.errors.UnrepresentableValueError`
+    (a ``ValueError`` and a ``TypeError``) names the mean and the dtype. numpy array
+    subclasses (``np.matrix``, masked arrays) are refused with a ``TypeError``.
 
     >>> mean_ablation([[1.0, 2.0], [3.0, 4.0]], [2.0, 3.0000004], [1])
     [[1.0, 3.0], [3.0, 3.0]]
@@ -184,6 +190,7 @@ def _mean_ablation_list(
 def _mean_ablation_array(
     activations: Any, mean_activations: Any, neurons: Any, decimals: int | None
 ) -> Any:
+    _check_plain_array(activations, "activations")
     if activations.ndim == 0:
         raise ValueError("activations must have at least one dimension [..., n], got a scalar")
     _check_array_numeric(activations, "activations")
@@ -191,28 +198,35 @@ def _mean_ablation_array(
     indices, values = ablation_plan(mean_activations, neurons, n, decimals)
     if not indices:
         return activations.copy() if isinstance(activations, np.ndarray) else activations.clone()
-    if _is_integer_dtype(activations):
-        bad = [(i, v) for i, v in zip(indices, values) if float(v) != math.floor(float(v))]
-        if bad:
-            i, v = bad[0]
-            raise TypeError(
-                f"activations have integer dtype {activations.dtype} but the mean of neuron "
-                f"{i} is {v!r}, which it cannot hold; cast the activations to a float dtype"
-            )
+    exact = [fill_value(activations.dtype, i, v) for i, v in zip(indices, values)]
     if isinstance(activations, np.ndarray):
         mask = np.zeros(n, dtype=bool)
         mask[indices] = True
         fill = np.zeros(n, dtype=activations.dtype)
-        fill[indices] = values
+        fill[indices] = np.asarray(exact, dtype=activations.dtype)
     else:
         import torch
 
         mask = torch.zeros(n, dtype=torch.bool, device=activations.device)
         mask[indices] = True
         fill = torch.zeros(n, dtype=activations.dtype, device=activations.device)
-        fill[indices] = torch.tensor(values, dtype=torch.float64).to(activations.dtype)
-        fill = fill.to(activations.device)
+        if _is_integer_dtype(activations):
+            # Straight from Python ints: a float64 detour would round 2**53 + 1.
+            vals = torch.tensor(exact, dtype=activations.dtype)
+        else:
+            vals = torch.tensor(exact, dtype=torch.float64).to(activations.dtype)
+        fill[indices] = vals.to(activations.device)
     return replace_where(activations, mask, fill)
+
+
+def _check_plain_array(x: Any, what: str) -> None:
+    # ndarray subclasses change indexing (np.matrix stays 2-D under reshape(-1)) or carry
+    # their own semantics (np.ma's mask): refuse them rather than guess.
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        raise TypeError(
+            f"{what} is a {type(x).__module__}.{type(x).__name__}, a numpy array subclass "
+            f"with its own indexing rules; pass a plain array (np.asarray({what}))"
+        )
 
 
 def _is_integer_dtype(x: Any) -> bool:
@@ -278,11 +292,28 @@ def _effect_rows(a: Sequence[Any], b: Sequence[Any], depth: int, decimals: int |
         return [_effect_rows(x, y, depth - 1, decimals) for x, y in zip(a, b)]
     # Python's own sum over Python numbers, in order, then ** 0.5: the seed's arithmetic,
     # so the rounded result is the reference's on every interpreter version.
-    distance = sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
+    a, b = _python_numbers(a), _python_numbers(b)
+    try:
+        distance = sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
+    except OverflowError:
+        raise NumericOverflowError(
+            "original_output and ablated_output: the squared distance of a row is too "
+            "large for a float (the reference raises OverflowError too); rescale the outputs"
+        ) from None
     return distance if decimals is None else round(distance, decimals)
 
 
+def _python_numbers(row: Sequence[Any]) -> Sequence[Any]:
+    # numpy scalars in a list are read as Python numbers: their own arithmetic would wrap
+    # (uint8 0 - 1 = 255), overflow float32, or refuse to subtract (np.bool_).
+    if not any(issubclass(t, np.generic) for t in set(map(type, row))):
+        return row
+    return [v.item() if isinstance(v, np.generic) else v for v in row]
+
+
 def _effect_array(a: Any, b: Any, decimals: int | None) -> Any:
+    _check_plain_array(a, "original_output")
+    _check_plain_array(b, "ablated_output")
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(
             f"original_output has shape {tuple(a.shape)} but ablated_output has shape "

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.core import replace_where
+from meanablate.families import check_sites
 from meanablate.hooks import capture, hooked, output_tensor, run_model
 from meanablate.metrics import Metric, get_metric
 from meanablate.sites import Site, as_sites, check_units_in_range, resolve_module
-from meanablate.stats import Means
+from meanablate.stats import Means, is_pattern_key
 
 __all__ = ["Effect", "ablate", "ablation_effect", "bootstrap_ci", "run_ablated", "unit_mask"]
 
@@ -71,19 +72,45 @@ def _fill_for(
         return src.to(act.dtype).reshape(vshape)
     assert means is not None
     mean = means[site.key]
-    if means.per_position:
+    # The mean must be the activation without batch (and without position, unless the
+    # means are per position) exactly: a [d_head] mean for a [head, d_head] site would
+    # broadcast one head's mean to every head.
+    per_ex = tuple(act.shape[1:])
+    if is_pattern_key(site.key):
+        # [head, q, k] in both modes (see compute_means); longer means are cut to the input.
+        n = act.shape[2] if act.ndim == 4 else -1
+        fits = mean.ndim == 3 and act.ndim == 4 and mean.shape[0] == act.shape[1]
+        fits = fits and (
+            tuple(mean.shape) == per_ex
+            or (means.per_position and mean.shape[1] >= n and mean.shape[2] >= n)
+        )
+        if not fits:
+            raise ValueError(
+                f"site {site.key}: attention-pattern mean has shape {tuple(mean.shape)}, "
+                f"wanted {per_ex} [head, q, k] for the activation {tuple(act.shape)}"
+            )
+        mean = mean[:, :n, :n]
+    elif means.per_position:
+        if act.ndim < 2 or mean.ndim < 1 or tuple(mean.shape[1:]) != per_ex[1:]:
+            raise ValueError(
+                f"site {site.key}: per-position mean has shape {tuple(mean.shape)}, wanted "
+                f"[pos, ...] = (n_pos, {', '.join(map(str, per_ex[1:]))}) for the activation "
+                f"{tuple(act.shape)} [batch, pos, ...]"
+            )
         if mean.shape[0] < act.shape[1]:
             raise ValueError(
                 f"site {site.key}: per-position means cover {mean.shape[0]} "
                 f"positions, the input has {act.shape[1]}"
             )
         mean = mean[: act.shape[1]]
-    want = tuple(act.shape[-mean.ndim :]) if mean.ndim else ()
-    if tuple(mean.shape) != want or mean.ndim >= act.ndim:
-        raise ValueError(
-            f"site {site.key}: mean has shape {tuple(mean.shape)}, which does not "
-            f"fit the activation {tuple(act.shape)} (wanted {want} trailing dims)"
-        )
+    else:
+        want = tuple(act.shape[2:]) if act.ndim >= 3 else per_ex
+        if tuple(mean.shape) != want:
+            raise ValueError(
+                f"site {site.key}: mean has shape {tuple(mean.shape)}, wanted {want} (the "
+                f"activation {tuple(act.shape)} without batch"
+                + (" and position)" if act.ndim >= 3 else ")")
+            )
     mean = mean.to(device=act.device, dtype=act.dtype)
     return mean.reshape(vshape[act.ndim - mean.ndim :])
 
@@ -146,6 +173,7 @@ def ablate(
         raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
         resolve_module(model, path)
+    sites = check_sites(model, sites)  # head layouts from the model's family
     groups = _group(sites)
     if method == "mean":
         if means is None:

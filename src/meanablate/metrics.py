@@ -15,6 +15,12 @@ model ran on, carrying the task's fields:
 Comparing metrics (``l2``, ``kl``) need ``clean_logits``; the effect of an ablation is
 their value. Task metrics (``loss``, ``logit_diff``, ``prob``, ``accuracy``, ``mse``) are
 absolute; the effect of an ablation is ``metric(ablated) - metric(clean)``.
+
+Shapes are checked, never broadcast: ``clean_logits`` must have exactly the shape of
+``logits``, and every batch field above must be ``[batch, pos]`` of the output (``[batch]``
+for a ``[batch, vocab]`` output); otherwise a ``ValueError`` names the field, the shape
+it got and the shape it wanted. (A ``[1, pos, vocab]`` clean output would otherwise be
+compared with every example, and a ``[batch, 1]`` target with every position.)
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FIELDS",
     "METRICS",
     "Metric",
     "accuracy",
+    "check_shapes",
     "get_metric",
     "kl_div",
     "l2",
@@ -52,6 +60,10 @@ def _seq_target(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.ndim == 1 else t
 
 
+# The batch fields a metric may read, each [batch, pos] of the output.
+FIELDS = ("target", "wrong", "target_value", "metric_mask", "attention_mask")
+
+
 def _need(batch: Mapping[str, Any], key: str, metric: str) -> Tensor:
     if not isinstance(batch, Mapping) or key not in batch:
         have = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -59,29 +71,74 @@ def _need(batch: Mapping[str, Any], key: str, metric: str) -> Tensor:
     return batch[key]
 
 
-def scored_mask(batch: Mapping[str, Any] | Tensor, logits: Tensor) -> Tensor:
-    """Bool ``[batch, pos]``: the positions a metric reads."""
+def check_shapes(
+    logits: Tensor, batch: Any, clean: Tensor | None = None, metric: str = "metric"
+) -> None:
+    """``ValueError`` unless ``clean`` and every batch field fit ``logits`` exactly.
+
+    ``logits``: ``[batch, pos, vocab]`` or ``[batch, vocab]``; ``clean``: the same shape;
+    ``target``, ``wrong``, ``target_value``, ``metric_mask``: ``[batch, pos]`` (``[batch]``
+    for ``[batch, vocab]`` outputs); ``attention_mask``: ``[batch, pos]`` when the output
+    has positions (a ``[batch, vocab]`` output reads no positions, so its input mask is
+    not the output's). Nothing is broadcast.
+
+    >>> t = {"target": torch.zeros(2, 1, dtype=torch.long)}
+    >>> check_shapes(torch.zeros(2, 3, 5), t)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: metric: batch['target'] has shape (2, 1), wanted (2, 3) ...
+    """
+    if not isinstance(logits, Tensor) or logits.ndim not in (2, 3):
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"{metric}: the output must be [batch, pos, vocab] or [batch, vocab], got {got}"
+        )
+    out = tuple(logits.shape)
+    if clean is not None and tuple(clean.shape) != out:
+        raise ValueError(
+            f"{metric}: the clean output has shape {tuple(clean.shape)}, wanted {out} "
+            f"(the shape of the ablated output)"
+        )
+    if not isinstance(batch, Mapping):
+        return
+    if logits.ndim == 3:
+        want, what = out[:2], "[batch, pos]"
+    else:
+        want, what = out[:1], "[batch]"
+    for key in FIELDS:
+        if key not in batch or (key == "attention_mask" and logits.ndim != 3):
+            continue
+        value = batch[key]
+        shape = tuple(value.shape) if isinstance(value, Tensor) else None
+        ok = shape == want or (logits.ndim == 2 and shape == (*want, 1))
+        if not ok:
+            got = shape if shape is not None else type(value).__name__
+            raise ValueError(
+                f"{metric}: batch[{key!r}] has shape {got}, wanted {want} "
+                f"({what} of the output {out})"
+            )
+
+
+def scored_mask(
+    batch: Mapping[str, Any] | Tensor, logits: Tensor, metric: str = "metric"
+) -> Tensor:
+    """Bool ``[batch, pos]``: the positions a metric reads (fields checked by
+    :func:`check_shapes`)."""
+    check_shapes(logits, batch, None, metric)
     lg = _seq(logits)
     ones = torch.ones(lg.shape[:2], dtype=torch.bool, device=lg.device)
     if not isinstance(batch, Mapping):
         return ones
     if "metric_mask" in batch:
-        key, mask = "metric_mask", _seq_target(batch["metric_mask"]).bool()
+        mask = _seq_target(batch["metric_mask"]).bool()
     elif "target" in batch:
-        key, mask = "target", _seq_target(batch["target"]) != IGNORE
+        mask = _seq_target(batch["target"]) != IGNORE
     elif "target_value" in batch:
-        key, mask = "target_value", ~torch.isnan(_seq_target(batch["target_value"]))
+        mask = ~torch.isnan(_seq_target(batch["target_value"]))
     elif "attention_mask" in batch and logits.ndim == 3:
-        key, mask = "attention_mask", batch["attention_mask"].bool()
+        mask = batch["attention_mask"].bool()
     else:
         return ones
-    if tuple(mask.shape) != tuple(lg.shape[:2]):
-        # A field of another shape would be gathered or broadcast silently (a [batch]
-        # target against [batch, pos, vocab] logits would score position 0 only).
-        raise ValueError(
-            f"batch[{key!r}] has shape {tuple(batch[key].shape)}, which does not fit the "
-            f"output's [batch, pos] {tuple(lg.shape[:2])}"
-        )
     return mask
 
 
@@ -124,8 +181,9 @@ def l2(logits: Tensor, batch: Any, clean: Tensor | None) -> Tensor:
     """The seed's L2 distance to the clean output, over the scored positions: ``[batch]``."""
     if clean is None:
         raise ValueError("metric 'l2' compares with the clean output; pass clean_logits")
+    check_shapes(logits, batch, clean, "metric 'l2'")
     diff = (_seq(logits) - _seq(clean)).double()
-    mask = scored_mask(batch, logits)
+    mask = scored_mask(batch, logits, "metric 'l2'")
     diff = torch.where(mask[..., None], diff, torch.zeros_like(diff))
     return diff.pow(2).sum(dim=(1, 2)).sqrt()
 
@@ -134,16 +192,17 @@ def kl_div(logits: Tensor, batch: Any, clean: Tensor | None) -> Tensor:
     """KL(clean || ablated) of the output distributions, mean over scored positions."""
     if clean is None:
         raise ValueError("metric 'kl' compares with the clean output; pass clean_logits")
+    check_shapes(logits, batch, clean, "metric 'kl'")
     lp = torch.log_softmax(_seq(logits).double(), -1)
     lq = torch.log_softmax(_seq(clean).double(), -1)
     kl = (lq.exp() * (lq - lp)).sum(-1)
-    return _masked_mean(kl, scored_mask(batch, logits), "kl")
+    return _masked_mean(kl, scored_mask(batch, logits, "metric 'kl'"), "kl")
 
 
 def logit_diff(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
     """``logit[target] - logit[wrong]``, mean over scored positions: ``[batch]``."""
     lg = _seq(logits)
-    mask = scored_mask(batch, logits)
+    mask = scored_mask(batch, logits, "metric 'logit_diff'")
     t = _check_classes(
         _seq_target(_need(batch, "target", "logit_diff")), mask, lg.shape[-1], "logit_diff"
     )
@@ -158,7 +217,7 @@ def logit_diff(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tenso
 def loss(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``target``, mean over scored positions: ``[batch]``."""
     lg = _seq(logits)
-    mask = scored_mask(batch, logits)
+    mask = scored_mask(batch, logits, "metric 'loss'")
     t = _check_classes(_seq_target(_need(batch, "target", "loss")), mask, lg.shape[-1], "loss")
     nll = -torch.log_softmax(lg.double(), -1).gather(-1, t[..., None])[..., 0]
     return _masked_mean(nll, mask, "loss")
@@ -167,7 +226,7 @@ def loss(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
 def prob(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
     """Probability of ``target``, mean over scored positions: ``[batch]``."""
     lg = _seq(logits)
-    mask = scored_mask(batch, logits)
+    mask = scored_mask(batch, logits, "metric 'prob'")
     t = _check_classes(_seq_target(_need(batch, "target", "prob")), mask, lg.shape[-1], "prob")
     p = torch.softmax(lg.double(), -1).gather(-1, t[..., None])[..., 0]
     return _masked_mean(p, mask, "prob")
@@ -176,7 +235,7 @@ def prob(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
 def accuracy(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
     """Fraction of scored positions whose argmax is ``target``: ``[batch]``."""
     lg = _seq(logits)
-    mask = scored_mask(batch, logits)
+    mask = scored_mask(batch, logits, "metric 'accuracy'")
     t = _seq_target(_need(batch, "target", "accuracy"))
     _check_classes(t, mask, lg.shape[-1], "accuracy")
     return _masked_mean((lg.argmax(-1) == t).double(), mask, "accuracy")
@@ -187,6 +246,7 @@ def mse(logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
     lg = _seq(logits)
     if lg.shape[-1] != 1:
         raise ValueError(f"metric 'mse' reads a model with one output, got {lg.shape[-1]}")
+    check_shapes(logits, batch, None, "metric 'mse'")
     tv = _seq_target(_need(batch, "target_value", "mse")).double()
     mask = ~torch.isnan(tv)
     err = (lg[..., 0].double() - torch.nan_to_num(tv)).pow(2)
@@ -200,30 +260,51 @@ class Metric:
     ``compares``: the metric measures distance to the clean output (its effect is its
     value); otherwise the effect is the change ``metric(ablated) - metric(clean)``.
     ``higher_is_better``: the direction of good task performance (for reports).
+    ``discrete``: the metric reads a decision (an argmax, a threshold) rather than a
+    smooth function of the output; on an exact tie the last bit decides, so sweeps and
+    pruning compute its ablated outputs exactly as the hooked forward does (see
+    :mod:`meanablate.discovery.fastpath`). Set it on any custom argmax-based metric.
+
+    Every call checks that ``clean`` and the batch's fields fit the output
+    (:func:`check_shapes`), for custom functions too.
     """
 
     name: str
     fn: Callable[[Tensor, Any, Tensor | None], Tensor]
     compares: bool = False
     higher_is_better: bool = True
+    discrete: bool = False
 
     def __call__(self, logits: Tensor, batch: Any, clean: Tensor | None = None) -> Tensor:
+        check_shapes(logits, batch, clean, f"metric {self.name!r}")
         return self.fn(logits, batch, clean)
 
     def effect(self, logits: Tensor, batch: Any, clean: Tensor) -> Tensor:
         """Per-example effect of an ablation that turned ``clean`` into ``logits``."""
         if self.compares:
-            return self.fn(logits, batch, clean)
-        return self.fn(logits, batch, clean) - self.fn(clean, batch, clean)
+            return self(logits, batch, clean)
+        return self(logits, batch, clean) - self(clean, batch, clean)
 
     def bind(self, batch: Any, clean: Tensor) -> Callable[[Tensor], Tensor]:
         """``effect`` with the clean side computed once, for sweeps over many ablations."""
+        check_shapes(clean, batch, None, f"metric {self.name!r}")
+        want = tuple(clean.shape)
+
+        def same_shape(logits: Tensor) -> Tensor:
+            if tuple(logits.shape) != want:
+                raise ValueError(
+                    f"metric {self.name!r}: the ablated output has shape "
+                    f"{tuple(logits.shape)}, wanted {want} (the clean output's)"
+                )
+            return logits
+
         if self.fn is kl_div:
-            return _kl_bound(batch, clean)
+            bound = _kl_bound(batch, clean)
+            return lambda logits: bound(same_shape(logits))
         if self.compares:
-            return lambda logits: self.fn(logits, batch, clean)
+            return lambda logits: self.fn(same_shape(logits), batch, clean)
         base = self.fn(clean, batch, clean)
-        return lambda logits: self.fn(logits, batch, clean) - base
+        return lambda logits: self.fn(same_shape(logits), batch, clean) - base
 
 
 def _kl_bound(batch: Any, clean: Tensor) -> Callable[[Tensor], Tensor]:
@@ -289,7 +370,7 @@ METRICS: dict[str, Metric] = {
     "logit_diff": Metric("logit_diff", logit_diff),
     "loss": Metric("loss", loss, higher_is_better=False),
     "prob": Metric("prob", prob),
-    "accuracy": Metric("accuracy", accuracy),
+    "accuracy": Metric("accuracy", accuracy, discrete=True),
     "mse": Metric("mse", mse, higher_is_better=False),
 }
 
@@ -303,5 +384,7 @@ def get_metric(metric: str | Metric | Callable[..., Tensor]) -> Metric:
             raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         return METRICS[metric]
     if callable(metric):
-        return Metric(getattr(metric, "__name__", "custom"), metric)
+        # A plain function may read anything of the output (an argmax, say): treat it as
+        # discrete, so sweeps give what the hooked forward gives, bit for bit.
+        return Metric(getattr(metric, "__name__", "custom"), metric, discrete=True)
     raise TypeError(f"a metric is a name, a Metric or a callable, got {type(metric).__name__}")

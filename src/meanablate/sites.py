@@ -190,9 +190,11 @@ def check_units_in_range(site: Site, shape: Sequence[int]) -> None:
             raise ValueError(
                 f"site {site}: last dim {shape[-1]} is not divisible by n_heads={site.n_heads}"
             )
-        if site.n_heads is None and len(shape) < 3:
+        if site.n_heads is None and len(shape) < 4:
+            # [batch, pos, d] has no head dim: dim -2 would be the position axis.
             raise ValueError(
-                f"site {site}: activation shape {tuple(shape)} has no head dim; "
+                f"site {site}: activation shape {tuple(shape)} has no head dim "
+                "(heads= without n_heads needs [batch, pos, head, d_head]); "
                 "pass n_heads to view a flat [..., n_heads*d_head] activation"
             )
         if max(site.heads) >= n_heads:

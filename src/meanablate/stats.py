@@ -11,18 +11,41 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from meanablate.errors import MissingSiteError
+from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
+from meanablate.means_io import FORMAT, read_means_file, write_safetensors
 from meanablate.sites import Site, as_sites, resolve_module
 
 if TYPE_CHECKING:
     from meanablate.executors import Executor
 
-__all__ = ["MeanAccumulator", "Means", "compute_means"]
+__all__ = ["MEAN_KINDS", "MeanAccumulator", "Means", "compute_means", "is_pattern_key"]
+
+# Attention patterns and scores are [batch, head, q, k]: two position axes after the head
+# axis, unlike every other activation ([batch, pos, ...]).
+PATTERN_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+def is_pattern_key(key: str) -> bool:
+    """Whether site ``key`` holds attention patterns/scores ``[batch, head, q, k]``.
+
+    Their means keep the head axis: ``[head, q, k]``, averaged over the batch only (the
+    positions are axes of the activation itself), in both ``per_position`` modes; an
+    entry counts the examples whose query *and* key positions are real tokens.
+    """
+    return key.endswith(PATTERN_SUFFIXES)
+
+
+# per_position: a mean per position; plain: one mean over all positions; plain_except: one
+# mean over all positions but ``keep_positions``, which keep their own (e.g. BOS).
+MEAN_KINDS: tuple[str, ...] = ("per_position", "plain", "plain_except")
+MeanKind = Literal["per_position", "plain", "plain_except"]
 
 
 @dataclass
@@ -39,6 +62,9 @@ class MeanAccumulator:
 
     def add(self, key: str, act: Tensor, mask: Tensor | None) -> None:
         """Add ``act [batch, pos, ...]`` or ``[batch, ...]``, weighted by ``mask [batch, pos]``."""
+        if is_pattern_key(key):
+            self._add_pattern(key, act, mask)
+            return
         x = act.detach().to(torch.float64)
         # Dim 1 is the token position for [batch, pos, ...] activations (and for
         # [batch, pos] ones when the mask says so); [batch, n] has none.
@@ -48,29 +74,60 @@ class MeanAccumulator:
                 f"per-position means need [batch, pos, ...] activations; site "
                 f"{key} gave shape {tuple(act.shape)}"
             )
+        lead = 2 if has_pos else 1
         if has_pos and mask is not None:
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
                     f"site {key}: attention_mask has shape {tuple(mask.shape)} "
                     f"but the activation is {tuple(act.shape)} [batch, pos, ...]"
                 )
-            w = mask.to(device=x.device, dtype=torch.float64)
+            keep = _as_keep(mask, key).to(x.device)
         else:
-            w = torch.ones(
-                x.shape[:2] if has_pos else x.shape[:1], dtype=torch.float64, device=x.device
-            )
-        wx = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
+            keep = torch.ones(x.shape[:lead], dtype=torch.bool, device=x.device)
+        # Padding is left out by *selection*: a NaN or inf that a model writes at a padded
+        # position never enters a sum (multiplying by a 0 mask would give NaN x 0 = NaN).
         if self.per_position:
-            s, c = (x * wx).sum(0), w.sum(0)
+            picked = torch.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, 0.0)
+            s, c = picked.sum(0), keep.sum(0).to(torch.float64)
         else:
-            s, c = (x * wx).sum(dim=tuple(range(w.ndim))), w.sum()
+            s = x[keep].sum(0)
+            c = keep.sum().to(torch.float64)
         self._accumulate(key, s.cpu(), c.cpu())
+
+    def _add_pattern(self, key: str, act: Tensor, mask: Tensor | None) -> None:
+        """Sum ``act [batch, head, q, k]`` over the batch where query and key are real."""
+        if act.ndim != 4 or act.shape[2] != act.shape[3]:
+            raise ValueError(
+                f"site {key}: attention patterns are [batch, head, q, k] with q == k, got "
+                f"shape {tuple(act.shape)}"
+            )
+        x = act.detach().to(torch.float64)
+        b, _, n, _ = x.shape
+        if mask is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        elif tuple(mask.shape) != (b, n):
+            raise ValueError(
+                f"site {key}: attention_mask has shape {tuple(mask.shape)}, wanted {(b, n)} "
+                f"for the attention pattern {tuple(act.shape)} [batch, head, q, k]"
+            )
+        else:
+            real = mask.to(device=x.device).bool()
+        both = real[:, :, None] & real[:, None, :]  # [batch, q, k]
+        # Selected, not multiplied: padding may hold NaN or inf, and NaN * 0 is NaN.
+        s = torch.where(both[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self._accumulate(key, s.sum(0).cpu(), both.sum(0).to(torch.float64).cpu())
 
     def _accumulate(self, key: str, s: Tensor, c: Tensor) -> None:
         if key not in self.sums:
             self.sums[key], self.counts[key] = s.clone(), c.clone()
             return
         old_s, old_c = self.sums[key], self.counts[key]
+        if is_pattern_key(key) and s.shape != old_s.shape:
+            raise ValueError(
+                f"site {key}: attention pattern shape changed between batches "
+                f"({tuple(old_s.shape)} vs {tuple(s.shape)}); its mean is [head, q, k], so "
+                "every batch needs the same length (pad them)"
+            )
         if self.per_position and s.shape[0] != old_s.shape[0]:
             # Sequences of another length: grow to the longer one (absent positions count 0).
             n = max(s.shape[0], old_s.shape[0])
@@ -96,10 +153,27 @@ class MeanAccumulator:
         means = {}
         for key, s in self.sums.items():
             c = self.counts[key]
+            if is_pattern_key(key):
+                # [q, k] counts: a pair that is never real (padding in every example)
+                # gets 0, like an absent position of per-position means.
+                means[key] = s / c.clamp_min(1)
+                continue
             if torch.any(c == 0) and not self.per_position:
                 raise ValueError(f"site {key}: no tokens were counted (all padding?)")
             means[key] = s / c.clamp_min(1).reshape(c.shape + (1,) * (s.ndim - c.ndim))
         return Means(means, dict(self.counts), self.per_position, dict(metadata or {}))
+
+
+def _as_keep(mask: Tensor, key: str) -> Tensor:
+    """An attention mask as booleans (1 = a real token); other values are an error."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(torch.all((mask == 0) | (mask == 1))):
+        raise ValueError(
+            f"site {key}: attention_mask must hold only 0 (padding) and 1 (a real token), "
+            f"got values {sorted(set(mask.unique().tolist()))[:6]}"
+        )
+    return mask != 0
 
 
 def _pad0(t: Tensor, n: int) -> Tensor:
@@ -126,8 +200,10 @@ class Means:
     def __getitem__(self, key: str | Site) -> Tensor:
         k = key.key if isinstance(key, Site) else key
         if k not in self.tensors:
-            raise KeyError(
-                f"no mean for site {k!r}; means were computed for {', '.join(sorted(self.tensors))}"
+            raise MissingSiteError(
+                k,
+                f"no mean for site {k!r}; means were computed for "
+                f"{', '.join(sorted(self.tensors)) or 'no sites'}",
             )
         return self.tensors[k]
 
@@ -137,21 +213,30 @@ class Means:
     def keys(self) -> list[str]:
         return sorted(self.tensors)
 
+    @property
+    def kind(self) -> str:
+        """The mean kind (see :data:`MEAN_KINDS`), as recorded when the means were made."""
+        default = "per_position" if self.per_position else "plain"
+        return str(self.metadata.get("mean_kind", default))
+
     def save(self, path: str | Path) -> None:
         """Write safetensors with metadata (model class, sites, shapes, token counts)."""
-        from safetensors.torch import save_file
-
         tensors = {f"mean::{k}": v.contiguous() for k, v in self.tensors.items()}
         tensors.update({f"count::{k}": v.reshape(-1).contiguous() for k, v in self.counts.items()})
         meta = {
-            "format": "meanablate.Means",
+            "format": FORMAT,
             "per_position": json.dumps(self.per_position),
             "sites": json.dumps(self.keys()),
-            "shapes": json.dumps({k: list(v.shape) for k, v in self.tensors.items()}),
-            "tokens": json.dumps({k: float(v.max()) for k, v in self.counts.items()}),
-            "metadata": json.dumps(self.metadata),
+            "shapes": json.dumps(
+                {k: list(v.shape) for k, v in self.tensors.items()}, sort_keys=True
+            ),
+            "tokens": json.dumps(
+                {k: float(v.max()) for k, v in self.counts.items()}, sort_keys=True
+            ),
+            "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        save_file(tensors, str(path), metadata=meta)
+        # Our own writer: the same means give the same bytes (see meanablate.means_io).
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(
@@ -160,22 +245,14 @@ class Means:
         model: nn.Module | None = None,
         batch: Tensor | Mapping[str, Any] | None = None,
     ) -> Means:
-        """Read means saved by :meth:`save`; with ``model`` (and a ``batch``), check them."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Read means saved by :meth:`save`; with ``model`` (and a ``batch``), check them.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "meanablate.Means":
-            raise ValueError(f"{path} is not a meanablate means file")
-        raw = load_file(str(path))
-        per_position = json.loads(meta["per_position"])
-        tensors = {k[len("mean::") :]: v for k, v in raw.items() if k.startswith("mean::")}
-        counts = {}
-        for k, v in raw.items():
-            if k.startswith("count::"):
-                counts[k[len("count::") :]] = v if per_position else v.reshape(())
-        means = cls(tensors, counts, per_position, json.loads(meta.get("metadata", "{}")))
+        A file that is missing, truncated, corrupted, of another format (nothing is ever
+        unpickled) or with bad metadata is a :class:`~meanablate.errors.MeansFileError`
+        (a ``ValueError``) naming the file.
+        """
+        tensors, counts, per_position, metadata = read_means_file(path)
+        means = cls(tensors, counts, per_position, metadata)
         if model is not None:
             means.check_model(model, batch)
         return means
@@ -204,6 +281,8 @@ class Means:
             mean = tuple(self.tensors[key].shape)
             lead = 1 if self.per_position else 0
             want = act[2:] if len(act) >= 3 else act[1:]
+            if is_pattern_key(key):
+                lead, want = 0, act[1:]
             if mean[lead:] != want:
                 raise ValueError(
                     f"site {key}: stored mean has shape {mean}, but the model's "
@@ -246,6 +325,8 @@ def compute_means(
     progress: bool = False,
     accumulator: MeanAccumulator | None = None,
     executor: Executor | None = None,
+    kind: MeanKind | None = None,
+    keep_positions: Sequence[int] | None = None,
 ) -> Means:
     """Stream over ``batches`` and return the exact dataset mean at each site.
 
@@ -256,20 +337,31 @@ def compute_means(
     ``executor``: where to run (default: here); a ``meanablate.executors.RayExecutor``
     sends shards of the data to workers and merges their float64 sums.
 
+    ``kind`` (see :data:`MEAN_KINDS`; default ``"per_position"`` if ``per_position`` else
+    ``"plain"``): ``"plain_except"`` gives one mean over every position except
+    ``keep_positions`` (default ``[0]``, e.g. BOS), which keep their own per-position
+    mean; its tensors are ``[pos, ...]`` like per-position ones (``per_position`` is then
+    true on the result). The kind is recorded in ``Means.metadata["mean_kind"]``.
+
     >>> from torch import nn
     >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
-    keys = sorted({s.key for s in as_sites(sites)})
+    kind, keep = _mean_kind(kind, per_position, keep_positions)
+    if kind == "plain_except":
+        per_position = True  # pooled from the per-position sums below
+    parsed = as_sites(sites)
+    keys = sorted({s.key for s in parsed})
     if not keys:
         raise ValueError("compute_means needs at least one site")
     for key in keys:
         resolve_module(model, key.removesuffix("@input"))
+    check_sites(model, parsed)  # e.g. heads= on an activation without a head axis
     if executor is not None and not executor.in_process:
         from meanablate.executors import sharded_means
 
-        return sharded_means(
+        means = sharded_means(
             executor,
             model,
             keys,
@@ -278,6 +370,7 @@ def compute_means(
             progress=progress,
             accumulator=accumulator,
         )
+        return _as_kind(means, kind, keep)
     acc = accumulator if accumulator is not None else MeanAccumulator(per_position)
     iterator = batches
     if progress:
@@ -289,7 +382,57 @@ def compute_means(
         raise ValueError("compute_means got no batches")
     meta = {
         "model_class": type(model).__name__,
-        "activation_shapes": {k: list(acc.sums[k].shape[1 if per_position else 0 :]) for k in keys},
+        "activation_shapes": {
+            k: list(acc.sums[k].shape[1 if per_position and not is_pattern_key(k) else 0 :])
+            for k in keys
+        },
         "batches": n_batches,
     }
-    return acc.result(meta)
+    return _as_kind(acc.result(meta), kind, keep)
+
+
+def _mean_kind(
+    kind: str | None, per_position: bool, keep_positions: Sequence[int] | None
+) -> tuple[str, list[int]]:
+    if kind is None:
+        kind = "per_position" if per_position else "plain"
+    if kind not in MEAN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MEAN_KINDS)}; got {kind!r}")
+    if per_position and kind != "per_position":
+        raise ValueError(f"per_position=True contradicts kind={kind!r}; give one of them")
+    if kind != "plain_except":
+        if keep_positions is not None:
+            raise ValueError(f"keep_positions is for kind='plain_except', not {kind!r}")
+        return kind, []
+    keep = [0] if keep_positions is None else list(keep_positions)
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in keep):
+        raise ValueError(f"keep_positions must be position indices >= 0; got {keep_positions!r}")
+    return kind, sorted(set(keep))
+
+
+def _as_kind(means: Means, kind: str, keep: list[int]) -> Means:
+    """Record ``kind``; for ``plain_except`` pool every position outside ``keep``."""
+    means.metadata["mean_kind"] = kind
+    if kind != "plain_except":
+        return means
+    means.metadata["keep_positions"] = keep
+    for key, mean in means.tensors.items():
+        if is_pattern_key(key):  # [head, q, k]: no pooled position axis
+            continue
+        counts = means.counts[key]
+        n_pos = counts.shape[0]
+        if keep and keep[-1] >= n_pos:
+            raise ValueError(
+                f"keep_positions {keep} reach past the {n_pos} positions of site {key}"
+            )
+        pooled = torch.ones(n_pos, dtype=torch.bool)
+        pooled[keep] = False
+        c = counts[pooled]
+        if not bool(pooled.any()) or float(c.sum()) == 0:
+            raise ValueError(f"site {key}: no tokens outside keep_positions {keep} to pool")
+        w = c.reshape(c.shape + (1,) * (mean.ndim - 1))
+        shared = (mean[pooled] * w).sum(0) / c.sum()
+        means.tensors[key] = torch.where(
+            pooled.reshape((n_pos,) + (1,) * (mean.ndim - 1)), shared, mean
+        )
+    return means

@@ -263,7 +263,7 @@ def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     results = check_run_dir(tmp_path / "a", plots=PLOTS[:2])
     assert results["metric"]["name"] == "logit_diff"  # the prompts have target and wrong
     names = [u["name"] for u in results["units"]]
-    assert "transformer.h.1.attn.c_proj@input[heads=1;n_heads=2]" in names
+    assert "transformer.h.1.attn.c_proj@input[heads=1]" in names  # n_heads: from the config
     assert "transformer.h.0.mlp" in names and len(names) == 6  # heads and MLPs by default
     assert results["scores"]["auroc"] is None and "transformers" in results["versions"]
     # plain text prompts, granularities: neurons of one layer, heads of the other

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -67,7 +68,18 @@ def micro():
     return model, batches, units, means, alive
 
 
-@pytest.mark.parametrize("metric", ["kl", "l2", "loss"])
+def _faith_without(model, batches, units, means, metric, kept) -> float:
+    """Faithfulness of ``kept`` by the plain hooked forward (independent of SetMetric)."""
+    from meanablate.discovery.evaluate import metric_per_example
+
+    def m(ablated):
+        return float(metric_per_example(model, batches, ablated, means, metric).mean())
+
+    full, empty = m([]), m(units)
+    return faithfulness(m([u for u in units if u not in set(kept)]), full, empty)
+
+
+@pytest.mark.parametrize("metric", ["kl", "l2"])
 def test_acdc_keeps_exactly_the_units_that_matter(micro, metric) -> None:
     model, batches, units, means, alive = micro
     circuit = discover(model, batches, means, units=units, metric=metric, threshold=1e-7)
@@ -80,6 +92,25 @@ def test_acdc_keeps_exactly_the_units_that_matter(micro, metric) -> None:
     assert circuit.metric_circuit == circuit.metric_full  # dead heads change nothing
     assert circuit.faithfulness == 1.0
     assert circuit.threshold == 1e-7 and circuit.metric == metric
+    assert circuit.target_faithfulness == 1 - 1e-7
+    assert circuit.abs_threshold == pytest.approx(1e-7 * abs(circuit.behaviour))
+    # 10 units, 7 kept: the 848 smaller subsets were all checked
+    assert circuit.certificate == "exhaustive" and circuit.subsets_checked == 848
+
+
+def test_discovery_refuses_behaviour_it_cannot_tell_from_noise(micro) -> None:
+    """A random model's loss: m(full) - m(empty) has a bootstrap interval around 0."""
+    model, batches, units, means, _ = micro
+    for algorithm, thr in (("acdc", 0.01), ("sweep", None)):
+        with pytest.raises(ValueError, match=r"not distinguishable.*contains 0.*force=True"):
+            discover(model, batches, means, units=units, metric="loss", algorithm=algorithm,
+                     threshold=thr)  # fmt: skip
+    circuit = discover(model, batches, means, units=units, metric="loss", threshold=0.01,
+                       force=True)  # fmt: skip
+    lo, hi = circuit.behaviour_ci
+    assert lo <= 0 <= hi and circuit.behaviour == pytest.approx(
+        circuit.metric_full - circuit.metric_empty
+    )
 
 
 def test_acdc_with_a_dead_mlp_too() -> None:
@@ -101,25 +132,52 @@ def test_score_then_prune_never_needs_a_dead_head(micro, algorithm) -> None:
         batches,
         means,
         units=units,
-        metric="loss",
+        metric="kl",
         algorithm=algorithm,
         target_faithfulness=0.9,
     )
     assert set(circuit.kept) <= set(alive)
     assert circuit.faithfulness >= 0.9
     assert circuit.target_faithfulness == 0.9 and circuit.threshold is None
-    # the smallest top-k of the ranking: one unit fewer misses the target
+    # the ranking's curve: the smallest top-k reaching the target, before the removal pass
     sizes = [s for s, _ in circuit.curve]
-    assert sizes == list(range(len(circuit.kept) + 1))
+    assert sizes == list(range(sizes[-1] + 1))
     assert circuit.curve[-1][1] >= 0.9
     assert all(f < 0.9 for _, f in circuit.curve[:-1])
-    ranking = circuit.unit_scores.ranking()
-    assert set(circuit.kept) == set(ranking[: len(circuit.kept)])
+    assert len(circuit.kept) <= sizes[-1]
+    # minimal, checked by the plain hooked forward: no kept unit can go
+    assert circuit.certificate == "exhaustive"
+    for u in circuit.kept:
+        rest = [v for v in circuit.kept if v != u]
+        assert _faith_without(model, batches, units, means, "kl", rest) < 0.9
     if algorithm == "sweep":
-        exact = sweep(model, batches, units, means, metric="loss")
+        exact = sweep(model, batches, units, means, metric="kl")
         assert circuit.scores == exact.as_dict()
-        # dead heads: zero up to float error (the fast path re-runs only downstream layers)
-        assert all(abs(exact.as_dict()[u]) < 1e-6 for u in set(units) - set(alive))
+
+
+def test_the_exhaustive_check_finds_a_smaller_circuit_and_respects_its_limit(micro) -> None:
+    from meanablate.discovery.evaluate import metric_per_example
+
+    model, batches, units, means, _ = micro
+    units = [u for u in units if "heads" in u]  # 8 heads: a brute force the test can afford
+    kw = dict(units=units, metric="kl", algorithm="sweep", target_faithfulness=0.9)
+    small = discover(model, batches, means, **kw)
+    one_min = discover(model, batches, means, **kw, max_exhaustive=0)
+    assert one_min.certificate == "1-minimal" and one_min.subsets_checked == 0
+    assert small.certificate == "exhaustive" and len(small.kept) <= len(one_min.kept)
+    raw = discover(model, batches, means, **kw, minimize=False)
+    assert raw.certificate == "none" and len(raw.kept) >= len(one_min.kept)
+
+    # brute force with the plain hooked forward: nothing smaller reaches 0.9
+    def m(ablated) -> float:
+        return float(metric_per_example(model, batches, ablated, means, "kl").mean())
+
+    full, empty = m([]), m(units)
+    for size in range(len(small.kept)):
+        for combo in itertools.combinations(units, size):
+            rest = [u for u in units if u not in combo]
+            assert faithfulness(m(rest), full, empty) < 0.9 + 1e-9
+    assert faithfulness(small.metric_circuit, full, empty) >= 0.9 - 1e-9
 
 
 # -- ACDC in closed form -----------------------------------------------------------------
@@ -134,36 +192,62 @@ def diagonal_model(w: list[float]) -> nn.Sequential:
 
 @pytest.mark.parametrize(
     ("threshold", "kept"),
-    [(0.05, [0, 1, 2]), (0.5, [0, 2]), (2.0, [0]), (3.5, [])],
+    [(0.05, [0, 1, 2]), (0.5, [0, 2]), (2.0, [0, 2]), (2.01, [0]), (3.5, [2])],
 )
 def test_acdc_metric_changes_in_closed_form(threshold, kept) -> None:
     # l2 after ablating neurons S: sqrt(sum_{i in S} w_i^2 (x_i - mean_i)^2) = sqrt(sum w_i^2)
+    # A removal needs a step below the threshold AND the circuit left within it of full
+    # (target faithfulness 1 - threshold / m(empty)): at 2.0, removing neuron 2 after 1
+    # is a step of 1.90 but leaves 2.0025 > 2.0, so it stays.
     w = [3.0, 0.1, 2.0]
     model = diagonal_model(w)
     x = torch.tensor([[0.5, -1.0, 2.0]])
     means = Means({"0": (x[0] - 1).double()}, {"0": torch.tensor(1.0)})
     units = ["0[neurons=0]", "0[neurons=1]", "0[neurons=2]"]
-    circuit = discover(model, [x], means, units=units, metric="l2", threshold=threshold)
+    circuit = discover(model, [x], means, units=units, metric="l2", abs_threshold=threshold)
     assert circuit.kept == [units[i] for i in kept]
     removed = [i for i in range(3) if i not in kept]
     assert circuit.metric_circuit == pytest.approx(math.sqrt(sum(w[i] ** 2 for i in removed)))
-    assert circuit.metric_empty == pytest.approx(math.sqrt(sum(v**2 for v in w)))
+    empty = math.sqrt(sum(v**2 for v in w))
+    assert circuit.metric_empty == pytest.approx(empty)
+    assert circuit.threshold == pytest.approx(threshold / empty)
+    assert circuit.certificate == "exhaustive"
     # the walk: neuron 0 first (input order among equals), each tried on top of the removed
-    current, expect = 0.0, {}
+    current, expect, gone = 0.0, {}, []
     for i in range(3):
-        trial = math.sqrt(sum(w[j] ** 2 for j in [*[r for r in removed if r < i], i]))
+        trial = math.sqrt(sum(w[j] ** 2 for j in [*gone, i]))
         expect[units[i]] = abs(trial - current)
-        if i in removed:
+        if expect[units[i]] < threshold and trial <= threshold:
+            gone.append(i)
             current = trial
     assert circuit.scores == pytest.approx(expect)
+    # the same threshold given relative to |m(full) - m(empty)| finds the same circuit
+    rel = discover(model, [x], means, units=units, metric="l2", threshold=threshold / empty)
+    assert rel.kept == circuit.kept and rel.scores == pytest.approx(circuit.scores)
 
 
 # -- argument checks -----------------------------------------------------------------------
-@pytest.mark.parametrize("threshold", [None, -0.1, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "threshold", [None, -0.1, 1.0, 1.5, float("nan"), float("inf"), -float("inf")]
+)
 def test_acdc_threshold_out_of_range_raises(micro, threshold) -> None:
     model, batches, units, means, _ = micro
-    with pytest.raises(ValueError, match="threshold"):
-        discover(model, batches, means, units=units, threshold=threshold)
+    with pytest.raises(ValueError, match=r"threshold in \[0, 1\)"):
+        discover(model, batches, means, units=units, metric="kl", threshold=threshold)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_abs_threshold_out_of_range_raises(micro, bad) -> None:
+    model, batches, units, means, _ = micro
+    with pytest.raises(ValueError, match="abs_threshold must be a finite number >= 0"):
+        discover(model, batches, means, units=units, metric="kl", abs_threshold=bad)
+    with pytest.raises(ValueError, match="not both"):
+        discover(model, batches, means, units=units, threshold=0.1, abs_threshold=0.1)
+    with pytest.raises(ValueError, match="whole behaviour"):
+        discover(model, batches, means, units=units, metric="kl", abs_threshold=1e9)
+    with pytest.raises(ValueError, match="max_exhaustive"):
+        discover(model, batches, means, units=units, metric="kl", threshold=0.1,
+                 max_exhaustive=-1)  # fmt: skip
 
 
 @pytest.mark.parametrize("algorithm", ["sweep", "attribution", "attribute_verify"])
@@ -207,12 +291,10 @@ def test_faithfulness_is_undefined_when_full_equals_empty() -> None:
     units = transformer_units(model, "heads")
     means = compute_means(model, units, batches)
     for metric in ("kl", "loss"):
-        with pytest.raises(ValueError, match="undefined"):
-            discover(model, batches, means, units=units, metric=metric, algorithm="sweep")
-        circuit = discover(model, batches, means, units=units, metric=metric, threshold=1e-9)
-        assert circuit.kept == []
-        with pytest.raises(ValueError, match="undefined"):
-            _ = circuit.faithfulness
+        for algorithm, thr in (("sweep", None), ("acdc", 1e-9)):
+            with pytest.raises(ValueError, match="no behaviour to explain"):
+                discover(model, batches, means, units=units, metric=metric,
+                         algorithm=algorithm, threshold=thr, force=True)  # fmt: skip
         with pytest.raises(ValueError, match="undefined"):
             score_circuit(model, batches, units[:2], units, means, metric)
 
@@ -233,7 +315,9 @@ def test_a_confidence_interval_from_one_example_raises(micro) -> None:
 
 def test_roc_needs_known_units_and_both_classes(micro) -> None:
     model, batches, units, means, alive = micro
-    circuit = discover(model, batches, means, units=units, metric="kl", threshold=1e-7)
+    circuit = discover(
+        model, batches, means, units=units, metric="kl", threshold=1e-7, max_exhaustive=0
+    )
     fpr, tpr, area = circuit.roc(alive)
     assert area == 1.0 and fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     with pytest.raises(ValueError, match="not among the units"):

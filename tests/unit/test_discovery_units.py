@@ -123,7 +123,7 @@ def test_transformer_units_errors() -> None:
         transformer_units(MODEL, "wires")  # type: ignore[arg-type]
     with pytest.raises(IndexError):
         transformer_units(MODEL, "heads", layers=[3])
-    with pytest.raises(TypeError, match="cfg"):
+    with pytest.raises(TypeError, match="no known model family"):
         transformer_units(nn.Linear(2, 2))
 
 

@@ -1,5 +1,6 @@
 """Hugging Face models (``--model DIR``, loaded offline) and their units: heads, MLPs,
-neurons, layers and positions of GPT-2, BERT and Llama-style models (:func:`hf_units`)."""
+neurons, layers and positions of GPT-2, GPT-NeoX, BERT and Llama-style models
+(:func:`hf_units`). Encoders load as masked LMs and are scored at their mask tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from meanablate.cli.errors import one_line
@@ -15,7 +15,7 @@ from meanablate.cli.prompts import read_prompts
 from meanablate.cli.records import Inputs, Log, default_metric
 from meanablate.config import InputError, Resolved
 
-__all__ = ["hf_units", "load_hf"]
+__all__ = ["hf_units", "is_masked_lm", "load_hf"]
 
 
 def _offline(auto: Any, path: str, what: str) -> Any:
@@ -48,10 +48,21 @@ def load_hf(cfg: Resolved, path: str, log: Log) -> Inputs:
     max_len = getattr(config, "n_positions", None) or getattr(
         config, "max_position_embeddings", None
     )
-    batches = read_prompts(cfg["prompts"], tokenizer, cfg["batch_size"], cfg["n_examples"], max_len)
+    masked = is_masked_lm(config)
+    batches = read_prompts(
+        cfg["prompts"],
+        tokenizer,
+        cfg["batch_size"],
+        cfg["n_examples"],
+        max_len,
+        mask_token_id=tokenizer.mask_token_id if masked else None,
+    )
     model = None
     errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+    # An encoder (BERT-style) predicts masked tokens: its causal-LM class would put a
+    # left-to-right head on it.
+    autos = (transformers.AutoModelForMaskedLM,) if masked else (transformers.AutoModelForCausalLM,)
+    for auto in (*autos, transformers.AutoModel):
         try:
             model = auto.from_pretrained(path, local_files_only=True)
             break
@@ -80,82 +91,42 @@ def load_hf(cfg: Resolved, path: str, log: Log) -> Inputs:
     )
 
 
-# (block, head-output input, MLP output, neuron activation, attention output) per family,
-# relative to the base model: GPT-2, BERT, Llama / Mistral / Qwen.
-_HF_LAYOUTS = (
-    ("h.{L}", "h.{L}.attn.c_proj@input", "h.{L}.mlp", "h.{L}.mlp.act", "h.{L}.attn"),
-    (
-        "encoder.layer.{L}",
-        "encoder.layer.{L}.attention.output.dense@input",
-        "encoder.layer.{L}.output.dense",
-        "encoder.layer.{L}.intermediate",
-        "encoder.layer.{L}.attention.output.dense",
-    ),
-    (
-        "layers.{L}",
-        "layers.{L}.self_attn.o_proj@input",
-        "layers.{L}.mlp",
-        "layers.{L}.mlp.down_proj@input",
-        "layers.{L}.self_attn",
-    ),
-)
+def is_masked_lm(config: Any) -> bool:
+    """Whether ``config`` describes a masked LM (an encoder such as BERT), not a causal one.
 
+    Its saved ``architectures`` decide (``BertForMaskedLM``); without them, an encoder
+    config (``is_decoder`` false) of a model type that has a masked-LM class.
+    """
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return True
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-def _hf_layout(model: nn.Module) -> tuple[str, tuple[str, ...], int] | None:
-    names = {name for name, _ in model.named_modules()}
-    for layout in _HF_LAYOUTS:
-        block0 = layout[0].format(L=0)
-        for name in sorted(names, key=len):
-            if name != block0 and not name.endswith("." + block0):
-                continue
-            prefix = name[: -len(block0)]
-            if all(prefix + t.format(L=0).split("@")[0] in names for t in layout[1:]):
-                n_layers = 0
-                while prefix + layout[0].format(L=n_layers) in names:
-                    n_layers += 1
-                return prefix, layout, n_layers
-    return None
-
-
-def _width(model: nn.Module, key: str, batch: Any) -> int:
-    from meanablate.hooks import capture, run_model
-
-    with torch.inference_mode(), capture(model, [key]) as store:
-        run_model(model, batch)
-    return int(store[key].shape[-1])
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
 
 
 def hf_units(
     model: nn.Module, granularity: str, layers: Sequence[int] | None, batch: Any
 ) -> list[str] | None:
-    """Units of a GPT-2 / BERT / Llama-style HF model (``None``: not such a model)."""
-    from meanablate.adapters.huggingface import n_heads_of
+    """Units of a GPT-2 / GPT-NeoX / BERT / Llama-style HF model, named by its family
+    (:func:`meanablate.transformer_units`); ``None``: not such a model."""
+    from meanablate.discovery import transformer_units
+    from meanablate.families import family_of
+    from meanablate.families.hf import HFFamily
 
-    found = _hf_layout(model)
-    if found is None:
+    if not isinstance(family_of(model), HFFamily):
         return None
-    prefix, (block, heads, mlp, neurons, attn), n_layers = found
-    chosen = list(range(n_layers)) if layers is None else list(layers)
-    for layer in chosen:
-        if not 0 <= layer < n_layers:
-            raise InputError(f"layer {layer} out of range for a model with {n_layers} layers")
-    out: list[str] = []
-    n_heads = n_heads_of(model) if granularity in ("heads", "components") else 0
-    n_pos = int(batch["input_ids"].shape[1]) if granularity == "positions" else 0
-    for layer in chosen:
-        fmt = {"L": layer}
-        if granularity in ("heads", "components"):
-            out += [
-                f"{prefix}{heads.format(**fmt)}[heads={h};n_heads={n_heads}]"
-                for h in range(n_heads)
-            ]
-        if granularity in ("mlps", "components"):
-            out.append(prefix + mlp.format(**fmt))
-        if granularity == "layers":
-            out += [prefix + attn.format(**fmt), prefix + mlp.format(**fmt)]
-        if granularity == "neurons":
-            key = prefix + neurons.format(**fmt)
-            out += [f"{key}[neurons={i}]" for i in range(_width(model, key, batch))]
-        if granularity == "positions":
-            out += [f"{prefix}{block.format(**fmt)}@input[pos={p}]" for p in range(n_pos)]
-    return out
+    n_pos = int(batch["input_ids"].shape[1]) if granularity == "positions" else None
+    try:
+        return transformer_units(
+            model,
+            granularity,  # type: ignore[arg-type]
+            layers=None if layers is None else list(layers),
+            n_positions=n_pos,
+        )
+    except (IndexError, ValueError) as exc:
+        raise InputError(one_line(exc)) from None

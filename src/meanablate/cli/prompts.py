@@ -40,11 +40,18 @@ def read_prompts(
     batch_size: int,
     n_examples: int | None,
     max_length: int | None = None,
+    *,
+    mask_token_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """Padded batches from a prompts file; a bad line raises naming the file and line.
 
     JSONL lines with ``target`` (and ``wrong``) get ``[batch, pos]`` fields scored at the
     prompt's last token; plain text prompts get none (``kl`` reads every real token).
+
+    A masked LM (``mask_token_id`` given) is scored at its mask instead: answers sit at
+    the mask token's position, and prompts with a mask get ``metric_mask [batch, pos]``
+    marking it (so ``kl`` compares the predictions for the masked token only). Each
+    prompt then needs exactly one mask token.
     """
     from meanablate.data import read_jsonl, read_text
 
@@ -74,7 +81,7 @@ def read_prompts(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows: list[tuple[list[int], dict[str, int]]] = []
+    rows: list[tuple[list[int], dict[str, int], int]] = []
     try:
         for record in records:
             ids = list(tokenizer(record.text)["input_ids"])
@@ -86,7 +93,17 @@ def read_prompts(
                     f"model's {max_length}"
                 )
             answers = {f: _answer_id(tokenizer, record.fields[f], f, record.where) for f in fields}
-            rows.append((ids, answers))
+            at = len(ids) - 1  # a causal LM predicts the answer after the last token
+            if mask_token_id is not None:
+                n_masks = ids.count(mask_token_id)
+                if n_masks != 1:
+                    mask = tokenizer.convert_ids_to_tokens(mask_token_id)
+                    raise InputError(
+                        f"{record.where}: a masked LM is scored at its mask token: the "
+                        f"prompt needs exactly one {mask}, it has {n_masks}"
+                    )
+                at = ids.index(mask_token_id)
+            rows.append((ids, answers, at))
     except InputError:
         raise
     except ValueError as exc:  # from the readers: "path, line N: ..."
@@ -96,16 +113,20 @@ def read_prompts(
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
+        length = max(len(ids) for ids, _, _ in chunk)
         ids_t = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
         batch: dict[str, Tensor] = {"input_ids": ids_t, "attention_mask": mask}
         for f in fields:
             batch[f] = torch.full((len(chunk), length), -100, dtype=torch.long)
-        for i, (ids, answers) in enumerate(chunk):
+        if mask_token_id is not None:
+            batch["metric_mask"] = torch.zeros((len(chunk), length), dtype=torch.bool)
+        for i, (ids, answers, at) in enumerate(chunk):
             ids_t[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
+            if mask_token_id is not None:
+                batch["metric_mask"][i, at] = True
             for f, a in answers.items():
-                batch[f][i, len(ids) - 1] = a
+                batch[f][i, at] = a
         batches.append(batch)
     return batches

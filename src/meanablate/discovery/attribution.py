@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.sweep import check_units
+from meanablate.families import check_sites
 from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
-from meanablate.sites import as_sites, check_units_in_range
+from meanablate.sites import check_units_in_range
 from meanablate.stats import Means
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def attribute(
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     units = check_units(model, units)
-    sites = as_sites(units)
+    sites = check_sites(model, units)
     keys = sorted({s.key for s in sites})
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)

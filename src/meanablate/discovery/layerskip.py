@@ -1,32 +1,29 @@
-"""Skipping the untouched layers of any model built as a list of blocks.
+"""Resuming a forward pass from block ``L``: the layers before a unit are not re-run.
 
-Most transformers keep their layers in one ``nn.ModuleList`` (``encoder.layer`` in BERT,
-``transformer.h`` in GPT-2, ``model.layers`` in Llama). Ablating a unit inside block ``L``
-cannot change blocks ``0..L-1``, so during a sweep those blocks may return the outputs
-recorded in the clean run instead of recomputing them. The blocks' ``forward`` is
-replaced on the instances only inside a ``with`` block and restored in ``finally``.
+Ablating a unit inside block ``L`` cannot change blocks ``0..L-1``. During the clean run,
+:func:`record_block_calls` records how the model calls each block (its positional and
+keyword arguments, through forward pre-hooks that leave in ``finally``);
+:func:`run_from` then calls blocks ``L..`` directly with those arguments — the stream
+flowing from one block to the next — and finishes with the family's tail (final norm and
+unembedding). Calling the blocks as modules fires every hook on them, ``ablate``'s
+included. Nothing is replaced on the user's modules.
+
+Only families that declare it safe (:meth:`Family.can_resume`: the model's forward is
+exactly embed, blocks in order, tail) resume; any other model runs its full forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["block_of", "find_blocks", "record_block_outputs", "skip_blocks"]
+from meanablate.families import Family
 
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's longest ``ModuleList`` of layers (path and list), or ``None``."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    return best
+__all__ = ["BlockCalls", "block_of", "record_block_calls", "run_from"]
 
 
 def block_of(path: str, prefix: str, n_blocks: int) -> int | None:
@@ -40,40 +37,63 @@ def block_of(path: str, prefix: str, n_blocks: int) -> int | None:
     return None
 
 
+@dataclass
+class BlockCalls:
+    """Each block's recorded call in one forward: ``calls[i] = (args, kwargs)`` (made
+    repeatable by the family), or ``None`` where a block was not called exactly once."""
+
+    calls: list[tuple[tuple, dict[str, Any]] | None]
+    counts: list[int]
+
+    def resumable_from(self, layer: int) -> bool:
+        """Whether blocks ``layer..`` were each called once, with repeatable arguments."""
+        tail = range(layer, len(self.calls))
+        return all(self.counts[i] == 1 and self.calls[i] is not None for i in tail)
+
+
 @contextmanager
-def record_block_outputs(blocks: nn.ModuleList) -> Iterator[list[Any]]:
-    """Record each block's output (as returned) during one forward pass."""
-    outputs: list[Any] = [None] * len(blocks)
+def record_block_calls(family: Family) -> Iterator[BlockCalls | None]:
+    """Record each block's call during the forward passes inside the block.
+
+    Yields ``None`` when the family cannot resume (then nothing is registered).
+    """
+    found = family.blocks() if family.can_resume() else None
+    if found is None:
+        yield None
+        return
+    blocks = found[1]
+    record = BlockCalls([None] * len(blocks), [0] * len(blocks))
     handles = []
     try:
         for i, block in enumerate(blocks):
 
-            def hook(_m: nn.Module, _a: Any, out: Any, i: int = i) -> None:
-                outputs[i] = out
+            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                record.counts[i] += 1
+                record.calls[i] = family.resume_call(tuple(args), dict(kwargs))
 
-            handles.append(block.register_forward_hook(hook))
-        yield outputs
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        yield record
     finally:
         for h in handles:
             h.remove()
 
 
-@contextmanager
-def skip_blocks(blocks: nn.ModuleList, upto: int, outputs: list[Any]) -> Iterator[None]:
-    """Blocks ``0..upto-1`` return their recorded clean outputs instead of running."""
-    patched = []
-    try:
-        for i in range(upto):
-            block = blocks[i]
-            if "forward" in block.__dict__:
-                raise RuntimeError(f"block {i} already has an instance-level forward")
+def run_from(family: Family, calls: BlockCalls, layer: int) -> Tensor:
+    """The model's output tensor, running blocks ``layer..`` from the recorded calls.
 
-            def cached(*_args: Any, _out: Any = outputs[i], **_kwargs: Any) -> Any:
-                return _out
-
-            block.forward = cached  # type: ignore[method-assign]
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
+    Block ``layer`` gets its recorded input; each later block the previous one's output
+    in place of its recorded stream (its first positional argument).
+    """
+    found = family.blocks()
+    assert found is not None
+    blocks = found[1]
+    hidden: Tensor | None = None
+    for i in range(layer, len(blocks)):
+        call = calls.calls[i]
+        assert call is not None
+        args, kwargs = call
+        if hidden is not None:
+            args = (hidden, *args[1:])
+        hidden = family.block_output(blocks[i](*args, **kwargs))
+    assert hidden is not None
+    return family.tail(hidden)

@@ -4,11 +4,17 @@ Every algorithm has one signature, ``discover(model, batches, means, *, units, m
 algorithm, threshold, target_faithfulness)``, and returns one type, :class:`Circuit`.
 
 - ``"acdc"``: walk units from the output backwards; ablate a unit for good if the metric
-  moves by less than ``threshold`` (absolute, in the metric's units) when it is ablated on
-  top of everything already removed.
+  moves by less than ``threshold * |m(full) - m(empty)|`` (``threshold`` is a fraction of
+  the behaviour; ``abs_threshold=`` gives it in the metric's units instead) when it is
+  ablated on top of everything already removed, and the circuit still reaches its target.
 - ``"sweep"`` / ``"attribution"`` / ``"attribute_verify"``: rank units by the exact sweep,
   by attribution, or by attribution with the top ``verify_top`` re-measured exactly; keep
   the smallest top set whose faithfulness reaches ``target_faithfulness``.
+
+Every algorithm then runs the removal pass and, where the unit count allows, the
+exhaustive check of :mod:`meanablate.discovery.minimal`; :attr:`Circuit.certificate` says
+what was proven. The target is ``faithfulness >= target_faithfulness`` (default 0.95;
+ACDC: ``1 - threshold``).
 """
 
 from __future__ import annotations
@@ -16,15 +22,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.attribution import attribute
+from meanablate.discovery.circuit import Circuit
 from meanablate.discovery.evaluate import faithfulness
-from meanablate.discovery.scores import Scores, auroc, roc_curve
+from meanablate.discovery.minimal import (
+    MAX_EXHAUSTIVE,
+    check_behaviour,
+    exhaustive_search,
+    removal_pass,
+)
+from meanablate.discovery.scores import Scores
 from meanablate.discovery.subsets import SetMetric
 from meanablate.discovery.sweep import check_units, sweep
 from meanablate.discovery.units import reverse_topological
@@ -40,45 +52,6 @@ ALGORITHMS: tuple[str, ...] = ("acdc", "sweep", "attribution", "attribute_verify
 VERIFY_MARGIN = 2.0
 
 
-@dataclass
-class Circuit:
-    """The units kept, their scores, and the metric for full / circuit / empty models.
-
-    ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
-    the unit was tried; score-based: the unit's effect). ``curve``: faithfulness against
-    circuit size for score-based algorithms (``(size, faithfulness)`` pairs).
-    """
-
-    algorithm: str
-    units: list[str]
-    kept: list[str]
-    scores: dict[str, float]
-    metric: str
-    metric_full: float
-    metric_circuit: float
-    metric_empty: float
-    threshold: float | None = None
-    target_faithfulness: float | None = None
-    curve: list[tuple[int, float]] = field(default_factory=list)
-    unit_scores: Scores | None = None
-    seconds: float = 0.0
-
-    @property
-    def faithfulness(self) -> float:
-        return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
-
-    def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
-        """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
-        truth = set(ground_truth)
-        missing = truth - set(self.units)
-        if missing:
-            raise ValueError(f"ground-truth units not among the units: {sorted(missing)}")
-        s = [abs(self.scores[u]) for u in self.units]
-        y = [u in truth for u in self.units]
-        fpr, tpr = roc_curve(s, y)
-        return fpr, tpr, auroc(s, y)
-
-
 def discover(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -88,29 +61,66 @@ def discover(
     metric: str | Metric = "kl",
     algorithm: Algorithm = "acdc",
     threshold: float | None = None,
-    target_faithfulness: float = 0.95,
+    target_faithfulness: float | None = None,
     verify_top: int | None = None,
     n_probes: int = 4,
     method: Method = "mean",
     progress: bool = False,
+    abs_threshold: float | None = None,
+    force: bool = False,
+    minimize: bool = True,
+    max_exhaustive: int = MAX_EXHAUSTIVE,
 ) -> Circuit:
     """Find a small set of ``units`` that keeps the model's behaviour under ``metric``.
 
-    Returns a :class:`Circuit`. ``threshold`` (ACDC, required there, >= 0) is the largest
-    metric change a unit may cause and still be removed; ``target_faithfulness`` in
-    (0, 1] is what score-based pruning must reach. ``n_probes``: random probes per
-    batch for attribution of ``kl``/``l2``/``mse`` (one backward each; more rank better:
-    Spearman with the exact sweep 0.89 with 1, 0.96 with 4 on the trained benchmark model).
+    Returns a :class:`Circuit` with a ``certificate`` (see
+    :mod:`meanablate.discovery.minimal`). ACDC needs ``threshold`` in [0, 1), the largest
+    metric change a removed unit may cause as a fraction of ``|m(full) - m(empty)|`` —
+    or ``abs_threshold`` (>= 0, in the metric's units) instead. ``target_faithfulness``
+    in (0, 1]: what the circuit must reach (default 0.95; ACDC: ``1 - threshold``, the
+    relative threshold). ``force``: discover even when ``m(full) - m(empty)`` is not told
+    apart from 0 by its bootstrap interval (else ``ValueError``). ``minimize=False``
+    skips the removal pass (certificate ``"none"``); ``max_exhaustive``: most subsets the
+    exhaustive check may try. ``n_probes``: random probes per batch for attribution of
+    ``kl``/``l2``/``mse`` (one backward each; more rank better: Spearman with the exact
+    sweep 0.89 with 1, 0.96 with 4 on the trained benchmark model).
+
+    >>> import torch
+    >>> from meanablate.stats import Means
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False))
+    >>> _ = torch.nn.init.eye_(model[0].weight)
+    >>> x = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    >>> means = Means({"0": torch.zeros(3, dtype=torch.float64)}, {"0": torch.tensor(2.0)})
+    >>> units = ["0[neurons=0]", "0[neurons=1]", "0[neurons=2]"]
+    >>> c = discover(model, [x], means, units=units, metric="l2", threshold=0.3)
+    >>> c.kept, c.certificate
+    (['0[neurons=1]', '0[neurons=2]'], 'exhaustive')
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if not (0 < target_faithfulness <= 1):
-        raise ValueError(f"target_faithfulness must lie in (0, 1], got {target_faithfulness}")
+    if target_faithfulness is not None and not (0 < target_faithfulness <= 1):
+        raise ValueError(
+            f"target_faithfulness must lie in (0, 1] (a fraction of the full model's "
+            f"behaviour), got {target_faithfulness}"
+        )
     if algorithm == "acdc":
-        if threshold is None or not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"ACDC needs a finite threshold >= 0, got {threshold}")
-    elif threshold is not None:
+        if threshold is not None and abs_threshold is not None:
+            raise ValueError("give ACDC threshold= (relative) or abs_threshold=, not both")
+        if abs_threshold is not None:
+            if not math.isfinite(abs_threshold) or abs_threshold < 0:
+                raise ValueError(
+                    f"abs_threshold must be a finite number >= 0 (in the metric's units), "
+                    f"got {abs_threshold}"
+                )
+        elif threshold is None or not math.isfinite(threshold) or not 0 <= threshold < 1:
+            raise ValueError(
+                f"ACDC needs threshold in [0, 1) (a fraction of |m(full) - m(empty)|) or "
+                f"abs_threshold >= 0 (in the metric's units), got threshold={threshold}"
+            )
+    elif threshold is not None or abs_threshold is not None:
         raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
+    if not isinstance(max_exhaustive, int) or max_exhaustive < 0:
+        raise ValueError(f"max_exhaustive must be an int >= 0, got {max_exhaustive!r}")
     m = get_metric(metric)
     units = check_units(model, units)
     batches = list(batches)
@@ -127,10 +137,30 @@ def discover(
             memo[key] = float(set_metric(list(ablated)).mean())
         return memo[key]
 
-    m_full, m_empty = value([]), value(units)
+    full_ex, empty_ex = set_metric([]), set_metric(list(units))
+    memo[frozenset()] = m_full = float(full_ex.mean())
+    memo[frozenset(units)] = m_empty = float(empty_ex.mean())
+    delta, delta_ci = check_behaviour(full_ex, empty_ex, force=force)
+    scale = abs(delta)
+    target = 0.95 if target_faithfulness is None else target_faithfulness
     if algorithm == "acdc":
-        circuit = _acdc(units, value, m_full, float(threshold), progress)  # type: ignore[arg-type]
-        circuit.metric_empty = m_empty
+        if abs_threshold is not None:
+            threshold = abs_threshold / scale
+        target = target_faithfulness if target_faithfulness is not None else 1 - threshold
+        if target <= 0:
+            raise ValueError(
+                f"abs_threshold {abs_threshold:g} is at least the whole behaviour "
+                f"|m(full) - m(empty)| = {scale:.4g}: every unit would be removed"
+            )
+        circuit = _acdc(
+            units,
+            value,
+            m_full,
+            m_empty,
+            threshold * scale,
+            target,
+            progress,  # type: ignore[operator]
+        )
     elif algorithm == "attribute_verify":
         circuit = _attribute_verify(
             model,
@@ -144,21 +174,53 @@ def discover(
             value,
             m_full,
             m_empty,
-            target_faithfulness,
+            target,
             progress,
         )
     else:
         scores = _rank_scores(
             model, batches, units, means, m, algorithm, method, progress, n_probes
         )
-        circuit = _prune_to_target(units, scores, value, m_full, m_empty, target_faithfulness)
+        circuit = _prune_to_target(units, scores, value, m_full, m_empty, target)
+    if minimize:
+        _certify(circuit, units, value, m_full, m_empty, max_exhaustive)
     circuit.algorithm, circuit.metric = algorithm, m.name
     circuit.threshold = threshold
+    circuit.abs_threshold = None if algorithm != "acdc" else threshold * scale  # type: ignore[operator]
+    circuit.behaviour, circuit.behaviour_ci = delta, delta_ci
+    circuit.mean_kind = getattr(means, "kind", None)
     circuit.seconds = time.perf_counter() - t0
     return circuit
 
 
-def _acdc(units: list[str], value: Any, m_full: float, threshold: float, progress: bool) -> Circuit:
+def _certify(
+    circuit: Circuit, units: list[str], value: Any, m_full: float, m_empty: float, limit: int
+) -> None:
+    """Removal pass (weakest units first), then the exhaustive check where affordable."""
+    target = float(circuit.target_faithfulness)  # type: ignore[arg-type]
+    weakest = sorted(circuit.kept, key=lambda u: abs(circuit.scores.get(u, 0.0)))
+    kept, removed = removal_pass(units, circuit.kept, value, m_full, m_empty, target, weakest)
+    kept, certificate, checked = exhaustive_search(
+        units, kept, value, m_full, m_empty, target, limit
+    )
+    keep = set(kept)
+    circuit.kept = kept
+    circuit.removed_by_pass = [u for u in circuit.units if u not in keep and u in set(removed)]
+    circuit.metric_circuit = value([u for u in units if u not in keep])
+    circuit.certificate, circuit.subsets_checked = certificate, checked
+
+
+def _acdc(
+    units: list[str],
+    value: Any,
+    m_full: float,
+    m_empty: float,
+    step: float,
+    target: float,
+    progress: bool,
+) -> Circuit:
+    """Greedy ACDC: remove a unit when it moves the metric by less than ``step`` and the
+    circuit left still reaches ``target`` (so the small steps cannot drift past it)."""
     ablated: list[str] = []
     current = m_full
     scores: dict[str, float] = {}
@@ -171,12 +233,14 @@ def _acdc(units: list[str], value: Any, m_full: float, threshold: float, progres
     for u in iterator:
         trial = value([*ablated, u])
         scores[u] = abs(trial - current)
-        if scores[u] < threshold:
+        if scores[u] < step and faithfulness(trial, m_full, m_empty) >= target - 1e-9:
             ablated.append(u)
             current = trial
     removed = set(ablated)
     kept = [u for u in units if u not in removed]
-    return Circuit("acdc", units, kept, scores, "", m_full, current, float("nan"))
+    return Circuit(
+        "acdc", units, kept, scores, "", m_full, current, m_empty, target_faithfulness=target
+    )
 
 
 def _rank_scores(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
+from meanablate.families import check_sites, family_of
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import Metric, get_metric, scored_mask
@@ -28,17 +30,20 @@ Stack = int | Literal["auto"]
 
 
 def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
-    """Normalize unit strings, checking each names a module of ``model``."""
+    """Normalize unit strings, checking each names a module of ``model`` and fits its
+    family (head counts, head axes: :func:`meanablate.families.check_sites`)."""
     if isinstance(units, str) or not len(units):
         raise ValueError("units must be a non-empty list of sites")
     out = []
     seen: set[str] = set()
-    for site in as_sites(units):
+    sites = as_sites(units)
+    for site in sites:
         if site.module not in seen:  # resolving walks every module: once per path
             resolve_module(model, site.module)
             seen.add(site.module)
         out.append(str(site))
-    if len(set(out)) != len(out):
+    checked = check_sites(model, sites)
+    if len({str(s) for s in checked}) != len(out):
         raise ValueError("units contain duplicates")
     return out
 
@@ -206,43 +211,35 @@ def _hooked_effects(
     bar: Any,
     skip_layers: bool,
 ) -> dict[str, Tensor]:
-    """One hooked forward per unit; blocks before the unit's own return cached outputs.
+    """One hooked forward per unit; on a family that can resume, from the unit's block.
 
-    The skipping is checked once per layer against a full forward (a model whose block
-    list is not a plain sequence of layers fails the check and runs in full).
+    The clean run records how each block is called; a unit in block ``L`` then runs
+    blocks ``L..`` and the tail only (:mod:`~meanablate.discovery.layerskip`). Other
+    models, units outside the blocks, and models carrying hooks of their own (which a
+    resumed run would skip) take the full forward.
     """
-    found = layerskip.find_blocks(model) if skip_layers else None
-    if found is None:
+    family = family_of(model)
+    skip = skip_layers and not fastpath.any_hooks(model)
+    with layerskip.record_block_calls(family) if skip else nullcontext() as calls:
         clean = output_tensor(run_model(model, batch))
-        by_layer = {0: units}
-        outputs: list[Any] = []
-    else:
-        prefix, blocks = found
-        with layerskip.record_block_outputs(blocks) as outputs:
-            clean = output_tensor(run_model(model, batch))
-        by_layer = {}
-        for u in units:
-            layer = layerskip.block_of(as_sites(u)[0].module, prefix, len(blocks))
-            by_layer.setdefault(layer or 0, []).append(u)
     effect_of = m.bind(batch, clean)
+    n_blocks = len(calls.calls) if calls is not None else 0
+    prefix = family.blocks()[0] if calls is not None else ""  # type: ignore[index]
     effects: dict[str, Tensor] = {}
-    for layer in sorted(by_layer):
-        checked = layer == 0 or found is None
-        for u in by_layer[layer]:
-            with ablate(model, u, means, method=method):
-                if found is None or layer == 0:
-                    out = output_tensor(run_model(model, batch))
-                else:
-                    with layerskip.skip_blocks(found[1], layer, outputs):
-                        out = output_tensor(run_model(model, batch))
-                    if not checked:
-                        full = output_tensor(run_model(model, batch))
-                        if not torch.allclose(out, full, rtol=1e-5, atol=1e-6):
-                            found, out = None, full  # not a plain layer sequence
-                        checked = True
-            effects[u] = effect_of(out)
-            if bar is not None:
-                bar.update(1)
+    for u in units:
+        layer = None
+        if calls is not None:
+            layer = layerskip.block_of(as_sites(u)[0].module, prefix, n_blocks)
+            if layer is not None and not calls.resumable_from(layer):
+                layer = None
+        with ablate(model, u, means, method=method):
+            if layer is None:
+                out = output_tensor(run_model(model, batch))
+            else:
+                out = layerskip.run_from(family, calls, layer)  # type: ignore[arg-type]
+        effects[u] = effect_of(out)
+        if bar is not None:
+            bar.update(1)
     return effects
 
 

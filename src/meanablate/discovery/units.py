@@ -21,16 +21,6 @@ Granularity = Literal["heads", "mlps", "components", "neurons", "layers", "posit
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|h|layer|layers)\.(\d+)(?:\.|$)")
 
 
-def _cfg(model: nn.Module) -> object:
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(cfg, "n_layers") or not hasattr(cfg, "n_heads"):
-        raise TypeError(
-            f"{type(model).__name__} has no TransformerLens-style cfg; list its "
-            "units as sites instead (e.g. 'transformer.h.0.mlp.act[neurons=3]')"
-        )
-    return cfg
-
-
 def transformer_units(
     model: nn.Module,
     granularity: Granularity = "components",
@@ -38,41 +28,34 @@ def transformer_units(
     layers: Iterable[int] | None = None,
     n_positions: int | None = None,
 ) -> list[str]:
-    """Unit site strings of a TransformerLens-style model (``model.cfg``).
+    """Unit site strings of a transformer of any known family, at ``granularity``.
 
-    ``heads``: ``blocks.L.attn.hook_z[heads=h]``; ``mlps``: ``blocks.L.hook_mlp_out``;
-    ``components``: heads and MLPs; ``neurons``: ``blocks.L.mlp.hook_post[neurons=i]``;
-    ``layers``: ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out``;
-    ``positions``: ``blocks.L.hook_resid_pre[pos=p]`` (needs ``n_positions``).
+    ``heads``: one site per attention head; ``mlps``: each MLP's output; ``components``:
+    heads and MLPs; ``neurons``: each MLP neuron; ``layers``: each attention and MLP
+    output; ``positions``: the residual stream entering each block, per position (needs
+    ``n_positions``). Names follow the family (head counts come from its config):
+
+    - ours / TransformerLens-style ``cfg``: ``blocks.L.attn.hook_z[heads=h]``,
+      ``blocks.L.hook_mlp_out``, ``blocks.L.mlp.hook_post[neurons=i]``,
+      ``blocks.L.hook_resid_pre[pos=p]``;
+    - HF GPT-2: ``transformer.h.L.attn.c_proj@input[heads=h]``, ``transformer.h.L.mlp``,
+      ``transformer.h.L.mlp.act[neurons=i]``, ``transformer.h.L@input[pos=p]``;
+    - HF GPT-NeoX: ``gpt_neox.layers.L.attention.dense@input[heads=h]``,
+      ``gpt_neox.layers.L.mlp.dense_4h_to_h@input[neurons=i]``;
+    - HF Llama-style: ``model.layers.L.self_attn.o_proj@input[heads=h]``,
+      ``model.layers.L.mlp.down_proj@input[neurons=i]``;
+    - HF BERT: ``bert.encoder.layer.L.attention.output.dense@input[heads=h]``,
+      ``bert.encoder.layer.L.intermediate[neurons=i]``.
+
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=6)
+    >>> transformer_units(HookedTransformer(cfg), "heads")
+    ['blocks.0.attn.hook_z[heads=0]', 'blocks.0.attn.hook_z[heads=1]']
     """
-    cfg = _cfg(model)
-    n_layers = int(cfg.n_layers)  # type: ignore[attr-defined]
-    chosen = range(n_layers) if layers is None else list(layers)
-    for layer in chosen:
-        if not 0 <= layer < n_layers:
-            raise IndexError(f"layer {layer} out of range for a model with {n_layers} layers")
-    d_mlp = getattr(cfg, "d_mlp", None)
-    out: list[str] = []
-    for layer in chosen:
-        if granularity in ("heads", "components"):
-            out += [f"blocks.{layer}.attn.hook_z[heads={h}]" for h in range(cfg.n_heads)]  # type: ignore[attr-defined]
-        if granularity in ("mlps", "components") and d_mlp:
-            out.append(f"blocks.{layer}.hook_mlp_out")
-        if granularity == "neurons":
-            if not d_mlp:
-                raise ValueError("the model has no MLPs, so no neurons")
-            out += [f"blocks.{layer}.mlp.hook_post[neurons={i}]" for i in range(d_mlp)]
-        if granularity == "layers":
-            out.append(f"blocks.{layer}.hook_attn_out")
-            if d_mlp:
-                out.append(f"blocks.{layer}.hook_mlp_out")
-        if granularity == "positions":
-            if n_positions is None:
-                raise ValueError("positions granularity needs n_positions")
-            out += [f"blocks.{layer}.hook_resid_pre[pos={p}]" for p in range(n_positions)]
-    if granularity not in ("heads", "mlps", "components", "neurons", "layers", "positions"):
-        raise ValueError(f"unknown granularity {granularity!r}")
-    return out
+    from meanablate.families import family_of
+
+    chosen = None if layers is None else list(layers)
+    return family_of(model).units(granularity, layers=chosen, n_positions=n_positions)
 
 
 def unit_layer(unit: Site | str) -> int:
@@ -122,9 +105,12 @@ def _order_in_layer(unit: str) -> int:
     # The stage of the unit's module within its block, read from the module path (the
     # selector says nothing about it: "hook_mlp_out[pos=2]" is an MLP output, and
     # "attn.hook_z" with no heads is attention); anything else counts as the MLP.
-    module = as_sites(unit)[0].module
+    site = as_sites(unit)[0]
+    module = site.module
     m = _LAYER_RE.search(module)
     rest = module[m.end() :] if m else module
+    if m and not rest:  # the block itself (HF ``h.L@input``): its input or output stream
+        return 0 if site.io == "input" else 8
     return next((stage for word, stage in _STAGES if word in rest), 6)
 
 

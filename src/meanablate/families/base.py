@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from meanablate.sites import Site
 
-__all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo"]
+__all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo", "check_heads"]
 
 Granularity = Literal["heads", "mlps", "components", "neurons", "layers", "positions"]
+GRANULARITIES = ("heads", "mlps", "components", "neurons", "layers", "positions")
 UnitKind = Literal["head", "neuron", "attn_out", "mlp_out", "resid", "other"]
 
 
@@ -112,6 +113,25 @@ class Family:
             "as sites (e.g. 'mlp.act[neurons=3]', 'attn.out@input[heads=1;n_heads=4]')"
         )
 
+    # -- resuming from a block (the sweep's layer skipping) --------------------------
+    def can_resume(self) -> bool:
+        """Whether running blocks ``L..`` with their recorded call arguments and then
+        :meth:`tail` gives exactly what the model's own forward gives (known families)."""
+        return False
+
+    def resume_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """A block's recorded call made safe to repeat (e.g. a key/value cache that the
+        clean run filled dropped), or ``None`` when it cannot be repeated."""
+        return args, kwargs
+
+    def block_output(self, out: Any) -> Tensor:
+        """The residual stream a block returns (first element of a tuple)."""
+        if isinstance(out, tuple):
+            out = out[0]
+        if not isinstance(out, Tensor):
+            raise TypeError(f"a block returned {type(out).__name__}, not a tensor")
+        return out
+
     # -- the fast path ------------------------------------------------------------
     def linear_write(self, site: Site) -> LinearWrite | None:
         """How ``site``'s units write into the residual stream (``None``: not linearly)."""
@@ -125,3 +145,43 @@ class Family:
         """Bool ``[batch, pos]`` of the positions a task metric reads by default
         (masked LMs: the mask tokens); ``None``: the metric's own default."""
         return None
+
+
+def check_heads(site: Site, layout: HeadLayout | None, *, hint: str | None) -> Site:
+    """Check ``site``'s ``heads=`` against the activation's ``layout`` (from the config).
+
+    A flat head activation gets ``n_heads`` filled in (and an explicit one must match the
+    config); a head index past the config's count is an ``IndexError``; ``heads=`` on an
+    activation without a head axis (and without an explicit ``n_heads`` view) is a
+    ``ValueError`` naming ``hint``, the site to write instead.
+    """
+    if site.heads is None:
+        return site
+    if layout is None:
+        if site.n_heads is not None:
+            return site  # an explicit flat view the user asked for
+        instead = f"; the heads of this layer are at {hint}" if hint else ""
+        raise ValueError(
+            f"site {site}: {site.key} has no head axis, so heads= would index another "
+            f"dimension (positions){instead} (or list them with "
+            "transformer_units(model, 'heads'))"
+        )
+    if layout.flat:
+        if site.n_heads is not None and site.n_heads != layout.n_heads:
+            raise ValueError(
+                f"site {site}: n_heads={site.n_heads}, but the model's config has "
+                f"{layout.n_heads} heads here; drop n_heads (it is read from the config)"
+            )
+    elif site.n_heads is not None:
+        raise ValueError(
+            f"site {site}: {site.key} already has a head axis "
+            f"[batch, pos, {layout.n_heads}, {layout.d_head}]; drop n_heads"
+        )
+    if max(site.heads) >= layout.n_heads:
+        raise IndexError(
+            f"site {site}: head {max(site.heads)} out of range; the model has "
+            f"{layout.n_heads} heads here (0..{layout.n_heads - 1})"
+        )
+    if layout.flat and site.n_heads is None:
+        return site.with_units(n_heads=layout.n_heads)
+    return site

@@ -1,0 +1,86 @@
+"""The result of pruning: :class:`Circuit`, the units kept and what is proven about them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meanablate.discovery.evaluate import faithfulness
+from meanablate.discovery.scores import Scores, auroc, roc_curve
+
+__all__ = ["Circuit"]
+
+
+@dataclass
+class Circuit:
+    """The units kept, their scores, and the metric for full / circuit / empty models.
+
+    ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
+    the unit was tried; score-based: the unit's effect). ``curve``: faithfulness against
+    circuit size for score-based algorithms (``(size, faithfulness)`` pairs).
+    """
+
+    algorithm: str
+    units: list[str]
+    kept: list[str]
+    scores: dict[str, float]
+    metric: str
+    metric_full: float
+    metric_circuit: float
+    metric_empty: float
+    threshold: float | None = None
+    target_faithfulness: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    unit_scores: Scores | None = None
+    seconds: float = 0.0
+    certificate: str = "none"
+    abs_threshold: float | None = None
+    behaviour: float = float("nan")
+    behaviour_ci: tuple[float, float] | None = None
+    removed_by_pass: list[str] = field(default_factory=list)
+    subsets_checked: int = 0
+    mean_kind: str | None = None
+
+    @property
+    def certificate_text(self) -> str:
+        """One line saying what :attr:`certificate` proves."""
+        target = f"faithfulness >= {self.target_faithfulness:g}"
+        if self.certificate == "exhaustive":
+            return (
+                f"exhaustive: no subset of fewer than {len(self.kept)} units reaches "
+                f"{target} ({self.subsets_checked} subsets checked)"
+            )
+        if self.certificate == "1-minimal":
+            return f"1-minimal: removing any one kept unit falls below {target}"
+        return "none: the circuit was not minimised"
+
+    @property
+    def notes(self) -> list[str]:
+        """Why a faithfulness outside [0, 1] is not an error, where it is."""
+        f = self.faithfulness
+        out = []
+        if f > 1 + 1e-9:
+            out.append(
+                f"faithfulness {f:.3g} > 1: the circuit alone scores better than the full "
+                "model (ablating the other units helps this metric)"
+            )
+        elif f < -1e-9:
+            out.append(
+                f"faithfulness {f:.3g} < 0: the circuit scores worse than ablating everything"
+            )
+        return out
+
+    @property
+    def faithfulness(self) -> float:
+        return faithfulness(self.metric_circuit, self.metric_full, self.metric_empty)
+
+    def roc(self, ground_truth: Sequence[str]) -> tuple[list[float], list[float], float]:
+        """``(fpr, tpr, auroc)`` of the unit scores against a ground-truth circuit."""
+        truth = set(ground_truth)
+        missing = truth - set(self.units)
+        if missing:
+            raise ValueError(f"ground-truth units not among the units: {sorted(missing)}")
+        s = [abs(self.scores[u]) for u in self.units]
+        y = [u in truth for u in self.units]
+        fpr, tpr = roc_curve(s, y)
+        return fpr, tpr, auroc(s, y)

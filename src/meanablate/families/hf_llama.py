@@ -1,0 +1,75 @@
+"""Hugging Face Llama-style decoders (Llama, Mistral, Qwen2: RMSNorm, rotary, grouped-
+query attention, gated MLP).
+
+Heads: input of ``model.layers.L.self_attn.o_proj`` ``[batch, pos, n_heads * head_dim]``
+(the query heads; with grouped-query attention several share a key/value head);
+neurons: input of ``mlp.down_proj`` ``[batch, pos, intermediate_size]``, i.e.
+``act(gate_proj(x)) * up_proj(x)``; tail: ``model.norm`` then ``lm_head``.
+
+A model is Llama-style when its base model has ``layers``, ``norm`` and ``embed_tokens``
+and its first layer has exactly Llama's modules; resuming from a layer is declared safe
+only for the classes listed in ``roots`` (others, e.g. Gemma, scale or cap what they
+compute outside the layers).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from meanablate.families import register
+from meanablate.families.hf import HFFamily
+
+__all__ = ["HFLlama"]
+
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+@register
+class HFLlama(HFFamily):
+    name = "hf_llama"
+    base_classes = ("LlamaModel", "MistralModel", "Qwen2Model")
+    base_attr = "model"
+    block_list = "layers"
+    final_norm = "norm"
+    heads_site = "layers.{L}.self_attn.o_proj@input"
+    neurons_site = "layers.{L}.mlp.down_proj@input"
+    mlp_site = "layers.{L}.mlp"
+    attn_site = "layers.{L}.self_attn"
+    roots: ClassVar[dict[str, str | None]] = {
+        "LlamaForCausalLM": "lm_head",
+        "MistralForCausalLM": "lm_head",
+        "Qwen2ForCausalLM": "lm_head",
+    }
+
+    @classmethod
+    def is_base(cls, module: nn.Module) -> bool:
+        if super().is_base(module):
+            return True
+        layers = getattr(module, "layers", None)
+        if not (
+            isinstance(layers, nn.ModuleList)
+            and len(layers)
+            and hasattr(module, "norm")
+            and hasattr(module, "embed_tokens")
+            and hasattr(module, "config")
+        ):
+            return False
+        first = layers[0]
+        children = {n for n, _ in first.named_children()}
+        mlp = getattr(first, "mlp", None)
+        attn = getattr(first, "self_attn", None)
+        return (
+            children == _LAYER_CHILDREN
+            and isinstance(mlp, nn.Module)
+            and {n for n, _ in mlp.named_children()} == _MLP_CHILDREN
+            and isinstance(getattr(attn, "o_proj", None), nn.Linear)
+        )
+
+    def can_resume(self) -> bool:
+        # A structurally Llama-like base of another class: its layers may be called
+        # differently; only the listed classes are known to be plain layer sequences.
+        base_ok = bool(set(self.base_classes) & {c.__name__ for c in type(self.base).__mro__})
+        return base_ok and super().can_resume()
