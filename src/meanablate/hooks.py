@@ -19,7 +19,10 @@ from meanablate.sites import resolve_module
 __all__ = ["TASK_KEYS", "capture", "hooked", "output_tensor", "run_model"]
 
 # Batch fields that describe the task, never passed to the model.
-TASK_KEYS = frozenset({"target", "target_value", "wrong", "labels", "target_pos", "metric_mask"})
+TASK_KEYS = frozenset(
+    {"target", "target_value", "wrong", "labels", "target_pos", "metric_mask"}
+    | {"corrupt", "corrupt_attention_mask"}  # a counterfactual input rides along, unused
+)
 
 # fn(activation) -> new activation (or None to leave it)
 ActivationFn = Callable[[Tensor], Tensor | None]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
+from meanablate.discovery.source import resample_batch
 from meanablate.families import check_sites, family_of
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -232,7 +233,7 @@ def _hooked_effects(
             layer = layerskip.block_of(as_sites(u)[0].module, prefix, n_blocks)
             if layer is not None and not calls.resumable_from(layer):
                 layer = None
-        with ablate(model, u, means, method=method):
+        with ablate(model, u, means, method=method, source=resample_batch(batch, method)):
             if layer is None:
                 out = output_tensor(run_model(model, batch))
             else:
