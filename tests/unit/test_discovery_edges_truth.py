@@ -122,3 +122,34 @@ def test_mib_json_export(tmp_path):
     assert [n for n, v in out["nodes"].items() if v["in_graph"]] == ["input", "a3.h0", "logits"]
     with pytest.raises(ValueError, match="does not exist"):
         to_mib_json(data.graph, s, ["a3.h0->a0.h0<q>"])
+
+
+def test_circuit_to_dot_draws_kept_edges_with_signs_and_top_k():
+    from meanablate.discovery import Circuit
+
+    units = ["input->a0.h0<v>", "a0.h0->logits", "input->logits", "input->m0"]
+    scores = {"input->a0.h0<v>": 0.5, "a0.h0->logits": -2.0, "input->logits": 0.1, "input->m0": 0}
+    c = Circuit("acdc", units, units[:3], scores, "kl", 0.0, 0.1, 1.0)
+    dot = c.to_dot()
+    assert dot.startswith("digraph circuit {") and dot.rstrip().endswith("}")
+    arrows = [ln for ln in dot.splitlines() if "->" in ln]
+    assert len(arrows) == 3  # kept edges only
+    assert '"a0.h0" -> "logits" [label="-2", color="#c0392b", penwidth=4.00];' in dot
+    assert '"input" -> "a0.h0" [label="0.5 (v)", color="#2e86c1"' in dot
+    top = c.to_dot(top_k=1)
+    assert len([ln for ln in top.splitlines() if "->" in ln]) == 1
+    assert "2 more kept edges not drawn" in top
+    node = Circuit(
+        "sweep",
+        ["blocks.0.attn.hook_z[heads=0]", "blocks.1.hook_mlp_out"],
+        ["blocks.0.attn.hook_z[heads=0]", "blocks.1.hook_mlp_out"],
+        {},
+        "loss",
+        0.0,
+        0.0,
+        1.0,
+    )
+    nd = node.to_dot()
+    assert '"a0.h0" -> "m1" [style=dashed];' in nd and '"input" -> "a0.h0" [style=dashed];' in nd
+    with pytest.raises(ValueError, match="top_k"):
+        c.to_dot(top_k=0)

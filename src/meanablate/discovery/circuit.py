@@ -84,3 +84,9 @@ class Circuit:
         y = [u in truth for u in self.units]
         fpr, tpr = roc_curve(s, y)
         return fpr, tpr, auroc(s, y)
+
+    def to_dot(self, *, top_k: int | None = None, title: str | None = None) -> str:
+        """Graphviz DOT of the circuit (see :func:`meanablate.discovery.dot.circuit_to_dot`)."""
+        from meanablate.discovery.dot import circuit_to_dot
+
+        return circuit_to_dot(self, top_k=top_k, title=title)
