@@ -333,3 +333,19 @@ def test_path_patching_bad_receiver():
         path_patching(model, batches, ["a0.h0"], ["a9.h0"])
     with pytest.raises(ValueError, match=r"node 'a5\.h5' is not a source node"):
         path_patching(model, batches, ["a5.h5"], ["logits"])
+
+
+@pytest.mark.parametrize(
+    "mlp,norm,split",
+    [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
+)
+def test_fast_eap_equals_the_masked_forward_probes(mlp, norm, split):
+    from meanablate.discovery.eap import eap
+
+    model, batches = _setup(mlp=mlp, norm=norm, seed=10, pad=True)
+    model = model.double()
+    data = EdgeData(model, batches, Source("counterfactual"), split_qkv=split)
+    fast = eap(model, data, metric="loss", fast=True)
+    slow = eap(model, data, metric="loss", fast=False)
+    assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
+    assert fast.per_example.abs().max() > 1e-3
