@@ -44,7 +44,7 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     fam, graph = data.family, data.graph
     model = fam.model
     cfg = fam.cfg
-    n_layers, n_h = cfg.n_layers, cfg.n_heads
+    n_layers = cfg.n_layers
     has_ln = not isinstance(model.blocks[0].ln1, nn.Identity)
     grad_keys = []
     for layer in range(n_layers):
