@@ -117,6 +117,15 @@ def load_inputs(cfg: Resolved, log: Log = quiet_log) -> Inputs:
     _check_metric_fields(inputs.metric, inputs.batches[0], cfg.sources["metric"])
     if cfg["per_position"] is not None:
         inputs.per_position = cfg["per_position"]
+    if cfg["method"] == "resample" and not all(
+        isinstance(b, dict) and "corrupt" in b for b in inputs.batches
+    ):
+        raise InputError(
+            f"{subject('method', cfg.sources['method'])} resample needs a corrupted input "
+            "for every example: a 'corrupt' prompt on each JSONL line (same token length as "
+            "'text'), or batches with a 'corrupt' [batch, pos] field from --model "
+            "module:function"
+        )
     inputs.model.to(device)
     _set_threads(cfg["threads"], inputs.model, device)
     return inputs

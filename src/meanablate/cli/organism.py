@@ -38,6 +38,10 @@ def load_organism(cfg: Resolved, name: str) -> Inputs:
         big = sum(p.numel() for p in org.model.parameters()) > BIG_MODEL
         n = DEFAULT_N_EXAMPLES_BIG if big else DEFAULT_N_EXAMPLES
     batches = org.make_batches(n, cfg["batch_size"], cfg["seed"])
+    if cfg["method"] == "resample":
+        # Counterfactual inputs: fresh draws of the same task, aligned (fixed length).
+        other = org.make_batches(n, cfg["batch_size"], cfg["seed"] + 1)
+        batches = [{**b, "corrupt": o["tokens"]} for b, o in zip(batches, other)]
     return Inputs(
         name=name,
         model=org.model,

@@ -1,5 +1,7 @@
 """Prompts files for ``--model DIR``: plain text (one prompt a line) or JSONL with ``text``
-and optional ``target`` / ``wrong`` answers, read into padded batches (:func:`read_prompts`)."""
+and optional ``target`` / ``wrong`` answers and ``corrupt`` (a counterfactual prompt of the
+same token length, for ``--method resample``), read into padded batches
+(:func:`read_prompts`)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,19 @@ def _answer_id(tokenizer: Any, value: Any, name: str, where: str) -> int:
             "(answers must be single tokens; GPT-2 style tokenizers want a leading space)"
         )
     return int(ids[0])
+
+
+def _corrupt_ids(tokenizer: Any, record: Any, n_clean: int) -> list[int]:
+    value = record.fields["corrupt"]
+    if not isinstance(value, str):
+        raise InputError(f"{record.where}: corrupt must be a string, got {type(value).__name__}")
+    ids = list(tokenizer(value)["input_ids"])
+    if len(ids) != n_clean:
+        raise InputError(
+            f"{record.where}: the corrupt prompt is {len(ids)} tokens, the clean prompt "
+            f"{n_clean}: a counterfactual pair must align token by token (same length)"
+        )
+    return ids
 
 
 def read_prompts(
@@ -73,7 +88,8 @@ def read_prompts(
             head = {}
         if isinstance(head, dict) and "target" in head:
             fields = ("target", "wrong") if "wrong" in head else ("target",)
-        records: Any = read_jsonl(p, fields=fields)
+        has_corrupt = isinstance(head, dict) and "corrupt" in head
+        records: Any = read_jsonl(p, fields=fields + (("corrupt",) if has_corrupt else ()))
     else:
         records = read_text(p)
     if n_examples is not None:
@@ -82,6 +98,7 @@ def read_prompts(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows: list[tuple[list[int], dict[str, int], int]] = []
+    corrupt_rows: list[list[int]] = []
     try:
         for record in records:
             ids = list(tokenizer(record.text)["input_ids"])
@@ -104,6 +121,8 @@ def read_prompts(
                     )
                 at = ids.index(mask_token_id)
             rows.append((ids, answers, at))
+            if "corrupt" in record.fields:
+                corrupt_rows.append(_corrupt_ids(tokenizer, record, len(ids)))
     except InputError:
         raise
     except ValueError as exc:  # from the readers: "path, line N: ..."
@@ -121,6 +140,11 @@ def read_prompts(
             batch[f] = torch.full((len(chunk), length), -100, dtype=torch.long)
         if mask_token_id is not None:
             batch["metric_mask"] = torch.zeros((len(chunk), length), dtype=torch.bool)
+        if corrupt_rows:
+            # Padded exactly like the clean prompts: position p means the same in both.
+            batch["corrupt"] = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            for i, cids in enumerate(corrupt_rows[start : start + batch_size]):
+                batch["corrupt"][i, : len(cids)] = torch.tensor(cids)
         for i, (ids, answers, at) in enumerate(chunk):
             ids_t[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
