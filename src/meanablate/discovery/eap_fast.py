@@ -24,18 +24,22 @@ from meanablate.hooks import hooked
 __all__ = ["clean_pair_scores"]
 
 
-def _ln_vjp(ln: nn.Module, g: Tensor, xhat: Tensor | None, scale: Tensor | None) -> Tensor:
-    """Gradient at a layer norm's input from ``g`` at its output; ``g [..., d]`` may carry
-    extra axes between ``[batch, pos]`` and ``d`` (heads, q/k/v)."""
+def _ln_vjp_(ln: nn.Module, gw: Tensor, xhat: Tensor | None, scale: Tensor | None) -> Tensor:
+    """In place: the gradient at a layer norm's input from ``gw [batch, t, pos, d]``, the
+    gradient at its output already multiplied by the gain ``w`` (``t``: destinations
+    reading that layer norm)."""
     if isinstance(ln, nn.Identity):
-        return g
+        return gw
     assert xhat is not None and scale is not None
-    extra = g.ndim - xhat.ndim
-    shape = (*xhat.shape[:2], *([1] * extra), xhat.shape[-1])
-    xh = xhat.reshape(shape)
-    sc = scale.reshape(*shape[:-1], 1)
-    gw = g * ln.w
-    return (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True)) / sc
+    xh = xhat.unsqueeze(1)  # [batch, 1, pos, d]
+    m1 = gw.mean(-1, keepdim=True)
+    m2 = torch.einsum("btpd,bpd->btp", gw, xhat).unsqueeze(-1) / gw.shape[-1]
+    gw.sub_(m1).sub_(xh * m2).div_(scale.unsqueeze(1))
+    return gw
+
+
+def _gain(ln: nn.Module) -> Tensor | None:
+    return None if isinstance(ln, nn.Identity) else ln.w
 
 
 def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
@@ -44,7 +48,7 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     fam, graph = data.family, data.graph
     model = fam.model
     cfg = fam.cfg
-    n_layers = cfg.n_layers
+    n_layers, n_h = cfg.n_layers, cfg.n_heads
     has_ln = not isinstance(model.blocks[0].ln1, nn.Identity)
     grad_keys = []
     for layer in range(n_layers):
@@ -96,43 +100,49 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
             outs.append(acts[f"blocks.{layer}.hook_mlp_out"])
     delta = item.ablated - torch.stack(outs)
     b = item.tokens.shape[0]
-    pairs = delta.new_zeros(len(graph.srcs), len(graph.dsts), b)
-    # [batch, n_src, pos * d_model]: each example's pair scores are one matrix product
-    per_example = delta.expand(-1, b, -1, -1).transpose(0, 1).reshape(b, len(graph.srcs), -1)
+    # every destination's input gradient, written group by group: [batch, n_dst, pos, d]
+    g_all = delta.new_empty(b, len(graph.dsts), *delta.shape[2:])
     d0 = 0
 
     def score(g: Tensor) -> None:
-        # Only sources before the group can feed it: contract those alone.
+        """``g [batch, width, pos, d_model]``: the next ``width`` destinations' input
+        gradients."""
         nonlocal d0
-        width = g.shape[2]
-        n = max(e.src_index for e in graph.edges if e.dst_index == d0) + 1
-        gt = g.transpose(2, 3).reshape(b, -1, width)  # [batch, pos * d_model, width]
-        pairs[:n, d0 : d0 + width] = torch.bmm(per_example[:, :n], gt).permute(1, 2, 0)
-        d0 += width
+        g_all[:, d0 : d0 + g.shape[1]] = g
+        d0 += g.shape[1]
 
     for layer in range(n_layers):
         block = model.blocks[layer]
         attn = block.attn
-        g_in = torch.stack(
-            [
-                torch.einsum("bphe,hde->bphd", grads[f"blocks.{layer}.attn.hook_{c}"], w)
-                for c, w in zip("qkv", (attn.W_Q, attn.W_K, attn.W_V))
-            ],
-            dim=3,
-        )  # [batch, pos, head, qkv, d_model]
+        w1 = _gain(block.ln1)
+        parts = []
+        for c, weight in zip("qkv", (attn.W_Q, attn.W_K, attn.W_V)):
+            # [head, batch * pos, d_head] @ [head, d_head, d_model], the gain folded in
+            wt = (weight if w1 is None else weight * w1[:, None]).transpose(1, 2)
+            gq = grads[f"blocks.{layer}.attn.hook_{c}"]
+            parts.append(torch.bmm(gq.permute(2, 0, 1, 3).reshape(n_h, -1, gq.shape[-1]), wt))
+        g_in = torch.stack(parts, 1).reshape(n_h, 3, b, *item.tokens.shape[1:], -1)
+        g_in = g_in.permute(2, 0, 1, 3, 4)  # [batch, head, qkv, pos, d_model]
+        if not graph.split_qkv:
+            g_in = g_in.sum(2, keepdim=True)
+        g_in = g_in.reshape(b, -1, *g_in.shape[3:])
         ln1 = (
             acts.get(f"blocks.{layer}.ln1.hook_normalized"),
             acts.get(f"blocks.{layer}.ln1.hook_scale"),
         )
-        g_in = _ln_vjp(block.ln1, g_in, *ln1)
-        if not graph.split_qkv:
-            g_in = g_in.sum(3, keepdim=True)
-        score(g_in.flatten(2, 3))
+        score(_ln_vjp_(block.ln1, g_in, *ln1))
         if graph.has_mlp:
             ln2 = (
                 acts.get(f"blocks.{layer}.ln2.hook_normalized"),
                 acts.get(f"blocks.{layer}.ln2.hook_scale"),
             )
-            score(_ln_vjp(block.ln2, grads[f"blocks.{layer}.hook_mlp_in"], *ln2).unsqueeze(2))
-    score(grads[f"blocks.{n_layers - 1}.hook_resid_post"].unsqueeze(2))
-    return pairs
+            g = grads[f"blocks.{layer}.hook_mlp_in"]
+            w2 = _gain(block.ln2)
+            g = (g if w2 is None else g * w2).unsqueeze(1)
+            score(_ln_vjp_(block.ln2, g, *ln2))
+    score(grads[f"blocks.{n_layers - 1}.hook_resid_post"].unsqueeze(1))
+    # one product per example: [batch, n_src, pos * d] @ [batch, pos * d, n_dst]
+    # (pairs whose source comes after the destination are computed and never read)
+    per_example = delta.expand(-1, b, -1, -1).transpose(0, 1).reshape(b, len(graph.srcs), -1)
+    pairs = torch.bmm(per_example, g_all.reshape(b, len(graph.dsts), -1).transpose(1, 2))
+    return pairs.permute(1, 2, 0)
