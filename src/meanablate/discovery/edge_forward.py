@@ -124,11 +124,20 @@ class OursEdges:
         inputs ``x* [batch, pos, head, d_model]`` (before ``ln1``)."""
         block = self.model.blocks[layer]
         attn = block.attn
-        q = torch.einsum("bphd,hde->bphe", block.ln1(xq), attn.W_Q) + attn.b_Q
-        k = torch.einsum("bphd,hde->bphe", block.ln1(xk), attn.W_K) + attn.b_K
-        v = torch.einsum("bphd,hde->bphe", block.ln1(xv), attn.W_V) + attn.b_V
-        z = self._attend(q, k, v, key_mask)
-        return torch.einsum("bphe,hed->hbpd", z, attn.W_O)
+        # [batch, head, pos, d] @ [head, d, d_head]: plain batched matmuls (einsum's
+        # planning costs more than the product on organism-sized tensors)
+        q = block.ln1(xq).transpose(1, 2) @ attn.W_Q + attn.b_Q[:, None]
+        k = block.ln1(xk).transpose(1, 2) @ attn.W_K + attn.b_K[:, None]
+        v = block.ln1(xv).transpose(1, 2) @ attn.W_V + attn.b_V[:, None]
+        scores = q @ k.transpose(-1, -2) / self.cfg.d_head**0.5
+        n = q.shape[2]
+        if self.cfg.causal:
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        return ((pattern @ v) @ attn.W_O).transpose(0, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
         cfg = self.cfg

@@ -149,9 +149,10 @@ def _acdc_edges(data: EdgeData, m: Metric, threshold: float) -> Circuit:
         current = float(torch.cat(current_rows).sum()) / n
         scores: dict[str, float] = {}
         reads = fam.read_rows(graph)
+        memo: dict = {}
         for e in graph.reverse_topological():
             layer = graph.dst_layer[e.dst_index]
-            if _carries_nothing(data, states, e, layer, reads):
+            if _carries_nothing(data, states, e, layer, reads, memo):
                 # The destination's input would not change (or only where it does not
                 # read): the trial run is the current one, bit for bit.
                 scores[e.name] = 0.0
@@ -186,14 +187,18 @@ def _acdc_edges(data: EdgeData, m: Metric, threshold: float) -> Circuit:
 
 
 def _carries_nothing(
-    data: EdgeData, states: list, e: Any, layer: int, reads: Tensor | None
+    data: EdgeData, states: list, e: Any, layer: int, reads: Tensor | None, memo: dict
 ) -> bool:
     """Whether ablating ``e`` leaves its destination's input unchanged where it reads."""
     for item, st in zip(data.items, states):
         # the outputs after the destination's layer hold every source it reads (an MLP
         # reads its own layer's heads), all from the current circuit's run
         out = st[min(layer + 1, len(st) - 1)][1][e.src_index]
-        moved = (item.ablated[e.src_index] != out).reshape(-1, out.shape[-1]).any(0)
+        key = (id(out), id(item), e.src_index)
+        if key not in memo:  # which stream dimensions the ablation moves, per output
+            moved = (item.ablated[e.src_index] != out).reshape(-1, out.shape[-1]).any(0)
+            memo[key] = (out, moved)  # (out kept alive: its id stays unique)
+        moved = memo[key][1]
         if reads is not None:
             moved = moved & reads[e.dst_index]
         if bool(moved.any()):
