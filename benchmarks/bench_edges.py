@@ -17,6 +17,8 @@ Prints:
 - per organism and on the benchmark model: Spearman correlation of EAP and EAP-IG
   (5 steps) with the exact edge effects.
 
+Times are CPU seconds of this process (one thread), best of ``--repeats``.
+
 Run: ``python benchmarks/bench_edges.py [--no-trained] [--repeats N]``.
 """
 
@@ -43,11 +45,13 @@ from meanablate.organisms.tracr_models import exhaustive_batches
 
 
 def timed(fn, repeats: int = 1):  # type: ignore[no-untyped-def]
+    """Best of ``repeats``, in this process's CPU seconds (one thread): on a shared
+    machine wall time also counts the other users' load; CPU time does not."""
     best, out = float("inf"), None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best, out
 
 

@@ -73,3 +73,68 @@ def test_discover_with_resample_on_an_organism_writes_circuit_dot(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["method"] == "resample"
     assert results["circuit"]["units"] == ["blocks.3.attn.hook_z[heads=0]"]
+
+
+def test_edges_command_writes_the_circuit_scores_and_mib_file(tmp_path):
+    out = tmp_path / "edges"
+    args = [
+        "edges",
+        "--organism",
+        "tracr-reverse",
+        "--metric",
+        "kl",
+        "--threshold",
+        "1e-4",
+        "--n-examples",
+        "128",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args, prog_name="meanablate")
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    res = json.loads((out / "edges.json").read_text())
+    assert res["circuit"] == ["input->a3.h0<v>", "a3.h0->logits"]
+    assert res["edge_auroc"] == 1.0 and res["faithfulness"] == pytest.approx(1.0)
+    assert set(res["mib"]) >= {"cpr", "cmd", "faithfulness"}
+    mib = json.loads((out / "mib_circuit.json").read_text())
+    assert mib["edges"]["a3.h0->logits"]["in_graph"] is True
+    assert (out / "circuit.dot").read_text().count("->") == 2
+
+
+def test_edges_command_needs_corrupted_inputs_for_resample(tmp_path):
+    import textwrap
+
+    mod = tmp_path / "mymodel.py"
+    mod.write_text(
+        textwrap.dedent("""
+        import torch
+        from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+
+        def build():
+            cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
+            model = HookedTransformer(cfg)
+            return model, [{"tokens": torch.zeros(2, 3, dtype=torch.long)}]
+    """)
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        args = [
+            "edges",
+            "--model",
+            "mymodel:build",
+            "--method",
+            "resample",
+            "--metric",
+            "kl",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+        result = CliRunner().invoke(app, args, prog_name="meanablate")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code == 2
+    assert "resample needs a corrupted input for every example" in result.stderr
