@@ -14,12 +14,14 @@ run (EAP-IG). The tests check it against the masked forward's probes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from meanablate.hooks import hooked
+from meanablate.hooks import ActivationFn
 
 __all__ = ["clean_pair_scores"]
 
@@ -40,6 +42,26 @@ def _ln_vjp_(ln: nn.Module, gw: Tensor, xhat: Tensor | None, scale: Tensor | Non
 
 def _gain(ln: nn.Module) -> Tensor | None:
     return None if isinstance(ln, nn.Identity) else ln.w
+
+
+@contextmanager
+def _hooks_on(model: nn.Module, hooks: dict[str, ActivationFn]) -> Iterator[None]:
+    """Forward hooks on our model's hook points, removed on exit (the modules found in
+    one walk: resolving each path alone walks the model once per hook)."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for key, fn in hooks.items():
+
+            def post(_m: nn.Module, _a: tuple, out: Tensor, _fn: ActivationFn = fn) -> Any:
+                new = _fn(out)
+                return out if new is None else new
+
+            handles.append(modules[key].register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
@@ -86,51 +108,54 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
 
     hooks = {k: keep(k) for k in keep_keys}
     hooks.update({k: tap(k) for k in grad_keys})
-    with torch.inference_mode(False), torch.enable_grad(), hooked(model, hooks):
+    with torch.inference_mode(False), torch.enable_grad(), _hooks_on(model, hooks):
         logits = model(item.tokens, item.mask)
         value = metric(logits, item.batch, item.clean)
         grads = dict(zip(grad_keys, torch.autograd.grad(value.sum(), [zs[k] for k in grad_keys])))
 
-    # every node's clean output [n_src, batch, pos, d_model]
-    outs = [acts["hook_embed"] + acts["hook_pos_embed"]]
+    b, p = item.tokens.shape
+    d = cfg.d_model
+    ablated = item.ablated
+    # every node's change (ablated - clean), laid out per example: [batch, n_src, pos, d]
+    delta = ablated.new_empty(b, len(graph.srcs), p, d)
+    delta[:, 0] = ablated[0] - (acts["hook_embed"] + acts["hook_pos_embed"])
+    i = 1
     for layer in range(n_layers):
         attn = model.blocks[layer].attn
-        outs += list(torch.einsum("bphe,hed->hbpd", acts[f"blocks.{layer}.attn.hook_z"], attn.W_O))
+        z = acts[f"blocks.{layer}.attn.hook_z"]
+        heads = torch.einsum("bphe,hed->bhpd", z, attn.W_O)
+        delta[:, i : i + n_h] = ablated[i : i + n_h].transpose(0, 1) - heads
+        i += n_h
         if graph.has_mlp:
-            outs.append(acts[f"blocks.{layer}.hook_mlp_out"])
-    delta = item.ablated - torch.stack(outs)
-    b = item.tokens.shape[0]
-    # every destination's input gradient, written group by group: [batch, n_dst, pos, d]
-    g_all = delta.new_empty(b, len(graph.dsts), *delta.shape[2:])
+            delta[:, i] = ablated[i] - acts[f"blocks.{layer}.hook_mlp_out"]
+            i += 1
+    # every destination's input gradient, written in place group by group
+    g_all = delta.new_empty(b, len(graph.dsts), p, d)
     d0 = 0
-
-    def score(g: Tensor) -> None:
-        """``g [batch, width, pos, d_model]``: the next ``width`` destinations' input
-        gradients."""
-        nonlocal d0
-        g_all[:, d0 : d0 + g.shape[1]] = g
-        d0 += g.shape[1]
-
     for layer in range(n_layers):
         block = model.blocks[layer]
         attn = block.attn
         w1 = _gain(block.ln1)
-        parts = []
-        for c, weight in zip("qkv", (attn.W_Q, attn.W_K, attn.W_V)):
+        per = 3 if graph.split_qkv else 1
+        group = g_all[:, d0 : d0 + n_h * per]
+        for c, weight in enumerate((attn.W_Q, attn.W_K, attn.W_V)):
             # [head, batch * pos, d_head] @ [head, d_head, d_model], the gain folded in
             wt = (weight if w1 is None else weight * w1[:, None]).transpose(1, 2)
-            gq = grads[f"blocks.{layer}.attn.hook_{c}"]
-            parts.append(torch.bmm(gq.permute(2, 0, 1, 3).reshape(n_h, -1, gq.shape[-1]), wt))
-        g_in = torch.stack(parts, 1).reshape(n_h, 3, b, *item.tokens.shape[1:], -1)
-        g_in = g_in.permute(2, 0, 1, 3, 4)  # [batch, head, qkv, pos, d_model]
-        if not graph.split_qkv:
-            g_in = g_in.sum(2, keepdim=True)
-        g_in = g_in.reshape(b, -1, *g_in.shape[3:])
+            gq = grads[f"blocks.{layer}.attn.hook_{'qkv'[c]}"]
+            r = torch.bmm(gq.permute(2, 0, 1, 3).reshape(n_h, -1, gq.shape[-1]), wt)
+            r = r.view(n_h, b, p, d).transpose(0, 1)  # [batch, head, pos, d]
+            if per == 3:
+                group[:, c::3] = r
+            elif c == 0:
+                group.copy_(r)
+            else:
+                group.add_(r)
         ln1 = (
             acts.get(f"blocks.{layer}.ln1.hook_normalized"),
             acts.get(f"blocks.{layer}.ln1.hook_scale"),
         )
-        score(_ln_vjp_(block.ln1, g_in, *ln1))
+        _ln_vjp_(block.ln1, group, *ln1)
+        d0 += n_h * per
         if graph.has_mlp:
             ln2 = (
                 acts.get(f"blocks.{layer}.ln2.hook_normalized"),
@@ -138,11 +163,14 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
             )
             g = grads[f"blocks.{layer}.hook_mlp_in"]
             w2 = _gain(block.ln2)
-            g = (g if w2 is None else g * w2).unsqueeze(1)
-            score(_ln_vjp_(block.ln2, g, *ln2))
-    score(grads[f"blocks.{n_layers - 1}.hook_resid_post"].unsqueeze(1))
+            group = g_all[:, d0 : d0 + 1]
+            group[:, 0] = g if w2 is None else g * w2
+            _ln_vjp_(block.ln2, group, *ln2)
+            d0 += 1
+    g_all[:, d0] = grads[f"blocks.{n_layers - 1}.hook_resid_post"]
     # one product per example: [batch, n_src, pos * d] @ [batch, pos * d, n_dst]
     # (pairs whose source comes after the destination are computed and never read)
-    per_example = delta.expand(-1, b, -1, -1).transpose(0, 1).reshape(b, len(graph.srcs), -1)
-    pairs = torch.bmm(per_example, g_all.reshape(b, len(graph.dsts), -1).transpose(1, 2))
+    pairs = torch.bmm(
+        delta.reshape(b, len(graph.srcs), -1), g_all.reshape(b, len(graph.dsts), -1).transpose(1, 2)
+    )
     return pairs.permute(1, 2, 0)

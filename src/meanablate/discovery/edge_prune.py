@@ -86,7 +86,8 @@ def discover_edges(
         else EdgeData(model, batches, source, split_qkv=split_qkv)
     )
     names = data.graph.names
-    memo: dict[frozenset[int], float] = {}
+    # Evaluated sets live on `data`: runs at several thresholds share them.
+    memo: dict[frozenset[int], float] = data.cache.setdefault(("set", m.name, id(m.fn)), {})
 
     def value(ablated: list[str]) -> float:
         idx = frozenset(data.graph.indices(ablated))
@@ -139,8 +140,13 @@ def _acdc_edges(data: EdgeData, m: Metric, threshold: float) -> Circuit:
     current_rows = []
     with torch.inference_mode():
         for item in data.items:
-            st: list[tuple[int, list[Tensor], Tensor]] = []
-            logits = fam.run(graph, item.tokens, item.mask, item.ablated, mask, states=st).logits
+            key = ("clean states", id(item))
+            if key not in data.cache:  # the clean run's streams, shared by every threshold
+                st0: list[tuple[int, list[Tensor], Tensor]] = []
+                fam.run(graph, item.tokens, item.mask, item.ablated, mask, states=st0)
+                data.cache[key] = st0
+            st = list(data.cache[key])
+            logits = item.clean
             scorer = m.bind(item.batch, item.clean)
             states.append(st)
             scorers.append(scorer)

@@ -75,6 +75,9 @@ class EdgeData:
         self.values = SourceValues(self.family, self.graph, raw, self.source)
         dtype = next(model.parameters()).dtype
         self.items: list[_Prepared] = []
+        # What algorithms may share across calls on this data (clean streams, evaluated
+        # edge sets); everything in it is a function of the data alone.
+        self.cache: dict[Any, Any] = {}
         # no_grad, not inference_mode: EAP differentiates through runs that read these.
         with torch.no_grad():
             for b in raw:
