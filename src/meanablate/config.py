@@ -136,6 +136,14 @@ OPTIONS: dict[str, Option] = {
     ),
     "out": Option(str, None, "run folder (default: runs/<name>-<timestamp>)", saved=False),
     "quiet": Option(bool, False, "no progress bars or logs", saved=False),
+    "dry_run": Option(
+        bool,
+        False,
+        "estimate the run's time and peak memory from a short calibration, print it and "
+        "stop (no run folder)",
+        saved=False,
+    ),
+    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
 }
 
 

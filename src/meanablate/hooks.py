@@ -1,22 +1,25 @@
 """Attaching to torch modules: hooks that live only inside a ``with`` block.
 
 Every hook registered here is removed in a ``finally`` clause, so an exception (or a
-Ctrl-C) inside the block never leaves a model with hooks attached.
+Ctrl-C) inside the block never leaves a model with hooks attached; registration and
+removal themselves are atomic with respect to ``KeyboardInterrupt`` (:func:`attached`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.sites import resolve_module
 
-__all__ = ["TASK_KEYS", "capture", "hooked", "output_tensor", "run_model"]
+__all__ = ["TASK_KEYS", "attached", "capture", "hooked", "output_tensor", "run_model"]
 
 # Batch fields that describe the task, never passed to the model.
 TASK_KEYS = frozenset(
@@ -48,6 +51,109 @@ def _replace_first(value: Any, fn: ActivationFn) -> Any:
     )
 
 
+HookKind = Literal["forward", "forward_pre", "forward_pre_kwargs"]
+
+
+@contextmanager
+def attached(hooks: Sequence[tuple[nn.Module, HookKind, Callable[..., Any]]]) -> Iterator[None]:
+    """Register ``(module, kind, fn)`` hooks for the block; none is left after it.
+
+    Atomic with respect to ``KeyboardInterrupt``: an interrupt landing between (or inside)
+    any two registrations or removals leaves no hook. The hooks are known before the
+    first one goes in, and removal finds each by identity in the module's hook dicts —
+    not through a handle that an interrupt could separate from its hook — and keeps
+    going when interrupted, re-raising afterwards.
+    """
+    planned = list(hooks)
+    # Two full removal passes, the outer one entered before the first registration: an
+    # interrupt that lands on the first pass's own line (before it can catch anything)
+    # still meets the second. Each pass finishes even when interrupted inside.
+    try:
+        try:
+            for module, kind, fn in planned:
+                if kind == "forward_pre":
+                    module.register_forward_pre_hook(fn)
+                elif kind == "forward_pre_kwargs":  # fn(module, args, kwargs)
+                    module.register_forward_pre_hook(fn, with_kwargs=True)
+                else:
+                    module.register_forward_hook(fn)
+            yield
+        finally:
+            _detach_all(planned)
+    finally:
+        _detach_all(planned)  # a no-op unless the first pass was cut short
+
+
+def _detach_all(planned: Sequence[tuple[nn.Module, HookKind, Callable[..., Any]]]) -> None:
+    pending = list(planned)
+    interrupted: BaseException | None = None
+    while pending:
+        try:
+            module, _kind, fn = pending[-1]
+            _detach(module, fn)
+            pending.pop()
+        except BaseException as exc:  # Ctrl-C mid-removal: finish removing, then re-raise
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _detach(module: nn.Module, fn: Callable[..., Any]) -> None:
+    """Remove every registration of ``fn`` on ``module`` (forward and pre hooks)."""
+    for hooks, extras in (
+        (
+            module._forward_hooks,
+            (module._forward_hooks_with_kwargs, module._forward_hooks_always_called),
+        ),
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+    ):
+        for hook_id in [k for k, v in hooks.items() if v is fn]:
+            for extra in extras:
+                extra.pop(hook_id, None)
+            hooks.pop(hook_id, None)
+
+
+def _framework_view(
+    model: nn.Module, path: str, module: nn.Module, fn: ActivationFn
+) -> ActivationFn:
+    """``fn`` as it must run on ``module`` to see what the model's own framework shows.
+
+    A TransformerLens-4 ``HookPoint`` passes a raw tensor through its torch hooks (a
+    bridge's ``blocks.L.attn.hook_z`` is the flat ``[batch, pos, n_heads * d_head]``
+    input of the output projection) and converts it only for TL hook functions:
+    ``HookPoint.add_hook`` calls ``hook_conversion.convert`` before the function and
+    ``revert`` on what it returns. We do the same, so ``fn`` sees TL's shapes
+    (``[batch, pos, head, d_head]``) and its replacement takes effect as in
+    ``run_with_hooks``. A hook point the bridge never fires (gated off by its config)
+    is refused instead of silently doing nothing. Other modules: ``fn`` unchanged.
+    """
+    hook_points = sys.modules.get("transformer_lens.hook_points")  # loaded if a bridge exists
+    if hook_points is None or not isinstance(module, hook_points.HookPoint):
+        return fn
+    gated = getattr(model, "_gated_hook_reason", None)
+    reason = gated(module.name or path) if callable(gated) else None
+    if reason is not None:
+        raise ValueError(
+            f"site {path}: this TransformerLens hook point never fires because "
+            f"cfg.{reason} is False; call model.set_{reason}(True) first"
+        )
+
+    def tl_fn(act: Tensor) -> Tensor | None:
+        conv = module.hook_conversion  # read per call, as HookPoint.add_hook's hook does
+        if conv is None:
+            return fn(act)
+        states = getattr(conv, "_conversion_state", None)
+        fresh = isinstance(states, dict) and id(act) not in states
+        try:
+            new = fn(conv.convert(act))
+            return None if new is None else conv.revert(new)
+        finally:
+            if fresh:  # AttentionAutoConversion keys state by tensor id: drop ours
+                states.pop(id(act), None)  # type: ignore[union-attr]
+
+    return tl_fn
+
+
 @contextmanager
 def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None]:
     """Run ``fn`` on the activation at each site key while inside the block.
@@ -55,30 +161,31 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
     ``hooks`` maps a site key (``"blocks.0.attn.hook_z"`` for a module's output,
     ``"transformer.h.0.attn.c_proj@input"`` for its first positional input) to a
     function of the activation that returns its replacement, or ``None`` to keep it.
+    Every module is resolved and every hook built before the first one goes in; see
+    :func:`attached` for why an interrupt can leave none behind.
     """
-    handles = []
-    try:
-        for key, fn in hooks.items():
-            path, is_input = _split_key(key)
-            module = resolve_module(model, path)
-            if is_input:
+    model = unwrap(model)
+    planned: list[tuple[nn.Module, HookKind, Callable[..., Any]]] = []
+    for key, fn in hooks.items():
+        path, is_input = _split_key(key)
+        module = resolve_module(model, path)
+        fn = _framework_view(model, path, module, fn)
+        if is_input:
 
-                def pre_hook(_m: nn.Module, args: tuple, _fn: ActivationFn = fn) -> tuple:
-                    if not args:
-                        raise TypeError("input hooks need the activation as a positional arg")
-                    return (_replace_first(args[0], _fn), *args[1:])
+            def pre_hook(_m: nn.Module, args: tuple, _fn: ActivationFn = fn) -> tuple:
+                if not args:
+                    raise TypeError("input hooks need the activation as a positional arg")
+                return (_replace_first(args[0], _fn), *args[1:])
 
-                handles.append(module.register_forward_pre_hook(pre_hook))
-            else:
+            planned.append((module, "forward_pre", pre_hook))
+        else:
 
-                def post_hook(_m: nn.Module, _a: tuple, out: Any, _fn: ActivationFn = fn) -> Any:
-                    return _replace_first(out, _fn)
+            def post_hook(_m: nn.Module, _a: tuple, out: Any, _fn: ActivationFn = fn) -> Any:
+                return _replace_first(out, _fn)
 
-                handles.append(module.register_forward_hook(post_hook))
+            planned.append((module, "forward", post_hook))
+    with attached(planned):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -115,6 +222,7 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     model's ``forward`` does not accept. Our organisms take ``tokens``; HF models take
     ``input_ids``: each gets its own name.
     """
+    model = unwrap(model)
     if isinstance(batch, Tensor):
         return model(batch)
     if not isinstance(batch, Mapping):

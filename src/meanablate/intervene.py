@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.core import replace_where
 from meanablate.families import check_sites
 from meanablate.hooks import capture, hooked, output_tensor, run_model
@@ -94,7 +96,7 @@ def _fill_for(
         if act.ndim < 2 or mean.ndim < 1 or tuple(mean.shape[1:]) != per_ex[1:]:
             raise ValueError(
                 f"site {site.key}: per-position mean has shape {tuple(mean.shape)}, wanted "
-                f"[pos, ...] = (n_pos, {', '.join(map(str, per_ex[1:]))}) for the activation "
+                f"{per_ex} [pos, ...] (at least {act.shape[1]} positions) for the activation "
                 f"{tuple(act.shape)} [batch, pos, ...]"
             )
         if mean.shape[0] < act.shape[1]:
@@ -168,18 +170,16 @@ def ablate(
     >>> len(m[1]._forward_hooks)
     0
     """
+    model = unwrap(model)
     sites = as_sites(ablations)
-    if method not in ("mean", "zero", "resample"):
-        raise ValueError(f"method must be 'mean', 'zero' or 'resample', got {method!r}")
+    check_source(means, method, where="ablate")
     for path in {s.module for s in sites}:  # resolving walks every module: once per path
         resolve_module(model, path)
     sites = check_sites(model, sites)  # head layouts from the model's family
     groups = _group(sites)
     if method == "mean":
-        if means is None:
-            raise ValueError("mean ablation needs means; compute them with compute_means()")
         for key in groups:
-            means[key]
+            means[key]  # type: ignore[index]  # a MissingSiteError before any hook goes in
     captured = None
     if method == "resample":
         if source is None:
@@ -202,6 +202,7 @@ def run_ablated(
     source: Any = None,
 ) -> Any:
     """One forward pass of ``batch`` with ``ablations`` applied; returns the model's output."""
+    model = unwrap(model)
     with ablate(model, ablations, means, method=method, source=source):
         return run_model(model, batch)
 
@@ -256,6 +257,7 @@ def ablation_effect(
     For comparing metrics (``l2``, ``kl``) the effect is the distance from the clean
     output; for task metrics it is ``metric(ablated) - metric(clean)`` per example.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     with torch.no_grad():
         clean = output_tensor(run_model(model, batch))

@@ -172,6 +172,14 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
             pass
     close = difflib.get_close_matches(path, list(modules), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
+    from meanablate._tl_names import tl_equivalent
+
+    same = tl_equivalent(model, path)
+    if same is not None:
+        hint = (
+            f"; {path!r} is a TransformerLens hook name: on this {type(model).__name__} the "
+            f"same activation is {same}"
+        )
     raise ValueError(f"{type(model).__name__} has no module named {path!r}{hint}")
 
 

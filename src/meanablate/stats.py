@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.errors import MissingSiteError
 from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
@@ -266,6 +267,7 @@ class Means:
         enough) it also runs the model once and checks each mean's shape against the real
         activation: ``[...]`` (or ``[pos, ...]`` per position) after ``[batch, pos]``.
         """
+        model = unwrap(model)
         made_for = self.metadata.get("model_class")
         if made_for and made_for != type(model).__name__:
             raise ValueError(f"means were computed on a {made_for}, not a {type(model).__name__}")
@@ -348,6 +350,7 @@ def compute_means(
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
+    model = unwrap(model)
     kind, keep = _mean_kind(kind, per_position, keep_positions)
     if kind == "plain_except":
         per_position = True  # pooled from the per-position sums below

@@ -156,7 +156,18 @@ def test_sweep_attribute_and_means_commands(tmp_path):
     assert sweep["method"] == "sweep" and len(sweep["units"]) == 8
     assert "blocks.3.attn.hook_z[heads=0]" in result.stdout
     means = tmp_path / "means.safetensors"
-    ok("attribute", "--organism", "tracr-reverse", "--out", tmp_path, "-q", "--means", means)
+    # the same folder holds the sweep's run: writing into it again needs --force
+    ok(
+        "attribute",
+        "--organism",
+        "tracr-reverse",
+        "--out",
+        tmp_path,
+        "-q",
+        "--means",
+        means,
+        "--force",
+    )
     attr = json.loads((tmp_path / "attribution.json").read_text())
     assert attr["method"] == "attribution" and attr["config"]["means"] == str(means)
     ok("means", "--organism", "tracr-sort", "--out", tmp_path / "m", "-q", "--no-per-position")
@@ -207,54 +218,6 @@ def test_custom_model_function(tmp_path, monkeypatch, spec):
     assert results["model"]["name"] == "mymodels.build" and len(results["units"]) == 8
     assert set(results["circuit"]["units"]) <= set(gt)  # dead neurons are never kept
     assert results["scores"]["auroc"] is not None
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    words = [
-        "<unk>",
-        "<pad>",
-        "the",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "a",
-        "Mary",
-        "John",
-        "gave",
-        "to",
-    ]
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
-    )
-    config = transformers.GPT2Config(
-        vocab_size=len(words), n_positions=16, n_embd=16, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    import torch
-
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    prompts = path.parent / "prompts.jsonl"
-    lines = [
-        {"text": "Mary gave the cat to", "target": "John", "wrong": "Mary"},
-        {"text": "John gave the dog to", "target": "Mary", "wrong": "John"},
-        {"text": "the cat sat on a", "target": "mat", "wrong": "dog"},
-        {"text": "a dog sat on the", "target": "mat", "wrong": "cat"},
-    ]
-    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path, prompts
 
 
 def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
@@ -373,7 +336,7 @@ def test_ctrl_c_leaves_no_half_written_results(demo_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(meanablate, "discover", interrupt)
-    result = run("demo", "--out", run_dir, "--quiet")
+    result = run("demo", "--out", run_dir, "--quiet", "--force")
     assert result.exit_code == 130
     assert "interrupted; no results were written" in one_error_line(result)
     assert (run_dir / "results.json").read_bytes() == before  # untouched
@@ -387,7 +350,7 @@ def test_ctrl_c_leaves_no_half_written_results(demo_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(io.json, "dump", dump)
-    result = run("demo", "--out", run_dir, "--quiet")
+    result = run("demo", "--out", run_dir, "--quiet", "--force")
     assert result.exit_code == 130
     assert (run_dir / "results.json").read_bytes() == before
     assert not list(run_dir.glob(".results.json.*"))

@@ -361,7 +361,7 @@ def test_transformer_bridge_means_and_ablation_match_tl_hooks(bridge) -> None:
         br(batches[0]["input_ids"])  # the bridge attaches hooks of its own on a first forward
     hooks_before = hook_ids(br)
     sites = [
-        Site("blocks.1.attn.hook_z", heads=(0, 2), n_heads=4),  # TL name: flat [b, p, 64] here
+        Site("blocks.1.attn.hook_z", heads=(0, 2)),  # TL's [b, p, head, d_head], as TL hooks see it
         Site("blocks.0.mlp.hook_post", neurons=(3, 100)),
         Site("blocks.1.hook_resid_pre", positions=(1,)),
     ]
@@ -420,7 +420,8 @@ def test_transformer_bridge_means_and_ablation_match_tl_hooks(bridge) -> None:
     ]
     hf_means = compute_means(hf_model, hf_sites, batches)
     for site, hf_site in zip(sites, hf_sites):
-        torch.testing.assert_close(hf_means[hf_site.key], means[site.key], rtol=1e-6, atol=1e-6)
+        want = hf_means[hf_site.key].reshape(means[site.key].shape)  # HF's c_proj input is flat
+        torch.testing.assert_close(want, means[site.key], rtol=1e-6, atol=1e-6)
     b = batches[0]
     with torch.no_grad(), ablate(hf_model, hf_sites, hf_means):
         hf_out = hf_model(**b).logits

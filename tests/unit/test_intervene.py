@@ -201,3 +201,36 @@ def test_bootstrap_bad_inputs(xs, kwargs, match: str) -> None:
 def test_effect_on_one_example_cannot_have_a_ci() -> None:
     with pytest.raises(ValueError, match="at least 2 examples"):
         ablation_effect(MODEL, {"tokens": TOKENS[:1]}, "blocks.0.mlp.hook_post", method="zero")
+
+
+# -- means must fit their site exactly: no broadcasting -------------------------------------
+@pytest.mark.parametrize(
+    "shape,per_position",
+    [
+        ((4,), False),  # [d_head] for [head, d_head]: one mean for every head
+        ((1, 4), False),  # [1, d_head]
+        ((4, 1), False),
+        ((7, 4), True),  # per position, without the head axis
+        ((7, 1, 4), True),
+        ((16,), False),  # [head * d_head] flat
+    ],
+)
+def test_mean_of_another_shape_is_an_error_naming_site_and_shapes(shape, per_position) -> None:
+    key = "blocks.1.attn.hook_z"
+    means = Means({key: torch.zeros(shape, dtype=torch.float64)}, {}, per_position)
+    with pytest.raises(ValueError) as err:
+        run_ablated(MODEL, BATCH, f"{key}[heads=2]", means)
+    msg = str(err.value)
+    assert key in msg and str(shape) in msg and "4, 4)" in msg, msg
+    assert "(6, 7, 4, 4)" in msg  # the activation's shape
+    assert len(MODEL.blocks[1].attn.hook_z._forward_hooks) == 0
+
+
+def test_fitting_means_still_work_per_position_and_flat() -> None:
+    key = "blocks.1.attn.hook_z"
+    for means in (
+        Means({key: MEAN}, {}, False),
+        Means({key: MEAN.expand(8, 4, 4).clone()}, {}, True),  # longer than the input: cut
+    ):
+        got = run_ablated(MODEL, BATCH, f"{key}[heads=2]", means)
+        assert torch.equal(got, hand_ablated_logits())

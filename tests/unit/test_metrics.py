@@ -319,3 +319,90 @@ def test_bound_metric_equals_effect(name, dtype) -> None:
             assert torch.all((got - want).abs() <= bound_err), (scale, got, want)
         else:
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+# -- shapes are checked, never broadcast ---------------------------------------------------
+def _task_batch(b: int = 2, p: int = 3, v: int = 5) -> dict:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, v, (b, p), generator=g)
+    return {"target": target, "wrong": (target + 1) % v}
+
+
+@pytest.mark.parametrize("name", ["kl", "l2"])
+@pytest.mark.parametrize("bad", [(1, 3, 5), (2, 1, 5), (2, 3, 1), (3, 5)])
+def test_clean_output_of_another_shape_is_an_error(name, bad) -> None:
+    logits = torch.randn(2, 3, 5)
+    clean = torch.randn(bad)
+    for call in (
+        lambda: METRICS[name](logits, {}, clean),
+        lambda: METRICS[name].effect(logits, {}, clean),
+        lambda: getattr(M, "l2" if name == "l2" else "kl_div")(logits, {}, clean),
+    ):
+        with pytest.raises(ValueError, match=r"clean output has shape .*wanted \(2, 3, 5\)") as e:
+            call()
+        assert str(bad).replace(" ", "") in str(e.value).replace(" ", "")
+
+
+def test_bound_metric_checks_the_ablated_shape() -> None:
+    clean = torch.randn(2, 3, 5)
+    for name in ("kl", "l2", "loss"):
+        bound = METRICS[name].bind(_task_batch(), clean)
+        with pytest.raises(ValueError, match=r"ablated output has shape \(1, 3, 5\), wanted"):
+            bound(torch.randn(1, 3, 5))
+
+
+FIELD_CASES = [
+    ("target", (2, 1)),
+    ("target", (1, 3)),
+    ("target", (2,)),
+    ("wrong", (2, 1)),
+    ("wrong", (1, 3)),
+    ("metric_mask", (2, 1)),
+    ("metric_mask", (1, 3)),
+    ("attention_mask", (2, 1)),
+    ("attention_mask", (1, 3)),
+    ("target_value", (2, 1)),
+]
+
+
+@pytest.mark.parametrize("field,shape", FIELD_CASES)
+@pytest.mark.parametrize("name", ["kl", "l2", "loss", "prob", "accuracy", "logit_diff"])
+def test_batch_field_of_another_shape_is_an_error(name, field, shape) -> None:
+    logits = torch.randn(2, 3, 5)
+    batch = _task_batch()
+    if field == "target_value":
+        batch[field] = torch.zeros(shape)
+    elif field in ("metric_mask", "attention_mask"):
+        batch[field] = torch.ones(shape, dtype=torch.long)
+    else:
+        batch[field] = torch.zeros(shape, dtype=torch.long)
+    for call in (
+        lambda: METRICS[name](logits, batch, logits.clone()),
+        lambda: METRICS[name].fn(logits, batch, logits.clone()),
+        lambda: METRICS[name].bind(batch, logits.clone()),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert f"batch[{field!r}]" in msg and str(shape) in msg and "(2, 3)" in msg, msg
+
+
+def test_mse_target_value_of_another_shape_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"batch\['target_value'\] has shape \(1, 3\), wanted"):
+        M.mse(torch.randn(2, 3, 1), {"target_value": torch.zeros(1, 3)}, None)
+
+
+def test_custom_metric_gets_checked_shapes_and_is_discrete() -> None:
+    m = get_metric(lambda logits, batch, clean: logits.argmax(-1).double().mean(-1))
+    assert m.discrete  # unknown callables may read an argmax: the exact route
+    with pytest.raises(ValueError, match=r"clean output has shape \(1, 3, 5\)"):
+        m(torch.randn(2, 3, 5), {}, torch.randn(1, 3, 5))
+    assert METRICS["accuracy"].discrete and not METRICS["kl"].discrete
+
+
+def test_two_dim_outputs_take_batch_fields() -> None:
+    logits = torch.randn(4, 5)
+    target = torch.tensor([0, 1, 2, 3])
+    assert M.accuracy(logits, {"target": target}).shape == (4,)
+    with pytest.raises(ValueError, match=r"batch\['target'\] has shape \(1,\), wanted \(4,\)"):
+        M.accuracy(logits, {"target": target[:1]})

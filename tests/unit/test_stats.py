@@ -357,3 +357,99 @@ def test_load_with_a_batch_checks_shapes_against_the_model(tmp_path) -> None:
     ma.Means.load(path, small, torch.ones(1, 3))  # the right model passes
     with pytest.raises(ValueError, match=r"site 1: stored mean has shape \(4,\).*\(1, 5\)"):
         ma.Means.load(path, wide, torch.ones(1, 3))
+
+
+# -- attention patterns keep their head axis -------------------------------------------------
+PATTERN = "blocks.0.attn.hook_pattern"
+
+
+def naive_pattern_mean(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loops: entry [h, q, k] averages the examples whose q and k are both real tokens."""
+    acts = [(naive_capture(MODEL, PATTERN, b).double(), b["attention_mask"]) for b in batches]
+    _, heads, n, _ = acts[0][0].shape
+    sums = torch.zeros(heads, n, n, dtype=torch.float64)
+    counts = torch.zeros(n, n, dtype=torch.float64)
+    for act, mask in acts:
+        for b in range(act.shape[0]):
+            for q in range(n):
+                for k in range(n):
+                    if mask[b, q] and mask[b, k]:
+                        sums[:, q, k] += act[b, :, q, k]
+                        counts[q, k] += 1
+    return sums / counts.clamp_min(1), counts
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_pattern_means_keep_heads_and_select_real_query_key_pairs(per_position) -> None:
+    batches = [padded_batch([6, 2, 4], 6, 7), padded_batch([3, 6], 6, 8)]
+    means = compute_means(MODEL, [PATTERN], batches, per_position=per_position)
+    want, counts = naive_pattern_mean(batches)
+    assert means[PATTERN].shape == (CFG.n_heads, 6, 6)  # not [q, k] averaged over heads
+    torch.testing.assert_close(means[PATTERN], want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(means.counts[PATTERN], counts)
+    means.check_model(MODEL, batches[0])  # the stored shape is the one a site needs
+    # the heads differ, so averaging them would have lost something
+    assert (means[PATTERN][0] - means[PATTERN][1]).abs().max() > 1e-3
+    # ablating with it puts each head's own mean in place (our hook runs after ablate's)
+    n = 5 if per_position else 6  # per-position means longer than the input are cut
+    captured = {}
+    with ablate(MODEL, PATTERN, means):
+        h = MODEL.blocks[0].attn.hook_pattern.register_forward_hook(
+            lambda _m, _a, out: captured.__setitem__("p", out)
+        )
+        try:
+            MODEL(batches[0]["tokens"][:, :n])
+        finally:
+            h.remove()
+    for row in captured["p"]:
+        assert torch.equal(row, want[:, :n, :n].float())
+    if not per_position:
+        with (
+            pytest.raises(ValueError, match=r"pattern mean has shape \(2, 6, 6\), wanted"),
+            ablate(MODEL, PATTERN, means),
+        ):
+            MODEL(batches[0]["tokens"][:, :5])
+
+
+def test_pattern_means_ignore_nan_in_padding(monkeypatch) -> None:
+    batch = padded_batch([4, 2], 4, 9)
+    clean = compute_means(MODEL, [PATTERN], [batch])
+    real_hook = MODEL.blocks[0].attn.hook_pattern
+
+    def poison(_m, _a, out):
+        out = out.clone()
+        pad = ~batch["attention_mask"].bool()
+        out[pad[:, None, :, None].expand_as(out)] = float("nan")
+        out[pad[:, None, None, :].expand_as(out)] = float("inf")
+        return out
+
+    h = real_hook.register_forward_hook(poison)
+    try:
+        poisoned = compute_means(MODEL, [PATTERN], [batch])
+    finally:
+        h.remove()
+    assert torch.equal(poisoned[PATTERN], clean[PATTERN])
+
+
+def test_pattern_means_of_other_lengths_or_shapes_are_errors() -> None:
+    acc = MeanAccumulator()
+    acc.add(PATTERN, torch.rand(2, 2, 4, 4), None)
+    with pytest.raises(ValueError, match=r"pattern shape changed .*\(2, 4, 4\) vs \(2, 5, 5\)"):
+        acc.add(PATTERN, torch.rand(2, 2, 5, 5), None)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), wanted \(2, 4\)"):
+        acc.add(PATTERN, torch.rand(2, 2, 4, 4), torch.ones(2, 3))
+    means = Means({PATTERN: torch.zeros(4, 4, dtype=torch.float64)}, {})  # head axis lost
+    with (
+        pytest.raises(ValueError, match=r"pattern mean has shape \(4, 4\), wanted \(2, 4, 4\)"),
+        ablate(MODEL, PATTERN, means),
+    ):
+        MODEL(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_pattern_means_round_trip(tmp_path) -> None:
+    batches = [padded_batch([6, 2, 4], 6, 7)]
+    means = compute_means(MODEL, [PATTERN, "blocks.0.attn.hook_z"], batches)
+    means.save(tmp_path / "m.safetensors")
+    back = Means.load(tmp_path / "m.safetensors", MODEL, batches[0])
+    assert torch.equal(back[PATTERN], means[PATTERN])
+    assert torch.equal(back.counts[PATTERN], means.counts[PATTERN])

@@ -11,8 +11,10 @@
 
 Every run option is a flag and a key of a TOML config file (``--config FILE``; flags win;
 see :mod:`meanablate.config`). Logs and progress bars go to stderr, results to files in the
-run folder. Bad input prints one line on stderr and exits with code 2 (``--debug`` shows the
-traceback); Ctrl-C exits with 130 and never leaves a half-written ``results.json``.
+run folder; ``-q`` silences them and transformers'/TransformerLens' own. Bad input prints one
+line on stderr and exits with code 2 (``--debug`` shows the traceback; docs/errors.md); Ctrl-C
+exits with 130 and never leaves a half-written ``results.json``. An ``--out`` folder that
+already holds a run is not written into without ``--force``.
 
 Modules: :mod:`~meanablate.cli.app` (the commands), :mod:`~meanablate.cli.options` (their
 flags), :mod:`~meanablate.cli.errors` (one-line errors, exit codes),

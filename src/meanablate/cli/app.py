@@ -14,10 +14,14 @@ from meanablate.cli.options import (
     Algorithm,
     Attribution,
     BatchSize,
+    Command,
     Config,
     Debug,
     Device,
+    DryRun,
+    Force,
     GroundTruth,
+    Group,
     MeansFile,
     Method,
     Metric,
@@ -43,6 +47,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="meanablate",
+    cls=Group,
     help=(
         "Mean ablation and circuit discovery for PyTorch models.\n\n"
         "Start with [bold]meanablate demo[/bold]: it finds the circuit of a built-in model "
@@ -99,7 +104,7 @@ def _run(command: str, debug: bool, local: dict[str, Any], defaults: Any = None)
 
 
 # -- commands ---------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def demo(
     organism: Organism = None,
     metric: Metric = None,
@@ -118,8 +123,10 @@ def demo(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find, score and report the circuit of a built-in model whose true circuit is known.
@@ -140,7 +147,7 @@ def demo(
     _run("demo", debug, dict(locals()), {"organism": "tracr-sort"})
 
 
-@app.command()
+@app.command(cls=Command)
 def discover(
     organism: Organism = None,
     model: Model = None,
@@ -164,8 +171,10 @@ def discover(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
+    dry_run: DryRun = None,
     debug: Debug = False,
 ) -> None:
     """Find a circuit: means, sweep, discovery, scores, and a report in the run folder.
@@ -187,7 +196,7 @@ def discover(
     _run("discover", debug, dict(locals()))
 
 
-@app.command()
+@app.command(cls=Command)
 def edges(
     organism: Organism = None,
     model: Model = None,
@@ -223,7 +232,7 @@ def edges(
     _run("edges", debug, dict(locals()))
 
 
-@app.command()
+@app.command(cls=Command)
 def means(
     organism: Organism = None,
     model: Model = None,
@@ -238,6 +247,7 @@ def means(
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     out: Out = None,
+    force: Force = None,
     config: Config = None,
     quiet: Quiet = None,
     debug: Debug = False,
@@ -274,8 +284,10 @@ def _scores_command(command: str) -> Any:
         ray: Ray = None,
         ray_workers: RayWorkers = None,
         out: Out = None,
+        force: Force = None,
         config: Config = None,
         quiet: Quiet = None,
+        dry_run: DryRun = None,
         debug: Debug = False,
     ) -> None:
         _run(command, debug, dict(locals()))
@@ -300,11 +312,13 @@ RUN_DIR/attribution.json.
 
   meanablate attribute --model ./gpt2 --prompts ioi.jsonl --units neurons --metric logit_diff
 """
-sweep = app.command("sweep", help=_SWEEP_HELP)(_scores_command("sweep"))
-attribute = app.command("attribute", help=_ATTRIBUTE_HELP)(_scores_command("attribute"))
+sweep = app.command("sweep", cls=Command, help=_SWEEP_HELP)(_scores_command("sweep"))
+attribute = app.command("attribute", cls=Command, help=_ATTRIBUTE_HELP)(
+    _scores_command("attribute")
+)
 
 
-@app.command()
+@app.command(cls=Command)
 def organisms(
     quiet: Quiet = None,
     debug: Debug = False,
@@ -349,7 +363,7 @@ def organisms(
             indented("ground truth: unknown\n")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     run_dir: Annotated[
         Path,

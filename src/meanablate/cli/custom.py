@@ -38,7 +38,8 @@ def load_custom(cfg: Resolved, spec: str) -> Inputs:
             if not path.is_file():
                 raise InputError(f"--model {spec}: no such file {module_name}")
             mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert mod_spec is not None and mod_spec.loader is not None
+            if mod_spec is None or mod_spec.loader is None:
+                raise InputError(f"--model {spec}: {module_name} is not a Python file (*.py)")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from meanablate.config import OPTIONS, InputError, load_config, resolve
+from meanablate.errors import MeanAblateError
 
 __all__ = ["EXIT_INPUT", "EXIT_INTERRUPTED", "Session", "flags_of", "guarded", "one_line"]
 
@@ -34,6 +39,8 @@ class Session:
         self.quiet = False
         self.results_written = False
         self.started = time.perf_counter()
+        # What the run changed in process-wide state (third-party logging), undone on exit.
+        self.cleanup = contextlib.ExitStack()
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -48,6 +55,8 @@ class Session:
         config = load_config(config_path) if config_path is not None else None
         cfg = resolve(flags, config, defaults, accepted=flags)
         self.quiet = bool(cfg["quiet"])
+        if self.quiet:
+            self.cleanup.enter_context(quiet_libraries())
         for item in cfg.ignored:
             self.log(f"note: {item} is not an option of `meanablate {self.command}`; ignored")
         return cfg
@@ -61,15 +70,14 @@ def guarded(session: Session, body: Callable[[], Any]) -> None:
     """Run ``body()``: bad input exits 2, Ctrl-C 130, anything else 1, each one line."""
     import torch
 
-    # A run changes process-wide state (torch threads, transformers' logging): restore it,
+    # A run changes process-wide state (torch threads, third-party logging): restore it,
     # so that calling the app in process (tests, notebooks) leaves no trace.
     threads = torch.get_num_threads()
-    hf_logging = _hf_logging_state()
     try:
         body()
     except typer.Exit:
         raise
-    except InputError as exc:
+    except (InputError, MeanAblateError) as exc:  # bad input, ours or the library's contract
         if session.debug:
             raise
         raise session.fail(str(exc), EXIT_INPUT) from None
@@ -90,25 +98,50 @@ def guarded(session: Session, body: Callable[[], Any]) -> None:
         ) from None
     finally:
         torch.set_num_threads(threads)
-        _restore_hf_logging(hf_logging)
+        session.cleanup.close()
 
 
-def _hf_logging_state() -> tuple[int, bool]:
+# Libraries whose own logs, warnings and progress bars ``-q`` silences.
+_LIBRARIES = ("transformers", "transformer_lens", "huggingface_hub", "datasets", "accelerate")
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers', TransformerLens' (and the HF hub's) messages and progress bars.
+
+    Their loggers go to ERROR, their Python warnings are ignored, and transformers'
+    progress bars are switched off — each put back as it was on exit. Progress bars are
+    re-enabled only if they were on before: enabling them when ``HF_HUB_DISABLE_PROGRESS_BARS``
+    is set makes huggingface_hub print a warning after the run.
+    """
+    levels = {name: logging.getLogger(name).level for name in _LIBRARIES}
+    env = {k: os.environ.get(k) for k in _QUIET_ENV}
     tf = sys.modules.get("transformers")
-    if tf is None:
-        return 30, True  # transformers' defaults: WARNING, progress bars on
-    return tf.utils.logging.get_verbosity(), tf.utils.logging.is_progress_bar_enabled()
-
-
-def _restore_hf_logging(state: tuple[int, bool]) -> None:
-    tf = sys.modules.get("transformers")
-    if tf is None or _hf_logging_state() == state:
-        return
-    tf.utils.logging.set_verbosity(state[0])
-    if state[1]:
-        tf.utils.logging.enable_progress_bar()
-    else:
-        tf.utils.logging.disable_progress_bar()
+    bars_were_on = tf is not None and tf.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for name in _LIBRARIES:
+            warnings.filterwarnings("ignore", module=rf"{name}(\..*)?$")
+        os.environ.update(_QUIET_ENV)  # read by transformers if it is imported during the run
+        for name in _LIBRARIES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        if tf is not None:
+            tf.utils.logging.disable_progress_bar()
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if bars_were_on:
+                tf.utils.logging.enable_progress_bar()  # type: ignore[union-attr]
 
 
 def flags_of(local: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,8 @@ def load_hf(cfg: Resolved, path: str, log: Log) -> Inputs:
         import transformers
     except ImportError:
         raise InputError("--model DIR needs transformers: pip install 'meanablate[hf]'") from None
-    if cfg["quiet"]:
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+    # -q: transformers' own logs and progress bars are silenced by the session
+    # (meanablate.cli.errors.quiet_libraries), and put back as they were after the run.
     config = _offline(transformers.AutoConfig, path, "cannot read config.json")
     tokenizer = _offline(transformers.AutoTokenizer, path, "cannot load its tokenizer")
     max_len = getattr(config, "n_positions", None) or getattr(

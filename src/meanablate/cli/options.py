@@ -85,4 +85,40 @@ Quiet = Annotated[
         "--quiet", "-q", help="no progress bars or logs", rich_help_panel=_OUT, show_default=False
     ),
 ]
+DryRun = Annotated[
+    bool | None,
+    typer.Option("--dry-run", help=_h("dry_run"), rich_help_panel=_RUN, show_default=False),
+]
+Force = Annotated[
+    bool | None,
+    typer.Option(
+        "--force",
+        help="write into an --out folder that already holds a run (its files are replaced)",
+        rich_help_panel=_OUT,
+        show_default=False,
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_OUT)]
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    # typer shows a `<bool>` type column for flags (--quiet, --help, --per-position/
+    # --no-per-position); a flag takes no value, so show none.
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose help shows no metavar for flags."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """The top-level group, with flags shown like :class:`Command`'s."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))

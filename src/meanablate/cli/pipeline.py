@@ -207,11 +207,14 @@ def run_discovery(
     command: str = "discover",
     timings: dict[str, float] | None = None,
     executor: Any = None,
+    on_means: Any = None,
 ) -> tuple[dict[str, Any], Any]:
     """Means, sweep, attribution, discovery and scores: ``(results, means)``.
 
     ``executor`` (a :class:`~meanablate.executors.RayExecutor`, say) runs the means, the
-    sweep and the attribution; the discovery and the scores run here.
+    sweep and the attribution; the discovery and the scores run here. ``on_means(means)``
+    is called once the means are known; it may return a sweep
+    :class:`~meanablate.Estimate` whose ``run()`` then does the sweep.
     """
     import meanablate as ma
     from meanablate.discovery import score_circuit, unit_kind, unit_layer
@@ -227,11 +230,15 @@ def run_discovery(
     means = compute_or_load_means(cfg, inputs, progress=progress, log=log, executor=executor)
     timings["means"] = time.perf_counter() - t
 
+    planned = on_means(means) if on_means is not None else None
     log(f"sweep: {len(units)} units, metric {metric}")
-    sweep = ma.sweep(
-        model, batches, units, means,
-        metric=metric, method=method, progress=progress, executor=executor,
-    )  # fmt: skip
+    if planned is not None:  # reuses the units its calibration swept
+        sweep = planned.run(progress=progress)
+    else:
+        sweep = ma.sweep(
+            model, batches, units, means,
+            metric=metric, method=method, progress=progress, executor=executor,
+        )  # fmt: skip
     timings["sweep"] = sweep.seconds
     t = time.perf_counter()
     cis = unit_cis(sweep.per_example, n_boot, seed, progress)
@@ -382,6 +389,23 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
         path = Path(root) / f"{safe}-{stamp}-{n}"
         n += 1
     return path
+
+
+# What a run leaves in its folder: an --out folder holding one of these holds a run. (A
+# folder with only config.toml holds a run that failed before writing anything: reusable.)
+RUN_FILES = ("results.json", "means.safetensors", "sweep.json", "attribution.json", "report.html")
+
+
+def check_out_free(out: Path, force: bool) -> None:
+    """``InputError`` if ``out`` already holds a run and ``force`` is not set."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    taken = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if taken and not force:
+        raise InputError(
+            f"--out {out}: already holds a run ({', '.join(taken[:3])}); choose another "
+            "folder, or pass --force to replace its files"
+        )
 
 
 def prepare_run_dir(out: Path, cfg: Resolved, command: str) -> None:

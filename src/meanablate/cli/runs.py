@@ -37,10 +37,12 @@ def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
 
 
 def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
-    """The inputs and the run folder (created, with its config.toml)."""
+    """The inputs and the run folder (created, with its config.toml; not for --dry-run)."""
     from meanablate.cli.inputs import load_inputs
-    from meanablate.cli.pipeline import prepare_run_dir
+    from meanablate.cli.pipeline import check_out_free, prepare_run_dir
 
+    if cfg["out"]:  # before the (slow) model load
+        check_out_free(Path(cfg["out"]), bool(cfg["force"]))
     inputs = load_inputs(cfg, session.log)
     out = _out_dir(cfg, inputs.name)
     _record_effective(cfg, inputs)
@@ -51,23 +53,45 @@ def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
                 f"note: {unused.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
             )
         cfg.values[unused] = None
-    prepare_run_dir(out, cfg, session.command)
+    if not cfg["dry_run"]:
+        prepare_run_dir(out, cfg, session.command)
     return inputs, out
+
+
+def _executor(cfg: Resolved, session: Session) -> Any:
+    """Ray's executor for a run; none for a dry run (its estimate is of this process)."""
+    import contextlib
+
+    from meanablate.cli.executor import ray_executor
+
+    return contextlib.nullcontext() if cfg["dry_run"] else ray_executor(cfg, session.log)
 
 
 def run_discover(session: Session, cfg: Resolved) -> None:
     """Means, sweep, discovery and scores; the run folder; a summary on stdout."""
-    from meanablate.cli.executor import ray_executor
-    from meanablate.cli.pipeline import run_discovery, write_run
+    from meanablate.cli.estimates import plan_run, show_estimate
+    from meanablate.cli.pipeline import compute_or_load_means, run_discovery, write_run
     from meanablate.cli.tables import print_summary
 
-    with ray_executor(cfg, session.log) as executor:
+    with _executor(cfg, session) as executor:
         t = time.perf_counter()
         inputs, out = _load(session, cfg)
         load_s = time.perf_counter() - t
         session.log(
-            f"{inputs.name}: {len(inputs.units)} units, {inputs.n_examples} examples -> {out}"
+            f"{inputs.name}: {len(inputs.units)} units, {inputs.n_examples} examples"
+            + ("" if cfg["dry_run"] else f" -> {out}")
         )
+        if cfg["dry_run"]:
+            means = compute_or_load_means(cfg, inputs, progress=False, log=session.log)
+            planned = plan_run(session.command, cfg, inputs, means)
+            show_estimate(planned, dry_run=True, log=session.log)
+            return
+
+        def on_means(means: Any) -> Any:
+            planned = plan_run(session.command, cfg, inputs, means)
+            show_estimate(planned, dry_run=False, log=session.log, remote=executor is not None)
+            return planned.sweep if executor is None else None
+
         results, means = run_discovery(
             cfg,
             inputs,
@@ -76,11 +100,15 @@ def run_discover(session: Session, cfg: Resolved) -> None:
             command=session.command,
             timings={"load": load_s},
             executor=executor,
+            on_means=on_means,
         )
+    # One measurement of the run time, for results.json (the report) and the terminal.
+    total = time.perf_counter() - session.started
+    results["timings"]["total"] = total
     session.log("writing results.json and the report")
     write_run(out, results, means, on_results=lambda: setattr(session, "results_written", True))
     _write_dot(out, results)
-    print_summary(results, out, time.perf_counter() - session.started, inputs.ground_truth)
+    print_summary(results, out, total, inputs.ground_truth)
 
 
 def _write_dot(out: Path, results: dict) -> None:
@@ -106,13 +134,13 @@ def _write_dot(out: Path, results: dict) -> None:
 def run_scores(session: Session, cfg: Resolved) -> None:
     """``means``, ``sweep`` or ``attribute`` (``session.command``): its file in the run folder."""
     import meanablate as ma
-    from meanablate.cli.executor import ray_executor
+    from meanablate.cli.estimates import plan_run, show_estimate
     from meanablate.cli.pipeline import compute_or_load_means, scores_json, unit_cis, write_means
     from meanablate.cli.tables import print_scores
     from meanablate.report import write_json_atomic
 
     command, progress = session.command, not session.quiet
-    with ray_executor(cfg, session.log) as executor:
+    with _executor(cfg, session) as executor:
         inputs, out = _load(session, cfg)
         means = compute_or_load_means(
             cfg, inputs, progress=progress, log=session.log, executor=executor
@@ -125,6 +153,12 @@ def run_scores(session: Session, cfg: Resolved) -> None:
             how = "per position, " if means.per_position else ""
             print(f"means of {len(means.keys())} sites ({how}{inputs.n_examples} examples): {path}")
             return
+        planned = plan_run(command, cfg, inputs, means)
+        show_estimate(
+            planned, dry_run=bool(cfg["dry_run"]), log=session.log, remote=executor is not None
+        )
+        if cfg["dry_run"]:
+            return
         if means is not None and not cfg["means"]:
             write_means(means, out / "means.safetensors")
         kind = "sweep" if command == "sweep" else "attribution"
@@ -134,10 +168,13 @@ def run_scores(session: Session, cfg: Resolved) -> None:
         extra: dict[str, Any] = {"progress": progress} if command == "sweep" else {}
         if command == "attribute" and metric == "accuracy":
             metric = "loss"  # accuracy has no gradient
-        scores = run(
-            inputs.model, inputs.batches, inputs.units, means,
-            metric=metric, method=cfg["method"], executor=executor, **extra,
-        )  # fmt: skip
+        if executor is None:  # the calibration's units are not computed again
+            scores = planned.total.run(progress=progress)
+        else:
+            scores = run(
+                inputs.model, inputs.batches, inputs.units, means,
+                metric=metric, method=cfg["method"], executor=executor, **extra,
+            )  # fmt: skip
     cis = unit_cis(scores.per_example, cfg["n_boot"], cfg["seed"], progress)
     path = write_json_atomic(out / SCORE_FILES[command], scores_json(scores, cis, cfg))
     print_scores(kind, scores, cis, path)

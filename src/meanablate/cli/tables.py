@@ -56,7 +56,9 @@ def print_summary(results: dict[str, Any], out: Path, seconds: float, gt: list[s
         f"full {circuit['metric_full']:.4g}, circuit {circuit['metric_circuit']:.4g}, "
         f"empty {circuit['metric_empty']:.4g}",
     )
-    table.add_row("time", f"{seconds:.1f} s")
+    from meanablate.report.fmt import seconds as fmt_seconds
+
+    table.add_row("time", fmt_seconds(seconds))  # as the report shows the same number
     table.add_row("report", escape(str(out / "report.html")))
     Console(soft_wrap=False).print(table)
 

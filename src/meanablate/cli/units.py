@@ -32,18 +32,24 @@ def site_str(text: str, where: str) -> str:
 def resolve_units(model: nn.Module, specs: Sequence[str], batch: Any, *, where: str) -> list[str]:
     """Site strings from ``specs`` (sites, granularities like ``heads``/``neurons:1``, @FILE)."""
     from meanablate.discovery import transformer_units
-    from meanablate.sites import as_sites, resolve_module
 
     out: list[str] = []
+    origin: dict[str, str] = {}  # unit -> where the user wrote it (the flag, or file and line)
     for spec in specs:
         spec = spec.strip()
         if spec.startswith("@"):
             path = Path(spec[1:])
             if not path.is_file():
                 raise InputError(f"{where}: units file {path}: no such file")
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"{where}: units file {path}: {one_line(exc)}") from None
+            for i, line in enumerate(text.splitlines(), start=1):
                 if line.strip() and not line.lstrip().startswith("#"):
-                    out.append(site_str(line.strip(), f"{path}, line {i}"))
+                    unit = site_str(line.strip(), f"{path}, line {i}")
+                    origin.setdefault(unit, f"{path}, line {i}")
+                    out.append(unit)
             continue
         m = _GRAN_RE.match(spec)
         if not m:
@@ -76,9 +82,36 @@ def resolve_units(model: nn.Module, specs: Sequence[str], batch: Any, *, where: 
     out = list(dict.fromkeys(out))
     if not out:
         raise InputError(f"{where}: no units")
-    for site in as_sites(out):
-        try:
-            resolve_module(model, site.module)
-        except ValueError as exc:
-            raise InputError(f"{where}: unit {str(site)!r}: {one_line(exc)}") from None
+    _check_fit(model, out, batch, lambda u: origin.get(u, where))
     return out
+
+
+def _check_fit(model: nn.Module, units: list[str], batch: Any, origin: Any) -> None:
+    """Every unit names a module of ``model`` and its selector fits the activation there:
+    the family's layout (head counts from the config), then the real activation's shape."""
+    from meanablate._validate import activation_shapes
+    from meanablate.families import family_of
+    from meanablate.sites import check_units_in_range, parse_site, resolve_module
+
+    family = family_of(model)
+    sites = []
+    checked: set[str] = set()
+    for unit in units:
+        site = parse_site(unit)
+        try:
+            if site.module not in checked:
+                resolve_module(model, site.module)
+                checked.add(site.module)
+            sites.append(family.check_site(site))
+        except (IndexError, ValueError, TypeError) as exc:
+            msg = one_line(exc).removeprefix(f"site {site}: ")
+            raise InputError(f"{origin(unit)}: unit {unit!r}: {msg}") from None
+    shapes = activation_shapes(model, [s.key for s in sites], batch)
+    for unit, site in zip(units, sites):
+        if site.key not in shapes:
+            continue
+        try:
+            check_units_in_range(site, shapes[site.key])
+        except (IndexError, ValueError) as exc:
+            msg = one_line(exc).removeprefix(f"site {site}: ")
+            raise InputError(f"{origin(unit)}: unit {unit!r}: {msg}") from None

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.source import resample_batch
 from meanablate.discovery.sweep import check_units
@@ -66,7 +68,9 @@ def attribute(
     ``per_example [n_units, n_examples]``, with ``exact`` all ``False``. Cost: one
     forward and one backward pass per batch (per probe for comparing metrics).
     """
+    model = unwrap(model)
     m = get_metric(metric)
+    check_source(means, method, where="attribute")
     if executor is not None and not executor.in_process:
         return _attribute_distributed(
             executor, model, list(batches), units, means, m, method, n_probes, seed

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.discovery.source import resample_batch
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -50,6 +52,7 @@ def needs_clean(metric: Metric) -> bool:
 def clean_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor] | None:
     """The clean outputs of ``batches`` (on the model's device), or ``None`` if together
     they would take more than ``CLEAN_CACHE_BYTES``."""
+    model = unwrap(model)
     device = model_device(model)
     outs: list[Tensor] = []
     total = 0
@@ -78,6 +81,7 @@ def metric_per_example(
     ``clean``: the clean outputs of ``batches`` (from :func:`clean_outputs`), to save
     the clean forward that comparing metrics need for every call.
     """
+    model = unwrap(model)
     m = get_metric(metric)
     if clean is not None and len(clean) != len(batches):
         raise ValueError(f"clean has {len(clean)} outputs for {len(batches)} batches")
@@ -154,6 +158,8 @@ def score_circuit(
     with_minimality: bool = True,
 ) -> CircuitScores:
     """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring."""
+    model = unwrap(model)
+    check_source(means, method, where="score_circuit")
     unknown = set(circuit) - set(units)
     if unknown:
         raise ValueError(f"circuit units not among the units: {sorted(unknown)}")

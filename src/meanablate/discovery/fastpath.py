@@ -1,12 +1,36 @@
 """Exact single-unit ablations on our transformer, re-running only what lies downstream.
 
-A head writes into the residual stream through ``W_O`` and an MLP neuron through its row
-of ``W_out``; both are linear, so ablating the unit changes the stream by exactly
-``(fill - act) @ W``. The downstream part therefore starts from ``resid + delta`` — at the
-next block for an MLP unit (and for a head in an attention-only block), at the MLP of the
-same block for a head — instead of re-running the whole model. The last step computes
-logits only at the positions the metric reads. Many units can ride one forward pass as
-stacked copies of the batch (``stack``); the result is the same ablation, unit by unit.
+Ablating a unit of block ``L`` cannot change blocks ``0..L-1``: the clean run's cached
+streams stand in for them, and only the rest runs. Two routes:
+
+- **Replay** (``exact=True``; every *discrete* metric, ``Metric.discrete``: accuracy, any
+  argmax). The hook's replacement (the very function ``ablate()`` installs) is applied to
+  the cached activation, and the rest of block ``L`` runs with the block's own operations
+  in the block's own order (a head: ``resid_pre + hook_attn_out(W_O-projection of z)``,
+  then the MLP half; a neuron: ``resid_mid + hook_mlp_out(post @ W_out + b_out)``), then
+  every later block in full, on the batch as given, and the read positions are cut from
+  the finished logits. Every step is one the hooked forward takes, on the same inputs
+  and shapes, so with deterministic kernels (CPU; CUDA for equal shapes) the logits are
+  bit for bit the hooked forward's.
+- **Linear shortcut** (continuous metrics). A head writes into the stream through
+  ``W_O`` and a neuron through its row of ``W_out``, so the ablation changes the stream by
+  ``(fill - act) @ W``, a thin product; the last block runs only at the positions the
+  metric reads, and ablations may ride one forward as stacked copies of the batch.
+
+Why: the two give the same number in exact arithmetic, but floats round differently. On
+an exact tie of the ablated logits (common in compiled models such as tracr's) the
+shortcut's residue of the clean answer decided the argmax: accuracy 1.0 where the hooked
+forward gives 0.333, and discovery dropped the output head. A float error bound cannot
+certify a tie (the margin is 0, and no cheap rigorous bound exists through softmax and
+normalization), and stacking copies, the cut last block and the shortcut each change
+bits (other matmul shapes, other summation order), so discrete metrics take none of
+them. Continuous metrics move by ~1e-7 relative under such rounding, so they keep the
+shortcut: measured in ``benchmarks/bench_discovery.py``, the replay costs +6% per unit
+on a full-sequence neuron sweep and +12% (the full ``W_out`` product instead of one row)
+to +90% (no cut last block) on a last-token one.
+
+Only our own classes are replayed or shortcut (:func:`supports`): a subclass may compute
+its forward differently, and then the hooked forward is the only definition.
 """
 
 from __future__ import annotations
@@ -16,15 +40,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from meanablate.hooks import capture
-from meanablate.intervene import _fill_for, unit_mask, view_shape
-from meanablate.organisms.transformer import HookedTransformer
+from meanablate.intervene import _fill_for, _make_hook, unit_mask, view_shape
+from meanablate.organisms.transformer import (
+    MLP,
+    Attention,
+    HookedTransformer,
+    LayerNorm,
+    TransformerBlock,
+)
 from meanablate.sites import Site, parse_site
 from meanablate.stats import Means
 
-__all__ = ["Plan", "ablated_logits", "clean_state", "plan_unit"]
+__all__ = ["Plan", "ablated_act", "ablated_logits", "clean_state", "plan_unit", "supports"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +70,21 @@ class Plan:
     layer: int
     kind: str
     resume: str
+
+
+def supports(model: Any) -> bool:
+    """Whether ``model`` is built of exactly our classes, whose forward the replay mirrors."""
+    if type(model) is not HookedTransformer:
+        return False
+    norms = (LayerNorm, nn.Identity)
+    for block in model.blocks:
+        if type(block) is not TransformerBlock or type(block.attn) is not Attention:
+            return False
+        if type(block.ln1) not in norms or (
+            hasattr(block, "mlp") and (type(block.mlp) is not MLP or type(block.ln2) not in norms)
+        ):
+            return False
+    return type(model.ln_final) in norms
 
 
 def plan_unit(model: HookedTransformer, unit: str | Site) -> Plan | None:
@@ -136,6 +181,50 @@ def _delta(
     return diff.reshape(act.shape)  # attn_out, mlp_out, resid: the activation is the stream
 
 
+def ablated_act(plan: Plan, act: Tensor, means: Means | None, method: str) -> Tensor:
+    """The activation as the hook of ``ablate(model, plan.site, ...)`` replaces it."""
+    return _make_hook([plan.site], means, method, None)(act)  # type: ignore[arg-type]
+
+
+def resumed_stream(model: HookedTransformer, plan: Plan, state: CleanState, new: Tensor) -> Tensor:
+    """The stream where ``plan`` resumes, with its activation replaced by ``new``.
+
+    ``resid_pre`` / ``resid_mid`` / ``resid_post`` of ``plan.layer`` for ``plan.resume``
+    ``"pre"`` / ``"mid"`` / ``"post"``. The rest of the plan's sub-layer runs with the
+    block's own operations in its own order, from the clean run's cached stream (which
+    the ablation cannot change): bit for bit the hooked forward's stream there.
+    """
+    layer, kind = plan.layer, plan.kind
+    block = model.blocks[layer]
+    if kind == "resid":
+        return new
+    if kind in ("head", "attn_out"):
+        # TransformerBlock.forward: resid + hook_attn_out(attn(...)), where attn ends
+        # with head_outputs_to_resid(hook_z(z)).
+        out = block.hook_attn_out(block.attn.head_outputs_to_resid(new)) if kind == "head" else new
+        resid = state.resid_pre[layer] + out
+        return resid if plan.resume == "mid" else block.hook_resid_post(resid)
+    # MLP.forward ends with hook_post(post) @ W_out + b_out
+    out = block.hook_mlp_out(new @ block.mlp.W_out + block.mlp.b_out) if kind == "neuron" else new
+    return block.hook_resid_post(state.resid_mid[layer] + out)
+
+
+def replay_stream(
+    model: HookedTransformer, plans: list[Plan], state: CleanState, news: list[Tensor]
+) -> tuple[Tensor, int]:
+    """The stream entering block ``start`` for each plan (stacked along the batch), and
+    ``start``. The plans share ``layer`` and ``resume``; ``news`` are their ablated
+    activations. With one plan, bit for bit the hooked forward's stream."""
+    streams = [resumed_stream(model, p, state, n) for p, n in zip(plans, news)]
+    resid = streams[0] if len(streams) == 1 else torch.cat(streams, dim=0)
+    layer, resume = plans[0].layer, plans[0].resume
+    if resume == "pre":
+        return resid, layer
+    if resume == "mid":
+        return finish_block_from_mid(model.blocks[layer], resid), layer + 1
+    return resid, layer + 1
+
+
 def ablated_logits(
     model: HookedTransformer,
     plans: list[Plan],
@@ -144,19 +233,33 @@ def ablated_logits(
     method: str,
     attention_mask: Tensor | None,
     positions: Tensor | None,
+    *,
+    exact: bool = False,
 ) -> Tensor:
     """Logits ``[len(plans), batch, n_positions, vocab]`` with each plan ablated alone.
 
     All plans must share ``layer`` and ``resume`` (they are stacked along the batch).
     ``positions``: indices of the positions whose logits are needed (``None``: all).
+    ``exact``: bit for bit the logits of the hooked forward (the replay, one plan, every
+    block in full, the positions cut from the finished logits); otherwise the linear
+    shortcut with the last block computed only at ``positions`` (the same logits up to
+    float rounding).
     """
-    layer, resume = plans[0].layer, plans[0].resume
+    k = len(plans)
     b = state.logits.shape[0]
+    if exact:
+        if k != 1:
+            raise ValueError(f"exact logits come one plan at a time, got {k}")
+        new = ablated_act(plans[0], state.acts[plans[0].site.key], means, method)
+        resid, start = replay_stream(model, plans, state, [new])
+        logits = run_downstream(model, resid, start, attention_mask, None)
+        if positions is not None:
+            logits = logits[:, positions]
+        return logits[None]
     deltas = [_delta(model, p, state.acts[p.site.key], means, method) for p in plans]
     delta = torch.cat(deltas, dim=0)
-    k = len(plans)
     mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
-    resid, start = resume_stream(model, state, layer, resume, delta, copies=k)
+    resid, start = resume_stream(model, state, plans[0].layer, plans[0].resume, delta, copies=k)
     logits = run_downstream(model, resid, start, mask, positions)
     return logits.reshape(k, b, *logits.shape[1:])
 
@@ -255,5 +358,21 @@ def group_key(plan: Plan) -> tuple[int, str]:
 
 
 def any_hooks(model: Any) -> bool:
-    """True if any module carries hooks (the fast path would bypass them)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """True if any module carries hooks (the fast path would bypass them).
+
+    Hooks a model's own framework installs do not count: those of a TransformerLens
+    bridge's blocks (:func:`~meanablate.families.tl_bridge.own_hook_ids`, inside the
+    blocks, so they fire on a resumed block too) and transformers' output-capturing
+    hooks (inert unless the forward is asked for attentions or hidden states).
+    """
+    from meanablate.families.tl_bridge import own_hook_ids
+
+    own = own_hook_ids(model)
+
+    def foreign(hooks: dict) -> bool:
+        return any(
+            k not in own and (getattr(fn, "__module__", None) or "").split(".")[0] != "transformers"
+            for k, fn in hooks.items()
+        )
+
+    return any(foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) for m in model.modules())

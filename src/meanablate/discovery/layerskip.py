@@ -57,25 +57,24 @@ def record_block_calls(family: Family) -> Iterator[BlockCalls | None]:
 
     Yields ``None`` when the family cannot resume (then nothing is registered).
     """
+    from meanablate.hooks import attached
+
     found = family.blocks() if family.can_resume() else None
     if found is None:
         yield None
         return
     blocks = found[1]
     record = BlockCalls([None] * len(blocks), [0] * len(blocks))
-    handles = []
-    try:
-        for i, block in enumerate(blocks):
+    planned = []
+    for i, block in enumerate(blocks):
 
-            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
-                record.counts[i] += 1
-                record.calls[i] = family.resume_call(tuple(args), dict(kwargs))
+        def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+            record.counts[i] += 1
+            record.calls[i] = family.resume_call(tuple(args), dict(kwargs))
 
-            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        planned.append((block, "forward_pre_kwargs", pre))
+    with attached(planned):  # atomic against Ctrl-C (see meanablate.hooks.attached)
         yield record
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_from(family: Family, calls: BlockCalls, layer: int) -> Tensor:

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_source
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
 from meanablate.discovery.evaluate import faithfulness
@@ -96,6 +98,7 @@ def discover(
     >>> c.kept, c.certificate
     (['0[neurons=1]', '0[neurons=2]'], 'exhaustive')
     """
+    model = unwrap(model)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if target_faithfulness is not None and not (0 < target_faithfulness <= 1):
@@ -122,6 +125,7 @@ def discover(
     if not isinstance(max_exhaustive, int) or max_exhaustive < 0:
         raise ValueError(f"max_exhaustive must be an int >= 0, got {max_exhaustive!r}")
     m = get_metric(metric)
+    check_source(means, method, where="discover")
     units = check_units(model, units)
     batches = list(batches)
     t0 = time.perf_counter()

@@ -4,10 +4,13 @@ Pruning (ACDC, score-then-prune, minimality) asks for the metric of one ablated 
 another on the same batches. :class:`SetMetric` computes the clean side once: the clean
 outputs that comparing metrics read and, on our :class:`HookedTransformer`, the clean
 residual streams. A set then runs only from its earliest unit on: that unit's group
-(units of one activation, merged into one) enters as the exact linear change of the
-stream, as in the sweep's fast path, and every later unit is ablated by its hook on the
-way down. Anything else (other models, foreign hooks, resampling, units the fast path does
-not know) takes one hooked full forward per batch, the plain definition.
+(units of one activation, merged into one) enters as in the sweep's fast path
+(:mod:`~meanablate.discovery.fastpath`), and every later unit is ablated by its hook on
+the way down. For discrete metrics the group's block is replayed as the block computes
+it and every block runs in full, so the logits are bit for bit those of the hooked
+forward (ties included); continuous metrics take the linear shortcut. Anything else
+(other models, foreign hooks, resampling, units the fast path does not know) takes one
+hooked full forward per batch, the plain definition.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.evaluate import (
     CLEAN_CACHE_BYTES,
@@ -43,8 +47,8 @@ class SetMetric:
     """``metric(ablated) -> [n_examples]``: the metric with ``ablated`` units ablated together.
 
     ``units``: every unit a set may contain (their activations are cached for the fast
-    path). Equal to :func:`~meanablate.discovery.metric_per_example` for every set, within
-    float32 rounding of the residual stream.
+    path). Equal to :func:`~meanablate.discovery.metric_per_example` for every set: exactly
+    for discrete metrics, and for continuous ones up to float32 rounding of the stream.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class SetMetric:
         *,
         method: Method = "mean",
     ) -> None:
+        model = unwrap(model)
         self.model, self.means, self.method = model, means, method
         self.metric = get_metric(metric)
         device = model_device(model)
@@ -64,7 +69,7 @@ class SetMetric:
         self.plans: dict[str, fastpath.Plan] = {}
         self.states: list[fastpath.CleanState] | None = None
         self.reads: list[tuple[Tensor | None, dict, Tensor]] = []
-        if isinstance(model, HookedTransformer) and method in ("mean", "zero"):
+        if fastpath.supports(model) and method in ("mean", "zero"):
             plans = {u: fastpath.plan_unit(model, u) for u in units}
             self.plans = {u: p for u, p in plans.items() if p is not None}
             self.states = self._clean_states() if self.plans else None
@@ -146,13 +151,20 @@ class SetMetric:
         model = self.model
         assert isinstance(model, HookedTransformer)
         _, amask = fastpath.tokens_and_mask(batch)
-        delta = fastpath._delta(model, plan, state.acts[plan.site.key], self.means, self.method)
-        resid, start = fastpath.resume_stream(model, state, plan.layer, plan.resume, delta)
+        exact = self.metric.discrete
+        act = state.acts[plan.site.key]
+        if exact:  # replayed as the hooked forward computes it: bit for bit its logits
+            new = fastpath.ablated_act(plan, act, self.means, self.method)
+            resid, start = fastpath.replay_stream(model, [plan], state, [new])
+        else:  # the linear shortcut: the same up to float rounding
+            delta = fastpath._delta(model, plan, act, self.means, self.method)
+            resid, start = fastpath.resume_stream(model, state, plan.layer, plan.resume, delta)
         positions, sub, clean = reads
         # Only a block still to run may be cut to the read positions (last_block_at, which
-        # skips hook points, so not with hooks). Otherwise read the whole output: an
-        # unchanged stream then gives exactly the clean logits (a dead unit scores 0.0).
-        if hooks or positions is None or start >= model.cfg.n_layers:
+        # skips hook points, so not with hooks; nor for a discrete metric, whose ties the
+        # cut's rounding could break). Otherwise the whole output: an unchanged stream then
+        # gives exactly the clean logits (a dead unit scores 0.0).
+        if exact or hooks or positions is None or start >= model.cfg.n_layers:
             logits = fastpath.run_downstream(model, resid, start, amask, None)
             bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
             return self.metric(logits, bdict, state.logits)

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._unwrap import unwrap
+from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.source import resample_batch
 from meanablate.families import check_sites, family_of
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
-from meanablate.metrics import Metric, get_metric, scored_mask
+from meanablate.metrics import Metric, check_shapes, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
@@ -33,6 +35,7 @@ Stack = int | Literal["auto"]
 def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
     """Normalize unit strings, checking each names a module of ``model`` and fits its
     family (head counts, head axes: :func:`meanablate.families.check_sites`)."""
+    model = unwrap(model)
     if isinstance(units, str) or not len(units):
         raise ValueError("units must be a non-empty list of sites")
     out = []
@@ -50,7 +53,12 @@ def check_units(model: nn.Module, units: Sequence[str]) -> list[str]:
 
 
 def restrict_positions(batch: Mapping[str, Any], logits: Tensor) -> tuple[Tensor | None, dict]:
-    """Positions the metric reads (``None``: all) and the batch's ``[b, p]`` fields cut to them."""
+    """Positions the metric reads (``None``: all) and the batch's ``[b, p]`` fields cut to them.
+
+    The fields are checked against ``logits`` first (:func:`~meanablate.metrics.check_shapes`):
+    a field of another shape is an error, not a field left uncut.
+    """
+    check_shapes(logits, batch, None, "sweep")
     if logits.ndim != 3:
         return None, dict(batch)
     mask = scored_mask(batch, logits)
@@ -116,25 +124,34 @@ def sweep(
     in :func:`ablation_effect` (distance for ``kl``/``l2``, change for task metrics).
 
     On our :class:`HookedTransformer` (``fast=True``) the clean run is cached and only
-    the downstream layers re-run, from ``resid + (fill - act) @ W``; ``stack`` ablations
-    share one forward (``"auto"``: 1 on CPU, calibrated on GPU). Other models and
-    sites run one hooked forward per unit. Both give the same numbers (to float error).
+    the layers from the unit's on re-run (:mod:`~meanablate.discovery.fastpath`). For
+    discrete metrics (``Metric.discrete``, e.g. accuracy) they re-run as the hooked
+    forward runs them, so the result is the hooked forward's exactly, ties included.
+    For continuous ones the stream resumes from ``resid + (fill - act) @ W``, the last
+    layer runs only where the metric reads, and ``stack`` ablations share one forward
+    (``"auto"``: 1 on CPU, calibrated on GPU): the same numbers up to float rounding.
+    Other models and sites run one hooked forward per unit.
 
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
     """
+    model = unwrap(model)
     m = get_metric(metric)
+    check_source(means, method, where="sweep")
     units = check_units(model, units)
     batches = list(batches)
     if not batches:
         raise ValueError("sweep needs at least one batch")
+    for i, b in enumerate(batches):
+        check_batch(b, f"sweep: batches[{i}]")
+    check_units_fit(model, units, batches[0], means if method == "mean" else None)
     if executor is not None and not executor.in_process:
         return _sweep_distributed(
             executor, model, batches, units, means, m, method, stack, fast, progress
         )
     device = model_device(model)
-    is_fast_model = fast and isinstance(model, HookedTransformer) and method != "resample"
+    is_fast_model = fast and fastpath.supports(model) and method != "resample"
     plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
     k_stack = _choose_stack(stack, device)
     per_batch: list[Tensor] = []
@@ -273,14 +290,17 @@ def _sweep_batch(
     bdict = batch if isinstance(batch, Mapping) else {"tokens": batch}
     keys = sorted({plans[u].site.key for u in fast_units})
     state = fastpath.clean_state(model, tokens, amask, keys)
+    exact = m.discrete  # a tie is decided by the last bit: only the forward's own steps
     positions, sub = restrict_positions(bdict, state.logits)
+    if exact:
+        positions, sub = None, bdict
     clean = state.logits if positions is None else state.logits[:, positions]
     effect_of = m.bind(sub, clean)
     groups: dict[tuple[int, str], list[str]] = {}
     for u in fast_units:
         groups.setdefault(fastpath.group_key(plans[u]), []).append(u)
     for group in groups.values():
-        k = k_stack
+        k = 1 if exact else k_stack
         if k == 0:
 
             def run(kk: int, g: list[str] = group) -> Tensor:
@@ -292,7 +312,14 @@ def _sweep_batch(
         for start in range(0, len(group), k):
             chunk = group[start : start + k]
             logits = fastpath.ablated_logits(
-                model, [plans[u] for u in chunk], state, means, method, amask, positions
+                model,
+                [plans[u] for u in chunk],
+                state,
+                means,
+                method,
+                amask,
+                positions,
+                exact=exact,
             )
             for i, u in enumerate(chunk):
                 effects[u] = effect_of(logits[i])

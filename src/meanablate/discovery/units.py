@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import nn
 
+from meanablate._unwrap import unwrap
 from meanablate.sites import Site, as_sites
 
 __all__ = ["reverse_topological", "transformer_units", "unit_kind", "unit_layer"]
@@ -52,6 +53,7 @@ def transformer_units(
     >>> transformer_units(HookedTransformer(cfg), "heads")
     ['blocks.0.attn.hook_z[heads=0]', 'blocks.0.attn.hook_z[heads=1]']
     """
+    model = unwrap(model)
     from meanablate.families import family_of
 
     chosen = None if layers is None else list(layers)

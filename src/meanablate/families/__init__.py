@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch import nn
-
+from meanablate._unwrap import unwrap
 from meanablate.families.base import Family, HeadLayout, LinearWrite, UnitInfo
 from meanablate.sites import Site, as_sites
 
@@ -39,19 +38,6 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
-def unwrap(model: object) -> nn.Module:
-    """The torch module behind ``model``: an nnsight ``NNsight``/``LanguageModel``
-    wrapper gives the module it wraps (without importing nnsight)."""
-    inner = getattr(model, "_model", None)
-    if not isinstance(model, nn.Module) and isinstance(inner, nn.Module):
-        return inner
-    if isinstance(model, nn.Module):
-        return model
-    raise TypeError(
-        f"expected a torch nn.Module (or an nnsight wrapper), got {type(model).__name__}"
-    )
-
-
 def family_of(model: object) -> Family:
     """The :class:`Family` describing ``model`` (generic when no family matches)."""
     module = unwrap(model)
@@ -73,7 +59,9 @@ def check_sites(model: object, sites: Site | str | Iterable[Site | str]) -> list
 
 
 # Detection order: the registered families, then Generic. Importing a family module
-# registers it.
+# registers it. The bridge goes first: it reaches the HF modules it wraps by attribute,
+# so an HF family would claim it too.
+import meanablate.families.tl_bridge  # noqa: E402, F401
 from meanablate.families import (  # noqa: E402, F401
     hf_bert,
     hf_gpt2,

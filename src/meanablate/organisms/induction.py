@@ -187,21 +187,18 @@ def _forward_parts(
     pats: list[Tensor] = []
     zs: list[Tensor] = []
     resids: list[Tensor] = []
-    handles = []
+    from meanablate.hooks import attached
+
+    planned = []
     for block in model.blocks:
         for hook, out in (
             (block.attn.hook_pattern, pats),
             (block.attn.hook_z, zs),
             (block.hook_resid_pre, resids),
         ):
-            handles.append(
-                hook.register_forward_hook(lambda _m, _i, o, out=out: out.append(o.detach()))
-            )
-    try:
+            planned.append((hook, "forward", lambda _m, _i, o, out=out: out.append(o.detach())))
+    with attached(planned):  # atomic against Ctrl-C
         model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
     return pats, zs, resids
 
 
