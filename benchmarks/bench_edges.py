@@ -169,9 +169,15 @@ def main() -> None:
     if not args.no_trained:
         trained, tb = trained_model()
         tb = lm_batch(tb["tokens"])
+        print("trained benchmark model:")
         for target in (0.8, 0.9):
             bench_verify(trained, tb, target)
         bench_rank("trained benchmark model", trained, [tb], "loss", "mean")
+    else:
+        print("random-weight benchmark model (--no-trained):")
+        for target in (0.8, 0.9):
+            bench_verify(model, batch, target)
+        bench_rank("random-weight benchmark model", model, [batch], "loss", "mean")
     for name in ("tracr-reverse", "tracr-frac_prevs", "tracr-sort", "induction"):
         org = registry.load(name)
         if name.startswith("tracr"):
