@@ -110,7 +110,7 @@ def bench_acdc(repeats: int) -> None:
 
     def run() -> list:
         data = EdgeData(org.model, batches, "mean-positional")
-        return [discover_edges(org.model, data, metric="kl", threshold=t) for t in thresholds]
+        return [discover_edges(org.model, data, metric="kl", abs_threshold=t) for t in thresholds]
 
     wall, circuits = timed(run, repeats)
     aurocs = [edge_auroc(c.scores, truth) for c in circuits]

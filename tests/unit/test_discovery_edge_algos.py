@@ -166,7 +166,7 @@ def test_acdc_over_edges_equals_a_naive_acdc(metric, threshold):
 
     model, batches = _setup(seed=7, pad=True)
     data = EdgeData(model, batches, "mean")
-    c = discover_edges(model, data, metric=metric, threshold=threshold)
+    c = discover_edges(model, data, metric=metric, abs_threshold=threshold)
     kept, scores, current = _naive_acdc(data, metric, threshold)
     assert c.kept == kept
     assert 0 < len(kept) < len(data.graph) or threshold == 0.0
@@ -193,11 +193,17 @@ def test_discover_edges_bad_arguments():
     from meanablate.discovery.edge_prune import discover_edges
 
     model, batches = _setup()
-    with pytest.raises(ValueError, match="finite threshold"):
+    with pytest.raises(ValueError, match="exactly one of threshold"):
         discover_edges(model, batches, "zero")
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\)"):
+        discover_edges(model, batches, "zero", threshold=2.0)
+    data = EdgeData(model, batches, "zero")
+    rel = discover_edges(model, data, metric="kl", threshold=0.01)
+    ab = discover_edges(model, data, metric="kl", abs_threshold=rel.abs_threshold)
+    assert rel.kept == ab.kept and rel.abs_threshold == pytest.approx(0.01 * rel.metric_empty)
     with pytest.raises(ValueError, match="unknown algorithm 'magic'"):
         discover_edges(model, batches, "zero", algorithm="magic")
-    with pytest.raises(ValueError, match="threshold is for acdc"):
+    with pytest.raises(ValueError, match="thresholds are for acdc"):
         discover_edges(model, batches, "zero", algorithm="eap", threshold=0.1)
 
 

@@ -71,7 +71,7 @@ def test_acdc_over_edges_on_tracr_reverse_has_auroc_one():
     truth = edge_ground_truth(org)
     data = EdgeData(org.model, exhaustive_batches(org.card), "mean-positional")
     for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
-        c = discover_edges(org.model, data, metric="kl", threshold=threshold)
+        c = discover_edges(org.model, data, metric="kl", abs_threshold=threshold)
         assert sorted(c.kept) == sorted(truth)
         assert edge_auroc(c.scores, truth) == 1.0
 

@@ -5,8 +5,11 @@ One signature and one result type with the node algorithms (:func:`discover`,
 
 - ``"acdc"`` (Conmy et al. 2023, Algorithm 1): walk the destinations from the logits
   backwards (reverse topological order), and each destination's incoming edges from the
-  latest source; ablate an edge for good if the metric rises by less than ``threshold``
+  latest source; ablate an edge for good if the metric rises by less than the threshold
   over the current circuit's (ACDC's signed test, ``m(new) - m(current) < threshold``).
+  As in :func:`~meanablate.discovery.discover`, ``threshold`` is relative to
+  ``|m(full) - m(empty)|`` and ``abs_threshold`` is in the metric's own units (ACDC's and
+  auto-circuit's thresholds, e.g. ``1e-6 .. 1e-3`` of KL, are absolute).
   Each trial resumes the forward at the edge's destination layer from the current
   circuit's cached stream, since nothing upstream of it changes.
 - ``"sweep"`` / ``"eap"`` / ``"eap_ig"``: rank edges by the exact edge sweep, EAP or
@@ -48,6 +51,7 @@ def discover_edges(
     metric: str | Metric = "kl",
     algorithm: EdgeAlgorithm = "acdc",
     threshold: float | None = None,
+    abs_threshold: float | None = None,
     target_faithfulness: float = 0.95,
     split_qkv: bool = True,
     ig_steps: int = 5,
@@ -55,15 +59,16 @@ def discover_edges(
 ) -> Circuit:
     """Find a small set of edges that keeps the model's behaviour under ``metric``.
 
-    ``threshold`` (ACDC only, finite, >= 0): the largest rise of the metric an edge's
-    ablation may cause and still be removed. ``target_faithfulness`` in (0, 1]: what
+    ``threshold`` (ACDC only, in [0, 1)): the largest rise of the metric an edge's
+    ablation may cause and still be removed, as a fraction of ``|m(full) - m(empty)|``;
+    or ``abs_threshold`` (>= 0) in the metric's units. ``target_faithfulness`` in (0, 1]: what
     score-based pruning must reach.
 
     >>> from meanablate.organisms import registry
     >>> from meanablate.organisms.tracr_models import exhaustive_batches
     >>> org = registry.load("tracr-reverse")
     >>> c = discover_edges(org.model, exhaustive_batches("reverse"), "mean-positional",
-    ...                    metric="kl", threshold=1e-4)
+    ...                    metric="kl", abs_threshold=1e-4)
     >>> sorted(c.kept)
     ['a3.h0->logits', 'input->a3.h0<v>']
     """
@@ -74,10 +79,18 @@ def discover_edges(
     if not (0 < target_faithfulness <= 1):
         raise ValueError(f"target_faithfulness must lie in (0, 1], got {target_faithfulness}")
     if algorithm == "acdc":
-        if threshold is None or not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"ACDC needs a finite threshold >= 0, got {threshold}")
-    elif threshold is not None:
-        raise ValueError(f"{algorithm!r} prunes to target_faithfulness; threshold is for acdc")
+        if (threshold is None) == (abs_threshold is None):
+            raise ValueError(
+                "ACDC needs exactly one of threshold (relative to |m(full) - m(empty)|, in "
+                f"[0, 1)) and abs_threshold (>= 0, in the metric's units); got "
+                f"threshold={threshold}, abs_threshold={abs_threshold}"
+            )
+        if threshold is not None and not (0 <= threshold < 1):
+            raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+        if abs_threshold is not None and not (math.isfinite(abs_threshold) and abs_threshold >= 0):
+            raise ValueError(f"abs_threshold must be finite and >= 0, got {abs_threshold}")
+    elif threshold is not None or abs_threshold is not None:
+        raise ValueError(f"{algorithm!r} prunes to target_faithfulness; thresholds are for acdc")
     t0 = time.perf_counter()
     m = get_metric(metric)
     data = (
@@ -103,12 +116,16 @@ def discover_edges(
     )
     m_full, m_empty = value([]), value(names)
     if algorithm == "acdc":
-        circuit = _acdc_edges(data, m, float(threshold))  # type: ignore[arg-type]
+        absolute = (
+            abs_threshold if abs_threshold is not None else threshold * abs(m_full - m_empty)  # type: ignore[operator]
+        )
+        circuit = _acdc_edges(data, m, float(absolute))
         circuit.metric_full, circuit.metric_empty = m_full, m_empty
         # ACDC tracked effects: for task metrics the change from the full model's value.
         if not m.compares:
             circuit.metric_circuit += m_full
         circuit.threshold = threshold
+        circuit.abs_threshold = float(absolute)
     elif algorithm == "attribute_verify":
         circuit = _attribute_verify(
             data, m, ig_steps, verify_top, value, m_full, m_empty, target_faithfulness
