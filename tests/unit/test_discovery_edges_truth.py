@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -26,6 +27,11 @@ from meanablate.organisms.tracr_models import exhaustive_batches, score
 TRACR = ["tracr-reverse", "tracr-frac_prevs", "tracr-sort"]
 
 
+@functools.cache
+def _truth(name: str) -> tuple[str, ...]:
+    return tuple(edge_ground_truth(registry.load(name)))
+
+
 def _data(org):
     if org.name == "tracr-sort":
         return org.make_batches(300, 300, 0)
@@ -37,7 +43,7 @@ def _data(org):
 @pytest.mark.parametrize("name", [*TRACR, "induction"])
 def test_edge_auroc_is_one_and_the_truth_survives_ablation(name):
     org = registry.load(name)
-    truth = edge_ground_truth(org)
+    truth = list(_truth(org.name))
     source = "mean-positional" if org.per_position_means else "mean"
     data = EdgeData(org.model, _data(org), source)
     sweep = edge_sweep(org.model, data, metric=org.metric)
@@ -63,12 +69,12 @@ def test_edge_auroc_is_one_and_the_truth_survives_ablation(name):
 @pytest.mark.parametrize("name", TRACR)
 def test_true_tracr_edges_are_program_edges(name):
     org = registry.load(name)
-    assert set(edge_ground_truth(org)) <= set(program_edges(org.model))
+    assert set(_truth(name)) <= set(program_edges(org.model))
 
 
 def test_acdc_over_edges_on_tracr_reverse_has_auroc_one():
     org = registry.load("tracr-reverse")
-    truth = edge_ground_truth(org)
+    truth = list(_truth(org.name))
     data = EdgeData(org.model, exhaustive_batches(org.card), "mean-positional")
     for threshold in (1e-6, 1e-5, 1e-4, 1e-3):
         c = discover_edges(org.model, data, metric="kl", abs_threshold=threshold)

@@ -64,13 +64,18 @@ def _hooks_on(model: nn.Module, hooks: dict[str, ActivationFn]) -> Iterator[None
             h.remove()
 
 
+@torch.no_grad()
+def _pairs(*args: Any) -> Tensor:
+    return _pairs_impl(*args)
+
+
 def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     """``[n_src, n_dst, batch]``: EAP's ``(ablated_src - out_src) . d metric / d input_dst``
     at the clean run, for every (source, destination) pair."""
     fam, graph = data.family, data.graph
     model = fam.model
     cfg = fam.cfg
-    n_layers, n_h = cfg.n_layers, cfg.n_heads
+    n_layers = cfg.n_layers
     has_ln = not isinstance(model.blocks[0].ln1, nn.Identity)
     grad_keys = []
     for layer in range(n_layers):
@@ -113,6 +118,14 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
         value = metric(logits, item.batch, item.clean)
         grads = dict(zip(grad_keys, torch.autograd.grad(value.sum(), [zs[k] for k in grad_keys])))
 
+    return _pairs(data, item, acts, grads)
+
+
+def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
+    """The products, from the recorded activations and gradients (no graph)."""
+    fam, graph = data.family, data.graph
+    model, cfg = fam.model, fam.cfg
+    n_layers, n_h = cfg.n_layers, cfg.n_heads
     b, p = item.tokens.shape
     d = cfg.d_model
     ablated = item.ablated
