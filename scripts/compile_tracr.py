@@ -4,6 +4,12 @@
     python scripts/compile_tracr.py            # (re)write the weights and cards
     python scripts/compile_tracr.py --check    # compile, compare with the shipped files
 
+``hist`` and ``sort_unique`` (:data:`PROGRAMS`) are built entirely by the public API,
+:func:`meanablate.organisms.from_tracr` (this script only names the programs and writes
+the files). ``reverse``, ``frac_prevs`` and ``sort`` are compiled and converted by the same
+library code (:mod:`meanablate.organisms.tracr_convert`) but keep their hand-annotated
+cards (task-specific targets, notes, single-unit ablation studies), made by the code below.
+
 For each task this compiles a RASP program with tracr (the ``[tracr]`` extra,
 ``tracr-pypi``), copies the weights into our
 :class:`~meanablate.organisms.transformer.HookedTransformer`, checks that the copy agrees
@@ -37,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meanablate.organisms import tracr_models
+from meanablate.organisms import tracr_convert, tracr_models
 from meanablate.organisms.transformer import (
     HookedTransformer,
     TransformerConfig,
@@ -95,123 +101,36 @@ def build_program(task: str):
 
 
 @dataclass
-class Compiled:
-    task: str
-    assembled: Any  # tracr AssembledTransformerModel
-    graph: Any  # the RASP graph, nodes annotated with their craft blocks
-    sink: Any
-    craft_model: Any
-    module_names: list[str]  # tracr module ("transformer/layer_k/attn") of each craft block
+class Compiled(tracr_convert.Compiled):
+    """The library's compiled program, with the task it is for."""
+
+    task: str = ""
 
 
 def compile_task(task: str) -> Compiled:
-    """``compiling.compile_rasp_to_model``, step by step, keeping the graph for the card."""
-    from tracr.compiler import (
-        assemble,
-        basis_inference,
-        craft_graph_to_model,
-        craft_model_to_transformer,
-        expr_to_craft_graph,
-        rasp_to_graph,
-        validating,
-    )
-    from tracr.craft import bases
-    from tracr.rasp import rasp
-
+    """The library's step-by-step compilation (it keeps the graph for the card)."""
     spec = TASKS[task]
-    program = build_program(task)
-    vocab = set(spec["vocab"])
-    assert not validating.static_validate(program)
-    extracted = rasp_to_graph.extract_rasp_graph(program)
-    graph, sources, sink = extracted.graph, extracted.sources, extracted.sink
-    basis_inference.infer_bases(graph, sink, vocab, spec["max_seq_len"])
-    expr_to_craft_graph.add_craft_components_to_rasp_graph(
-        graph,
-        bos_dir=bases.BasisDirection(rasp.tokens.label, BOS),
-        mlp_exactness=MLP_EXACTNESS,
-    )
-    craft_model = craft_graph_to_model.craft_graph_to_model(graph, sources)
-    assembled = craft_model_to_transformer.craft_model_to_transformer(
-        craft_model=craft_model,
-        graph=graph,
-        sink=sink,
-        max_seq_len=spec["max_seq_len"],
+    c = tracr_convert.compile_program(
+        build_program(task),
+        set(spec["vocab"]),
+        spec["max_seq_len"],
         causal=spec["causal"],
         compiler_bos=BOS,
         compiler_pad=PAD,
+        mlp_exactness=MLP_EXACTNESS,
     )
-    _, module_names = assemble._get_model_config_and_module_names(craft_model)
-    return Compiled(task, assembled, graph, sink, craft_model, module_names)
-
-
-# -- conversion -----------------------------------------------------------------------
-def _np(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
+    return Compiled(**{f: getattr(c, f) for f in c.__dataclass_fields__}, task=task)
 
 
 def output_labels(compiled: Compiled) -> list[str]:
-    """Residual labels of the output space, in tracr's output-class order."""
-    from tracr.compiler import nodes
-
-    return [str(d) for d in compiled.sink[nodes.OUTPUT_BASIS]]
+    return compiled.output_labels
 
 
 def is_categorical(compiled: Compiled) -> bool:
-    from tracr.compiler import nodes
-    from tracr.rasp import rasp
-
-    return rasp.is_categorical(compiled.sink[nodes.EXPR])
+    return compiled.categorical
 
 
-def to_hooked_transformer(compiled: Compiled) -> HookedTransformer:
-    """Copy tracr's weights into our :class:`HookedTransformer`."""
-    am = compiled.assembled
-    mc = am.model_config
-    params = am.params
-    w_e = _np(params["token_embed"]["embeddings"])
-    w_pos = _np(params["pos_embed"]["embeddings"])
-    d_model = w_e.shape[1]
-    h, dh = mc.num_heads, mc.key_size
-    labels = list(am.residual_labels)
-    out = output_labels(compiled)
-    cfg = TransformerConfig(
-        n_layers=mc.num_layers,
-        d_model=d_model,
-        n_heads=h,
-        d_head=dh,
-        d_vocab=w_e.shape[0],
-        n_ctx=w_pos.shape[0],
-        d_mlp=mc.mlp_hidden_size,
-        d_vocab_out=len(out),
-        act_fn="relu",
-        normalization=None,
-        causal=bool(mc.causal),
-    )
-    sd: dict[str, np.ndarray] = {"W_E": w_e, "W_pos": w_pos}
-    for layer in range(mc.num_layers):
-        attn = f"transformer/layer_{layer}/attn"
-        mlp = f"transformer/layer_{layer}/mlp"
-        pre = f"blocks.{layer}"
-        for ours, theirs in (("Q", "query"), ("K", "key"), ("V", "value")):
-            w = _np(params[f"{attn}/{theirs}"]["w"]).reshape(d_model, h, dh)
-            sd[f"{pre}.attn.W_{ours}"] = w.transpose(1, 0, 2)
-            sd[f"{pre}.attn.b_{ours}"] = _np(params[f"{attn}/{theirs}"]["b"]).reshape(h, dh)
-        sd[f"{pre}.attn.W_O"] = _np(params[f"{attn}/linear"]["w"]).reshape(h, dh, d_model)
-        sd[f"{pre}.attn.b_O"] = _np(params[f"{attn}/linear"]["b"])
-        sd[f"{pre}.mlp.W_in"] = _np(params[f"{mlp}/linear_1"]["w"])
-        sd[f"{pre}.mlp.b_in"] = _np(params[f"{mlp}/linear_1"]["b"])
-        sd[f"{pre}.mlp.W_out"] = _np(params[f"{mlp}/linear_2"]["w"])
-        sd[f"{pre}.mlp.b_out"] = _np(params[f"{mlp}/linear_2"]["b"])
-    w_u = np.zeros((d_model, len(out)), dtype=np.float32)
-    for cls, label in enumerate(out):
-        w_u[labels.index(label), cls] = 1.0
-    sd["W_U"] = w_u
-    sd["b_U"] = np.zeros(len(out), dtype=np.float32)
-    model = HookedTransformer(cfg)
-    missing = set(model.state_dict()) ^ set(sd)
-    assert not missing, missing
-    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()})
-    return model.eval()
+to_hooked_transformer = tracr_convert.to_hooked_transformer
 
 
 def vocabulary(compiled: Compiled) -> dict[str, Any]:
@@ -634,6 +553,90 @@ TASK_NOTES = {
 }
 
 
+# -- organisms built by the public API ---------------------------------------------------
+def _program(task: str):
+    from tracr.compiler import lib
+    from tracr.rasp import rasp
+
+    if task == "hist":
+        return lib.make_hist()
+    if task == "sort_unique":
+        return lib.make_sort_unique(rasp.tokens, rasp.tokens)
+    raise ValueError(task)
+
+
+PROGRAMS: dict[str, dict[str, Any]] = {
+    "hist": {
+        "vocab": ["a", "b", "c"],
+        "max_seq_len": 5,
+        "description": "tracr-compiled RASP program lib.make_hist(): output position i "
+        "(1..5) holds how many input tokens equal token i. The output classes (counts "
+        "0..5) differ from the input vocabulary.",
+    },
+    "sort_unique": {
+        "vocab": [1, 2, 3, 4, 5, 6],
+        "max_seq_len": 4,
+        "inputs": "distinct",
+        "description": "tracr-compiled RASP program lib.make_sort_unique(tokens, tokens): "
+        "sort inputs of distinct tokens. The program is undefined on repeats, so the data "
+        "set is the 360 sequences of 4 distinct values from 1..6 (with all 6 values, or "
+        "length 6, every sorted output would be the same: nothing to explain).",
+    },
+}
+
+
+def build_program_organism(task: str):
+    import itertools
+
+    from tracr.rasp import rasp
+
+    from meanablate.organisms import from_tracr
+
+    # tracr numbers expressions with one global counter (labels like hist_15): restart it so
+    # that the card does not depend on what was compiled before
+    rasp.RASPExpr._ids = itertools.count(1)
+
+    spec = dict(PROGRAMS[task])
+    inputs = None
+    if spec.pop("inputs", None) == "distinct":
+        inputs = list(itertools.permutations(spec["vocab"], spec["max_seq_len"]))
+    return from_tracr(
+        _program(task),
+        name=f"tracr-{task}",
+        compiler_bos=BOS,
+        compiler_pad=PAD,
+        mlp_exactness=MLP_EXACTNESS,
+        inputs=inputs,
+        **spec,
+    )
+
+
+def write_programs(out: Path, check: bool) -> bool:
+    from meanablate.organisms import tracr_program as api
+
+    ok = True
+    for task in PROGRAMS:
+        org = build_program_organism(task)
+        print(f"{task}: ground truth {org.card['ground_truth_by_mean_kind']}", file=sys.stderr)
+        if check:
+            shipped = api.load(out / f"tracr_{task}.json")
+            same = shipped.card == json.loads(json.dumps(org.card)) and all(
+                torch.equal(a, b)
+                for a, b in zip(
+                    shipped.model.state_dict().values(),
+                    org.model.state_dict().values(),
+                    strict=True,
+                )
+            )
+            print(f"{task}: {'ok' if same else 'DIFFERS'}")
+            ok &= same
+        else:
+            weights, card_path = api.save(org, out, f"tracr_{task}")
+            weights.chmod(0o644)
+            print(f"wrote {weights} ({weights.stat().st_size} B), {card_path}")
+    return ok
+
+
 # -- main ---------------------------------------------------------------------------
 def build_all() -> dict[str, tuple[HookedTransformer, dict[str, Any], Compiled]]:
     out = {}
@@ -659,9 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, don't write")
     parser.add_argument("--out", type=Path, default=DATA, help="output directory")
+    parser.add_argument("--only", choices=[*TASKS, *PROGRAMS], nargs="*", help="only these tasks")
     args = parser.parse_args(argv)
-    built = build_all()
     ok = True
+    # tracr numbers unnamed expressions with one global counter: the hand-annotated cards'
+    # labels assume these three are compiled first, in this order
+    built = build_all() if not args.only or set(args.only) & set(TASKS) else {}
     for task, (model, card, _) in built.items():
         weights = args.out / f"tracr_{task}.safetensors"
         card_path = args.out / f"tracr_{task}.json"
@@ -687,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
             weights.chmod(0o644)
             card_path.write_text(text)
             print(f"wrote {weights} ({weights.stat().st_size} B), {card_path}")
+    if not args.only or set(args.only) & set(PROGRAMS):
+        ok &= write_programs(args.out, args.check)
     return 0 if ok else 1
 
 

@@ -65,6 +65,7 @@ class Option:
     maximum: float | None = None
     exclusive_minimum: bool = False
     saved: bool = True  # written to the run folder's config.toml
+    exclusive_maximum: bool = False
 
 
 OPTIONS: dict[str, Option] = {
@@ -91,6 +92,13 @@ OPTIONS: dict[str, Option] = {
     "metric": Option(str, None, "metric (default: the task's)", choices=METRIC_NAMES),
     "means": Option(str, None, "precomputed means (.safetensors from `meanablate means`)"),
     "per_position": Option(bool, None, "per-position means (default: the organism's choice)"),
+    "mean_kind": Option(
+        str,
+        None,
+        "means: per_position, plain (over all positions) or plain_except (plain over "
+        "positions 1.., BOS keeps its own); default: the organism's choice",
+        choices=("per_position", "plain", "plain_except"),
+    ),
     "n_examples": Option(
         int,
         None,
@@ -108,7 +116,28 @@ OPTIONS: dict[str, Option] = {
     ),
     "algorithm": Option(str, "acdc", "circuit discovery algorithm", choices=ALGORITHM_NAMES),
     "threshold": Option(
-        float, 1e-3, "ACDC: largest metric change a removed unit may cause", minimum=0
+        float,
+        0.01,
+        "ACDC: largest metric change a removed unit may cause, as a fraction of "
+        "|m(full) - m(empty)|; the circuit keeps faithfulness >= 1 - threshold",
+        minimum=0,
+        maximum=1,
+        exclusive_maximum=True,
+    ),
+    "abs_threshold": Option(
+        float,
+        None,
+        "ACDC: the threshold in the metric's own units (replaces --threshold)",
+        minimum=0,
+    ),
+    "force_discovery": Option(
+        bool, False, "discover even when m(full) - m(empty) is not told apart from 0"
+    ),
+    "max_exhaustive": Option(
+        int,
+        4096,
+        "most smaller subsets the minimality check may try (beyond: certificate 1-minimal)",
+        minimum=0,
     ),
     "target_faithfulness": Option(
         float,
@@ -143,7 +172,13 @@ OPTIONS: dict[str, Option] = {
         "stop (no run folder)",
         saved=False,
     ),
-    "force": Option(bool, False, "write into an existing run folder (--out)", saved=False),
+    "force": Option(
+        bool,
+        False,
+        "go ahead where a run would refuse: write into an --out folder that holds a run, "
+        "discover when the full model is indistinguishable from the empty circuit",
+        saved=False,
+    ),
 }
 
 
@@ -259,8 +294,11 @@ def _check(key: str, value: Any, where: str) -> Any:
     ):
         op = ">" if opt.exclusive_minimum else ">="
         raise ConfigError(f"{who} must be {op} {opt.minimum:g}, got {value}")
-    if opt.maximum is not None and value > opt.maximum:
-        raise ConfigError(f"{who} must be <= {opt.maximum:g}, got {value}")
+    if opt.maximum is not None and (
+        value > opt.maximum or (opt.exclusive_maximum and value == opt.maximum)
+    ):
+        op = "<" if opt.exclusive_maximum else "<="
+        raise ConfigError(f"{who} must be {op} {opt.maximum:g}, got {value}")
     return value
 
 

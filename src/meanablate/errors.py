@@ -5,14 +5,15 @@ Bad input is always a ``ValueError``, ``TypeError`` or ``IndexError`` (or a subc
 :class:`MeanAblateError`, and also subclass the builtin that an existing caller would
 catch, so they refine the builtin contract and never break it:
 
-====================  ==========================================  ==========================
-class                 raised for                                  also an instance of
-====================  ==========================================  ==========================
-MeansFileError        an unreadable/corrupt/foreign means file    ValueError
-MissingSiteError      a site absent from the means or the model   KeyError, ValueError
-UnrepresentableValue  a fill the activation's dtype cannot hold   ValueError, TypeError
-NumericOverflow       a result too large for a float              ValueError, OverflowError
-====================  ==========================================  ==========================
+====================  ===========================================  =========================
+class                 raised for                                   also an instance of
+====================  ===========================================  =========================
+MeansFileError        an unreadable/corrupt/foreign means file     ValueError
+MissingSiteError      a site absent from the means or the model    KeyError, ValueError
+UnrepresentableValue  a fill the activation's dtype cannot hold    ValueError, TypeError
+NumericOverflow       a result too large for a float               ValueError, OverflowError
+NoBehaviourError      full model ~ empty circuit: nothing to find  ValueError
+====================  ===========================================  =========================
 
 >>> import numpy as np
 >>> import meanablate as ma
@@ -29,6 +30,7 @@ __all__ = [
     "MeanAblateError",
     "MeansFileError",
     "MissingSiteError",
+    "NoBehaviourError",
     "NumericOverflowError",
     "UnrepresentableValueError",
 ]
@@ -74,3 +76,8 @@ class UnrepresentableValueError(MeanAblateError, ValueError, TypeError):
 
 class NumericOverflowError(MeanAblateError, ValueError, OverflowError):
     """A number too large for the float arithmetic it must go through."""
+
+
+class NoBehaviourError(MeanAblateError, ValueError):
+    """Discovery refused: the full model is not distinguishable from the empty circuit on
+    this data and metric (``force=True``, CLI ``--force``, discovers anyway)."""

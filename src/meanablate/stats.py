@@ -352,8 +352,8 @@ def compute_means(
     """
     model = unwrap(model)
     kind, keep = _mean_kind(kind, per_position, keep_positions)
-    if kind == "plain_except":
-        per_position = True  # pooled from the per-position sums below
+    # plain_except is pooled from the per-position sums (see _as_kind)
+    per_position = kind in ("per_position", "plain_except")
     parsed = as_sites(sites)
     keys = sorted({s.key for s in parsed})
     if not keys:

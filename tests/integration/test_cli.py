@@ -99,7 +99,9 @@ def test_demo_writes_a_complete_run_folder(demo_dir):
     assert lo <= results["scores"]["faithfulness"] <= hi
     assert results["config"]["organism"] == "tracr-sort" and results["command"] == "demo"
     # the summary goes to stdout, logs and progress bars to stderr
-    for word in ("faithfulness", "AUROC", "blocks.2.attn.hook_z[heads=0]", "time", "report"):
+    assert results["circuit"]["certificate"] == "exhaustive"
+    assert results["circuit"]["mean_kind"] == "per_position"
+    for word in ("faithfulness", "AUROC", "blocks.2.attn.hook_z[heads=0]", "certificate"):
         assert word in result.stdout
     assert "sweep" in result.stderr and "faithfulness" not in result.stderr
     means = Means.load(out / "means.safetensors", org.model)
@@ -222,7 +224,25 @@ def test_custom_model_function(tmp_path, monkeypatch, spec):
 
 def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     path, prompts = tiny_gpt2
-    ok("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "a", "-q")
+    # a random model: its logit difference is noise, and discovery says so
+    bad = run("discover", "--model", path, "--prompts", prompts, "--out", tmp_path / "x", "-q")
+    assert (
+        bad.exit_code != 0
+        and "not distinguishable" in bad.stderr
+        and "--force-discovery" in bad.stderr
+    )
+    assert not (tmp_path / "x" / "results.json").exists()
+    ok(
+        "discover",
+        "--model",
+        path,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "a",
+        "-q",
+        "--force-discovery",
+    )
     results = check_run_dir(tmp_path / "a", plots=PLOTS[:2])
     assert results["metric"]["name"] == "logit_diff"  # the prompts have target and wrong
     names = [u["name"] for u in results["units"]]
@@ -233,7 +253,18 @@ def test_hugging_face_model_directory(tiny_gpt2, tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("the cat sat on the mat\n\na dog sat\n")
     args = ["--units", "neurons:1", "--units", "heads:0", "--algorithm", "sweep"]
-    ok("discover", "--model", path, "--prompts", text, "--out", tmp_path / "b", "-q", *args)
+    ok(
+        "discover",
+        "--model",
+        path,
+        "--prompts",
+        text,
+        "--out",
+        tmp_path / "b",
+        "-q",
+        "--force",
+        *args,
+    )
     results = load_results(tmp_path / "b")
     assert results["metric"]["name"] == "kl" and len(results["units"]) == 64 + 2
 
@@ -249,6 +280,7 @@ def test_toml_config_run(tiny_gpt2, tmp_path):
         algorithm = "sweep"
         target-faithfulness = 0.9
         n_boot = 50
+        force-discovery = true
         """)
     )
     ok("discover", "--config", config, "--out", tmp_path / "run", "--quiet", "--seed", 7)
@@ -288,6 +320,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_gpt2, tmp_path):
         (["discover", "--model", "nomodule:build"], ["no module named 'nomodule'"]),
         (["discover", "--organism", "tracr-sort", "--units", "blocks.9.mlp"], ["blocks.9.mlp"]),
         (["demo", "--threshold", "-1"], ["--threshold must be >= 0"]),
+        (["demo", "--threshold", "1"], ["--threshold must be < 1"]),
+        (["demo", "--abs-threshold", "-0.5"], ["--abs-threshold must be >= 0"]),
+        (["demo", "--target-faithfulness", "1.5"], ["--target-faithfulness must be <= 1"]),
+        (["demo", "--mean-kind", "global"], ["unknown value 'global'", "plain_except"]),
+        (["demo", "--mean-kind", "plain", "--per-position"], ["contradicts --mean-kind"]),
+        (["demo", "--organism", tmp_path / "none.json"], ["no such organism card"]),
         (["report", tmp_path / "nothing"], ["nothing: no such folder"]),
         (["report", tmp_path], ["no results.json"]),
     ]

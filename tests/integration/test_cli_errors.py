@@ -50,7 +50,7 @@ def test_head_out_of_range_names_the_unit_and_the_range(tmp_path):
             "--out", tmp_path / "o", "-q")
     )  # fmt: skip
     assert "--units: unit 'blocks.0.attn.hook_z[heads=3]'" in line
-    assert "head 3 out of range for 1 heads" in line
+    assert "head 3 out of range" in line and "1 heads" in line
     assert not (tmp_path / "o" / "sweep.json").exists()
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import meanablate as ma
 from meanablate.cli import app
 from meanablate.cli.hf import is_masked_lm
 from meanablate.cli.prompts import read_prompts
 from meanablate.config import InputError
 from meanablate.metrics import scored_mask
-from meanablate.report import load_results
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -95,11 +95,25 @@ def test_discover_on_a_masked_lm_directory(tiny_bert, tmp_path) -> None:
     ]
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "run"
-    args = ["discover", "--model", tiny_bert, "--prompts", prompts, "--out", out, "-q"]
-    result = CliRunner().invoke(app, [str(a) for a in [*args, "--algorithm", "sweep"]])
+    args = ["sweep", "--model", tiny_bert, "--prompts", prompts, "--out", out, "-q"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    results = load_results(out)
-    assert results["model"]["class"].endswith("BertForMaskedLM")
-    assert results["metric"]["name"] == "loss"
-    names = [u["name"] for u in results["units"]]
+    swept = json.loads((out / "sweep.json").read_text())
+    assert swept["metric"] == "loss"
+    names = [u["name"] for u in swept["units"]]
     assert "bert.encoder.layer.1.attention.output.dense@input[heads=1]" in names
+    # the same numbers as scoring the masked LM at the mask in Python
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tiny_bert, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert, local_files_only=True)
+    batches = read_prompts(str(prompts), tok, 32, None, mask_token_id=tok.mask_token_id)
+    unit = "bert.encoder.layer.1.attention.output.dense@input[heads=1]"
+    means = ma.compute_means(model.eval(), [unit], batches)
+    with torch.no_grad():
+        clean = model(**{k: batches[0][k] for k in ("input_ids", "attention_mask")}).logits
+    at = batches[0]["input_ids"] == tok.mask_token_id
+    target = batches[0]["target"][at]
+    nll = -clean[at].log_softmax(-1).gather(-1, target[:, None])[:, 0]
+    effect = ma.ablation_effect(model, batches[0], unit, means, metric="loss", n_boot=10)
+    assert abs(effect.clean - float(nll.double().mean())) < 1e-6
+    cli_effect = next(u["effect"] for u in swept["units"] if u["name"] == unit)
+    assert abs(cli_effect - effect.value) < 1e-6

@@ -69,6 +69,30 @@ def hf_bridge():
     return tla.bridge_from_hf_gpt2(hf)
 
 
+def llama_bridge():
+    """Llama-style: RMSNorm, rotary, gated MLP, grouped-query attention (2 key/value heads)."""
+    import copy
+
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    _randomize(hf, 0.3, seed=3)
+    module = copy.deepcopy(hf).eval()
+    br = build_bridge_from_module(
+        module, "LlamaForCausalLM", hf_config=module.config, model_name="llama-local"
+    )
+    return br.eval()
+
+
 def ours(seed: int = 2) -> HookedTransformer:
     cfg = TransformerConfig(
         n_layers=2,
@@ -90,7 +114,7 @@ def native_bridge():
     return tla.to_transformer_bridge(ours())
 
 
-BRIDGES = {"hf_gpt2": hf_bridge, "native": native_bridge}
+BRIDGES = {"hf_gpt2": hf_bridge, "native": native_bridge, "hf_llama": llama_bridge}
 
 
 @pytest.fixture(scope="module", params=sorted(BRIDGES))
@@ -348,6 +372,10 @@ def test_units_and_site_checks(bridge) -> None:
     info = fam.unit_info(parse_site("blocks.1.attn.hook_z[heads=2]"))
     assert (info.layer, info.kind, info.heads.n_heads, info.heads.d_head) == (1, "head", 4, 8)
     assert fam.unit_info(parse_site("blocks.0.mlp.hook_post[neurons=1]")).kind == "neuron"
+    n_kv = bridge.cfg.n_key_value_heads or 4  # hook_k/v carry the key/value heads
+    assert fam.unit_info(parse_site("blocks.0.attn.hook_k[heads=0]")).heads.n_heads == n_kv
+    with pytest.raises(IndexError, match="out of range"):
+        fam.check_site(parse_site(f"blocks.0.attn.hook_v[heads={n_kv}]"))
     tokens = BATCHES[0]["tokens"]
     bad = {
         "blocks.0.hook_mlp_out[heads=0]": (ValueError, "no head axis"),

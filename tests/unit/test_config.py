@@ -29,7 +29,7 @@ def _write(tmp_path, text, name="run.toml"):
 
 def test_defaults_when_nothing_is_given():
     cfg = resolve({})
-    assert cfg["algorithm"] == "acdc" and cfg["threshold"] == 1e-3
+    assert cfg["algorithm"] == "acdc" and cfg["threshold"] == 0.01
     assert cfg["batch_size"] == 128 and cfg["organism"] is None
     assert all(cfg.sources[k] == "default" for k in OPTIONS)
 

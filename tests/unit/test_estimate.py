@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import meanablate as ma
-from meanablate.estimates import EstimateWarning, calibrate
+from meanablate.estimates import EstimateWarning, calibrate, sweeps
 from meanablate.peakmem import PeakMemory
 
 
@@ -156,13 +156,13 @@ def test_a_sum_of_estimates_has_nothing_to_run():
 def test_sweep_run_reuses_the_calibrated_units(monkeypatch):
     clock, model, batches, means = make(sizes=(16, 8))
     calls: list[list[str]] = []
-    real_sweep = calibrate.sweep
+    real_sweep = sweeps.sweep
 
     def spy(model, batches, units, means, **kw):
         calls.append(list(units))
         return real_sweep(model, batches, units, means, **kw)
 
-    monkeypatch.setattr(calibrate, "sweep", spy)
+    monkeypatch.setattr(sweeps, "sweep", spy)
     est = ma.estimate(model, batches, UNITS, means, metric="l2", n_calibrate=5, clock=clock)
     calibrated = [u for c in calls for u in c]
     assert len(set(calibrated)) == est.calibrated_on == 5
@@ -179,13 +179,13 @@ def test_sweep_run_reuses_the_calibrated_units(monkeypatch):
 def test_attribute_run_reuses_the_calibrated_batches(monkeypatch):
     clock, model, batches, means = make(sizes=(8, 8, 8), targets=True)
     seen: list[int] = []
-    real_attribute = calibrate.attribute
+    real_attribute = sweeps.attribute
 
     def spy(model, batches, *args, **kw):
         seen.extend(id(b) for b in batches)
         return real_attribute(model, batches, *args, **kw)
 
-    monkeypatch.setattr(calibrate, "attribute", spy)
+    monkeypatch.setattr(sweeps, "attribute", spy)
     est = ma.estimate(
         model, batches, UNITS, means, metric="loss", algorithm="attribute", clock=clock
     )
@@ -365,13 +365,13 @@ def test_cli_run_shows_the_estimate_and_reuses_the_calibration(tmp_path, monkeyp
     from meanablate.cli.app import app
 
     swept: list[list[str]] = []
-    real_sweep = calibrate.sweep
+    real_sweep = sweeps.sweep
 
     def spy(model, batches, units, means, **kw):
         swept.append(list(units))
         return real_sweep(model, batches, units, means, **kw)
 
-    monkeypatch.setattr(calibrate, "sweep", spy)
+    monkeypatch.setattr(sweeps, "sweep", spy)
     args = ["sweep", "--organism", "tracr-reverse", "--n-examples", "32", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*args, "--n-boot", "0"], prog_name="meanablate")
     assert result.exit_code == 0, result.output

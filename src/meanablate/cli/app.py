@@ -11,6 +11,7 @@ import typer
 
 from meanablate.cli.errors import EXIT_INTERRUPTED, Session, flags_of, guarded
 from meanablate.cli.options import (
+    AbsThreshold,
     Algorithm,
     Attribution,
     BatchSize,
@@ -20,8 +21,11 @@ from meanablate.cli.options import (
     Device,
     DryRun,
     Force,
+    ForceDiscovery,
     GroundTruth,
     Group,
+    MaxExhaustive,
+    MeanKind,
     MeansFile,
     Method,
     Metric,
@@ -109,6 +113,7 @@ def demo(
     organism: Organism = None,
     metric: Metric = None,
     per_position: PerPosition = None,
+    mean_kind: MeanKind = None,
     n_examples: NExamples = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -116,6 +121,9 @@ def demo(
     algorithm: Algorithm = None,
     threshold: Threshold = None,
     target_faithfulness: TargetFaith = None,
+    abs_threshold: AbsThreshold = None,
+    force_discovery: ForceDiscovery = None,
+    max_exhaustive: MaxExhaustive = None,
     attribution: Attribution = None,
     n_boot: NBoot = None,
     device: Device = None,
@@ -157,6 +165,7 @@ def discover(
     means: MeansFile = None,
     metric: Metric = None,
     per_position: PerPosition = None,
+    mean_kind: MeanKind = None,
     n_examples: NExamples = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -164,6 +173,9 @@ def discover(
     algorithm: Algorithm = None,
     threshold: Threshold = None,
     target_faithfulness: TargetFaith = None,
+    abs_threshold: AbsThreshold = None,
+    force_discovery: ForceDiscovery = None,
+    max_exhaustive: MaxExhaustive = None,
     attribution: Attribution = None,
     n_boot: NBoot = None,
     device: Device = None,
@@ -239,6 +251,7 @@ def means(
     prompts: Prompts = None,
     units: Units = None,
     per_position: PerPosition = None,
+    mean_kind: MeanKind = None,
     n_examples: NExamples = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
@@ -274,6 +287,7 @@ def _scores_command(command: str) -> Any:
         means: MeansFile = None,
         metric: Metric = None,
         per_position: PerPosition = None,
+        mean_kind: MeanKind = None,
         n_examples: NExamples = None,
         batch_size: BatchSize = None,
         seed: Seed = None,
@@ -316,6 +330,45 @@ sweep = app.command("sweep", cls=Command, help=_SWEEP_HELP)(_scores_command("swe
 attribute = app.command("attribute", cls=Command, help=_ATTRIBUTE_HELP)(
     _scores_command("attribute")
 )
+
+
+@app.command(cls=Command)
+def tracr(
+    program: Annotated[str, typer.Argument(help="module:name or file.py:name (a RASP SOp)")],
+    vocab: Annotated[str, typer.Option("--vocab", help="input values, comma-separated")],
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", min=1, help="input length")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the organism")] = Path("."),
+    name: Annotated[str | None, typer.Option("--name", help="organism name")] = None,
+    causal: Annotated[bool, typer.Option("--causal", help="compile causally")] = False,
+    sample: Annotated[
+        int | None, typer.Option("--sample", min=1, help="use N random inputs")
+    ] = None,
+    max_inputs: Annotated[
+        int, typer.Option("--max-inputs", min=1, help="most inputs to enumerate")
+    ] = 20_000,
+    quiet: Quiet = None,
+    debug: Debug = False,
+) -> None:
+    """Compile your own tracr RASP program into an organism with a computed ground truth.
+
+    Checks the compiled model against tracr on every input, computes the minimal circuits
+    for every mean kind by brute force, and writes OUT/NAME.safetensors and OUT/NAME.json.
+
+    [bold]Example[/bold]
+
+      meanablate tracr tracr.compiler.lib:make_hist --vocab a,b,c --max-seq-len 5 -o hist
+    """
+    from meanablate.cli.tracr import run_tracr
+
+    session = Session("tracr", debug)
+    session.quiet = bool(quiet)
+    guarded(
+        session,
+        lambda: run_tracr(
+            program, vocab, max_seq_len, out=out, name=name, causal=causal, sample=sample,
+            max_inputs=max_inputs, log=session.log,
+        ),
+    )  # fmt: skip
 
 
 @app.command(cls=Command)

@@ -72,7 +72,10 @@ def run_edges_command(session: Session, cfg: Resolved) -> None:
     if inputs.source == "organism":
         from meanablate.organisms import registry
 
-        truth = edge_ground_truth(registry.load(inputs.name))
+        try:
+            truth = edge_ground_truth(registry.load(inputs.name))
+        except ValueError:  # an organism without edge ground truth (e.g. minilm)
+            truth = None
     try:
         curve = mib_curve(data, scores, metric)
         mib = {

@@ -59,6 +59,7 @@ def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned
             algorithm=f"discover:{algorithm}",
             threshold=cfg["threshold"] if algorithm == "acdc" else None,
             target_faithfulness=cfg["target_faithfulness"] or 0.95,  # as the pipeline passes it
+            force=bool(cfg["force"]),  # as the pipeline passes it
         )
         return Planned(total + found, sweep)
 

@@ -117,6 +117,15 @@ def load_inputs(cfg: Resolved, log: Log = quiet_log) -> Inputs:
     _check_metric_fields(inputs.metric, inputs.batches[0], cfg.sources["metric"])
     if cfg["per_position"] is not None:
         inputs.per_position = cfg["per_position"]
+    if cfg["mean_kind"] is not None:
+        wanted = cfg["mean_kind"] == "per_position"
+        if cfg["per_position"] is not None and cfg["per_position"] != wanted:
+            raise InputError(
+                f"--per-position={str(cfg['per_position']).lower()} contradicts --mean-kind "
+                f"{cfg['mean_kind']}; give one of them"
+            )
+        inputs.mean_kind = cfg["mean_kind"]
+        inputs.per_position = cfg["mean_kind"] != "plain"
     if cfg["method"] == "resample" and not all(
         isinstance(b, dict) and "corrupt" in b for b in inputs.batches
     ):

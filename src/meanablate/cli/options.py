@@ -62,6 +62,10 @@ Method = Annotated[str | None, _option("method", _RUN)]
 Algorithm = Annotated[str | None, _option("algorithm", _RUN)]
 Threshold = Annotated[float | None, _option("threshold", _RUN)]
 TargetFaith = Annotated[float | None, _option("target_faithfulness", _RUN)]
+AbsThreshold = Annotated[float | None, _option("abs_threshold", _RUN)]
+ForceDiscovery = Annotated[bool | None, _switch("force_discovery", _RUN)]
+MaxExhaustive = Annotated[int | None, _option("max_exhaustive", _RUN, metavar="N")]
+MeanKind = Annotated[str | None, _option("mean_kind", _RUN)]
 Attribution = Annotated[bool | None, _switch("attribution", _RUN)]
 NBoot = Annotated[int | None, _option("n_boot", _RUN)]
 Device = Annotated[str | None, _option("device", _RUN)]
@@ -93,7 +97,7 @@ Force = Annotated[
     bool | None,
     typer.Option(
         "--force",
-        help="write into an --out folder that already holds a run (its files are replaced)",
+        help=_h("force"),
         rich_help_panel=_OUT,
         show_default=False,
     ),

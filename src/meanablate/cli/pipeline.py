@@ -61,17 +61,10 @@ def compute_or_load_means(
         return means
     if cfg["method"] in ("zero", "resample"):
         return None
-    log(
-        f"means: {len(keys)} sites over {inputs.n_examples} examples"
-        + (" (per position)" if inputs.per_position else "")
-    )
+    kind = inputs.effective_mean_kind
+    log(f"means: {len(keys)} sites over {inputs.n_examples} examples ({kind} means)")
     return compute_means(
-        inputs.model,
-        keys,
-        inputs.batches,
-        per_position=inputs.per_position,
-        progress=progress,
-        executor=executor,
+        inputs.model, keys, inputs.batches, kind=kind, progress=progress, executor=executor
     )
 
 
@@ -218,6 +211,7 @@ def run_discovery(
     """
     import meanablate as ma
     from meanablate.discovery import score_circuit, unit_kind, unit_layer
+    from meanablate.discovery.evaluate import score_notes
     from meanablate.metrics import get_metric
     from meanablate.report import validate_results
     from meanablate.sites import parse_site
@@ -259,10 +253,12 @@ def run_discovery(
         timings["attribution"] = time.perf_counter() - t
 
     algorithm = cfg["algorithm"]
-    threshold = cfg["threshold"] if algorithm == "acdc" else None
+    abs_threshold = cfg["abs_threshold"] if algorithm == "acdc" else None
+    threshold = cfg["threshold"] if algorithm == "acdc" and abs_threshold is None else None
     log(
         f"discover: {algorithm}"
-        + (f", threshold {threshold:g}" if threshold is not None else "")
+        + (f", threshold {threshold:g} of |m(full) - m(empty)|" if threshold is not None else "")
+        + (f", absolute threshold {abs_threshold:g}" if abs_threshold is not None else "")
         + (f", target faithfulness {cfg['target_faithfulness']:g}" if algorithm != "acdc" else "")
     )
     circuit = ma.discover(
@@ -273,9 +269,12 @@ def run_discovery(
         metric=metric,
         algorithm=algorithm,
         threshold=threshold,
-        target_faithfulness=cfg["target_faithfulness"] or 0.95,  # None: unused (acdc)
+        abs_threshold=abs_threshold,
+        target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
         method=method,
         progress=progress,
+        force=bool(cfg["force_discovery"] or cfg["force"]),
+        max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
     )
     timings["search"] = circuit.seconds
 
@@ -353,17 +352,24 @@ def run_discovery(
         "units": unit_rows,
         "circuit": {
             "algorithm": algorithm,
-            "threshold": threshold,
-            "target_faithfulness": None if algorithm == "acdc" else cfg["target_faithfulness"],
+            "threshold": circuit.threshold,
+            "abs_threshold": circuit.abs_threshold,
+            "target_faithfulness": circuit.target_faithfulness,
             "units": [u for u in units if u in kept],
             "metric_full": cs.metric_full,
             "metric_circuit": cs.metric_circuit,
             "metric_empty": cs.metric_empty,
+            "certificate": circuit.certificate,
+            "certificate_text": circuit.certificate_text,
+            "mean_kind": getattr(means, "kind", None),
+            "behaviour": circuit.behaviour,
+            "behaviour_ci": list(circuit.behaviour_ci) if circuit.behaviour_ci else None,
         },
         "scores": {
             "faithfulness": cs.faithfulness,
             "faithfulness_ci": list(ci) if ci else None,
             "completeness": _finite_or_none(cs.completeness),
+            "notes": score_notes(cs.faithfulness, _finite_or_none(cs.completeness), minimality),
             "minimality": minimality,
             "auroc": auroc,
             "roc": roc,

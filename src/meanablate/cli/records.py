@@ -32,6 +32,11 @@ class Inputs:
     source: str  # "organism", "huggingface" or "custom"
     description: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    mean_kind: str | None = None  # None: per_position decides (per_position or plain)
+
+    @property
+    def effective_mean_kind(self) -> str:
+        return self.mean_kind or ("per_position" if self.per_position else "plain")
 
     @property
     def n_examples(self) -> int:

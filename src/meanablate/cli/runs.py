@@ -29,7 +29,11 @@ def _out_dir(cfg: Resolved, name: str) -> Path:
 
 def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
     """Write the values a run actually used (metric, example count) into its options."""
-    for key, value in (("metric", inputs.metric), ("per_position", inputs.per_position)):
+    for key, value in (
+        ("metric", inputs.metric),
+        ("per_position", inputs.per_position),
+        ("mean_kind", inputs.effective_mean_kind),
+    ):
         if cfg.sources[key] != "not used":  # an option of this command
             cfg.values[key] = value
     if inputs.source != "huggingface" or cfg["n_examples"] is not None:
@@ -47,12 +51,17 @@ def _load(session: Session, cfg: Resolved) -> tuple[Inputs, Path]:
     out = _out_dir(cfg, inputs.name)
     _record_effective(cfg, inputs)
     if cfg.sources["algorithm"] != "not used":  # demo, discover
-        unused = "target_faithfulness" if cfg["algorithm"] == "acdc" else "threshold"
-        if cfg.sources[unused] != "default":
-            session.log(
-                f"note: {unused.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
-            )
-        cfg.values[unused] = None
+        acdc = cfg["algorithm"] == "acdc"
+        unused = ["target_faithfulness"] if acdc else ["threshold", "abs_threshold"]
+        if acdc and cfg["abs_threshold"] is not None:
+            unused.append("threshold")  # --abs-threshold replaces it
+        for key in unused:
+            if cfg.sources[key] != "default":
+                session.log(
+                    f"note: {key.replace('_', '-')} is ignored by --algorithm {cfg['algorithm']}"
+                    + (" with --abs-threshold" if key == "threshold" and acdc else "")
+                )
+            cfg.values[key] = None
     if not cfg["dry_run"]:
         prepare_run_dir(out, cfg, session.command)
     return inputs, out

@@ -30,13 +30,19 @@ def print_summary(results: dict[str, Any], out: Path, seconds: float, gt: list[s
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     what = circuit["algorithm"]
-    if circuit["threshold"] is not None:
+    if circuit.get("abs_threshold") is not None and circuit["algorithm"] == "acdc":
+        what += f", threshold {circuit['threshold']:g} (= {circuit['abs_threshold']:.3g} abs)"
+    elif circuit["threshold"] is not None:
         what += f", threshold {circuit['threshold']:g}"
+    if circuit.get("mean_kind"):
+        what += f", {circuit['mean_kind']} means"
     table.add_row("circuit", f"{len(kept)} of {n_units} units ({what})")
     shown = kept[:12] + (
         [f"... and {len(kept) - 12} more (results.json)"] if len(kept) > 12 else []
     )
     table.add_row("", escape("\n".join(shown)) if kept else "(empty)")
+    if circuit.get("certificate_text"):
+        table.add_row("certificate", escape(circuit["certificate_text"]))
     if gt:
         found, extra = len(set(kept) & set(gt)), len(set(kept) - set(gt))
         match = (
@@ -49,6 +55,8 @@ def print_summary(results: dict[str, Any], out: Path, seconds: float, gt: list[s
     faith = _fmt(scores["faithfulness"]) + (f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     table.add_row("faithfulness", faith)
     table.add_row("completeness", _fmt(scores["completeness"]))
+    for note in scores.get("notes") or []:
+        table.add_row("note", escape(note))
     table.add_row("AUROC", _fmt(scores["auroc"]) if gt else "n/a (no ground truth)")
     metric = results["metric"]["name"]
     table.add_row(

@@ -57,18 +57,9 @@ class Circuit:
     @property
     def notes(self) -> list[str]:
         """Why a faithfulness outside [0, 1] is not an error, where it is."""
-        f = self.faithfulness
-        out = []
-        if f > 1 + 1e-9:
-            out.append(
-                f"faithfulness {f:.3g} > 1: the circuit alone scores better than the full "
-                "model (ablating the other units helps this metric)"
-            )
-        elif f < -1e-9:
-            out.append(
-                f"faithfulness {f:.3g} < 0: the circuit scores worse than ablating everything"
-            )
-        return out
+        from meanablate.discovery.evaluate import score_notes
+
+        return score_notes(self.faithfulness, None, None)
 
     @property
     def faithfulness(self) -> float:

@@ -37,6 +37,7 @@ __all__ = [
     "faithfulness",
     "metric_per_example",
     "score_circuit",
+    "score_notes",
 ]
 
 # Pruning evaluates many ablated sets against the same clean outputs; they are kept
@@ -141,6 +142,52 @@ class CircuitScores:
     faithfulness_ci: tuple[float, float]
     completeness: float
     minimality: Mapping[str, float]
+    notes: tuple[str, ...] = ()
+
+
+def score_notes(
+    faithfulness: float, completeness: float | None, minimality: Mapping[str, float] | None
+) -> list[str]:
+    """Plain-words notes for scores outside [0, 1] (they are not errors: ablation can help).
+
+    >>> score_notes(1.2, 0.5, {"a": -0.1})[0][:24]
+    'faithfulness 1.2 > 1: th'
+    """
+    eps = 1e-9
+    out = []
+    if faithfulness > 1 + eps:
+        out.append(
+            f"faithfulness {faithfulness:.3g} > 1: the circuit alone scores better than the "
+            "full model (ablating the other units helps this metric)"
+        )
+    elif faithfulness < -eps:
+        out.append(
+            f"faithfulness {faithfulness:.3g} < 0: the circuit alone scores worse than "
+            "ablating every unit"
+        )
+    if completeness is not None and completeness > 1 + eps:
+        out.append(
+            f"completeness {completeness:.3g} > 1: ablating only the circuit hurts more than "
+            "ablating every unit (the other units partly undo the damage)"
+        )
+    elif completeness is not None and completeness < -eps:
+        out.append(
+            f"completeness {completeness:.3g} < 0: ablating the circuit from the full model "
+            "improves the metric"
+        )
+    neg = sorted(u for u, v in (minimality or {}).items() if v < -eps)
+    big = sorted(u for u, v in (minimality or {}).items() if v > 1 + eps)
+    if neg:
+        out.append(
+            f"minimality < 0 for {', '.join(neg[:5])}{' ...' if len(neg) > 5 else ''}: "
+            "removing that unit from the circuit improves it"
+        )
+    if big:
+        out.append(
+            f"minimality > 1 for {', '.join(big[:5])}: removing that unit from the circuit "
+            "costs more than the whole behaviour (the rest then does worse than nothing)"
+        )
+    return out
 
 
 def score_circuit(
@@ -189,6 +236,15 @@ def score_circuit(
         for v in circuit:
             m_minus = float(per_ex([*rest, v]).mean())
             minimality[v] = (float(circ.mean()) - m_minus) / denom
+    notes = tuple(score_notes(faith, completeness, minimality))
     return CircuitScores(
-        mf, float(circ.mean()), me, float(without.mean()), faith, ci, completeness, minimality
+        mf,
+        float(circ.mean()),
+        me,
+        float(without.mean()),
+        faith,
+        ci,
+        completeness,
+        minimality,
+        notes,
     )

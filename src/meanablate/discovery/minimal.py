@@ -37,6 +37,8 @@ from typing import Literal
 import numpy as np
 from torch import Tensor
 
+from meanablate.errors import NoBehaviourError
+
 __all__ = [
     "CERTIFICATES",
     "MAX_EXHAUSTIVE",
@@ -172,18 +174,18 @@ def check_behaviour(
         alpha = (1 - level) / 2
         ci = (float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)))
     if abs(delta) < 1e-12:
-        raise ValueError(
+        raise NoBehaviourError(
             f"the full model and the empty circuit score the same (m(full) - m(empty) = "
             f"{delta:.3g}): there is no behaviour to explain, so faithfulness and relative "
             "thresholds are undefined. Is the metric right for the task, and is the model "
             "trained?"
         )
     if ci is not None and ci[0] <= 0 <= ci[1] and not force:
-        raise ValueError(
+        raise NoBehaviourError(
             f"the full model's behaviour is not distinguishable from the empty circuit's: "
             f"m(full) - m(empty) = {delta:.4g}, {level:.0%} bootstrap interval "
             f"[{ci[0]:.4g}, {ci[1]:.4g}] contains 0 over {diff.size} examples. A circuit "
             "found here would explain noise. Use more examples or another metric, or pass "
-            "force=True (CLI: --force) to discover anyway."
+            "force=True (CLI: --force-discovery) to discover anyway."
         )
     return delta, ci

@@ -147,9 +147,11 @@ def discover(
     delta, delta_ci = check_behaviour(full_ex, empty_ex, force=force)
     scale = abs(delta)
     target = 0.95 if target_faithfulness is None else target_faithfulness
+    step: float | None = None
     if algorithm == "acdc":
         if abs_threshold is not None:
             threshold = abs_threshold / scale
+        step = abs_threshold if abs_threshold is not None else threshold * scale  # type: ignore[operator]
         target = target_faithfulness if target_faithfulness is not None else 1 - threshold
         if target <= 0:
             raise ValueError(
@@ -161,7 +163,7 @@ def discover(
             value,
             m_full,
             m_empty,
-            threshold * scale,
+            step,
             target,
             progress,  # type: ignore[operator]
         )
@@ -190,7 +192,7 @@ def discover(
         _certify(circuit, units, value, m_full, m_empty, max_exhaustive)
     circuit.algorithm, circuit.metric = algorithm, m.name
     circuit.threshold = threshold
-    circuit.abs_threshold = None if algorithm != "acdc" else threshold * scale  # type: ignore[operator]
+    circuit.abs_threshold = step if algorithm == "acdc" else None
     circuit.behaviour, circuit.behaviour_ci = delta, delta_ci
     circuit.mean_kind = getattr(means, "kind", None)
     circuit.seconds = time.perf_counter() - t0

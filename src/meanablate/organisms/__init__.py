@@ -1,6 +1,7 @@
 """Built-in model organisms: small transformers whose circuits are known."""
 
 from meanablate.organisms.registry import Organism, load, names
+from meanablate.organisms.tracr_program import from_tracr
 from meanablate.organisms.transformer import (
     HookedTransformer,
     HookPoint,
@@ -14,6 +15,7 @@ __all__ = [
     "HookedTransformer",
     "Organism",
     "TransformerConfig",
+    "from_tracr",
     "load",
     "load_model",
     "names",

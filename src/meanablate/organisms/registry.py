@@ -28,6 +28,8 @@ _LOADERS: dict[str, str] = {
     "tracr-reverse": "meanablate.organisms.tracr_models:load_reverse",
     "tracr-frac_prevs": "meanablate.organisms.tracr_models:load_frac_prevs",
     "tracr-sort": "meanablate.organisms.tracr_models:load_sort",
+    "tracr-hist": "meanablate.organisms.tracr_program:load_hist",
+    "tracr-sort_unique": "meanablate.organisms.tracr_program:load_sort_unique",
     "induction": "meanablate.organisms.induction:load_induction",
     "minilm": "meanablate.organisms.minilm:load_minilm",
 }

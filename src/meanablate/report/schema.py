@@ -65,10 +65,17 @@ Top level
     names of the kept units, each one the ``name`` of an entry of ``units``;
     ``metric_full`` / ``metric_circuit`` / ``metric_empty`` (float): the metric with nothing
     ablated, with everything outside the circuit ablated, and with everything ablated.
+    Optional: ``certificate`` (``"exhaustive"``, ``"1-minimal"`` or ``"none"``: what is
+    proven about the circuit's minimality) and ``certificate_text`` (that in words);
+    ``abs_threshold`` (float or null): ACDC's threshold in the metric's units (``threshold``
+    is then a fraction of ``|metric_full - metric_empty|``); ``mean_kind`` (str or null):
+    ``per_position``, ``plain`` or ``plain_except``; ``behaviour`` (float): ``metric_full -
+    metric_empty`` and ``behaviour_ci`` ([float, float] or null) its bootstrap interval.
 ``scores`` (object)
     ``faithfulness`` (float): usually ``(metric_circuit - metric_empty) / (metric_full -
     metric_empty)``, 1 is perfect; ``faithfulness_ci`` ([float, float] or null): its interval;
-    ``completeness`` (float or null); ``minimality`` (object or null): per kept unit name, the
+    ``completeness`` (float or null); ``notes`` (optional array of str): why a score outside
+    [0, 1] is shown; ``minimality`` (object or null): per kept unit name, the
     loss of faithfulness when that unit is removed (keys must be unit names);
     ``auroc`` (float in [0, 1] or null): area under the ROC curve of the unit scores against
     the ground truth, ``null`` when no ground truth is known; ``roc`` (object or null): the
@@ -186,6 +193,13 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "metric_full": _NUM,
                 "metric_circuit": _NUM,
                 "metric_empty": _NUM,
+                # what is proven about the circuit (see meanablate.discovery.minimal)
+                "certificate": {"enum": ["exhaustive", "1-minimal", "none"]},
+                "certificate_text": {"type": "string"},
+                "abs_threshold": _NUM_OR_NULL,
+                "mean_kind": {"type": ["string", "null"]},
+                "behaviour": _NUM,
+                "behaviour_ci": {"type": ["array", "null"], "items": _NUM},
             },
         },
         "scores": {
@@ -202,6 +216,8 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "faithfulness": _NUM,
                 "faithfulness_ci": _INTERVAL_OR_NULL,
                 "completeness": _NUM_OR_NULL,
+                # why a faithfulness / completeness / minimality outside [0, 1] is shown
+                "notes": {"type": "array", "items": {"type": "string"}},
                 "minimality": {
                     "type": ["object", "null"],
                     "additionalProperties": _NUM,
