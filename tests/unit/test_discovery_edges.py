@@ -170,6 +170,12 @@ def test_bad_edges_and_batches_give_clear_errors():
     bad = {"tokens": tokens, "corrupt": tokens, "attention_mask": m1, "corrupt_attention_mask": m2}
     with pytest.raises(ValueError, match="pad the same positions"):
         run_edges(model, bad, [], "counterfactual")
+    handle = model.blocks[0].mlp.hook_post.register_forward_hook(lambda m, a, o: o * 0)
+    try:
+        with pytest.raises(ValueError, match="carries forward hooks"):
+            run_edges(model, tokens, [])
+    finally:
+        handle.remove()
     with pytest.raises(TypeError, match="edges are not described for Sequential"):
         run_edges(torch.nn.Sequential(torch.nn.Linear(2, 2)), tokens, [])
 

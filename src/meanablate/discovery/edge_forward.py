@@ -57,6 +57,16 @@ class EdgeFamily(Protocol):
 def edge_family(model: nn.Module) -> OursEdges:
     """The edge description of ``model`` (today: meanablate's own ``HookedTransformer``)."""
     if isinstance(model, HookedTransformer):
+        from meanablate.discovery.fastpath import any_hooks
+
+        if any_hooks(model):
+            # The edge forward calls some hook points (embeddings, layer norms, MLPs) and
+            # not others (q/k/v, z): a user's hook would act in part. Refuse instead.
+            raise ValueError(
+                "the model carries forward hooks; edge ablation runs its own forward, which "
+                "would apply them only in part. Remove the hooks (or run edge algorithms "
+                "outside the `with ablate(...)` / hook context)"
+            )
         return OursEdges(model)
     raise TypeError(
         f"edges are not described for {type(model).__name__} yet; edge circuits work on "
