@@ -55,8 +55,11 @@ class EdgeFamily(Protocol):
 
 
 def edge_family(model: nn.Module) -> OursEdges:
-    """The edge description of ``model`` (today: meanablate's own ``HookedTransformer``)."""
-    if isinstance(model, HookedTransformer):
+    """The edge description of ``model``: meanablate's own ``HookedTransformer``, or a
+    Hugging Face GPT-2 through an exact copy (:mod:`~meanablate.discovery.edge_families`)."""
+    from meanablate.discovery.edge_families import gpt2_as_hooked, is_hf_gpt2
+
+    if isinstance(model, HookedTransformer) or is_hf_gpt2(model):
         from meanablate.discovery.fastpath import any_hooks
 
         if any_hooks(model):
@@ -67,10 +70,11 @@ def edge_family(model: nn.Module) -> OursEdges:
                 "would apply them only in part. Remove the hooks (or run edge algorithms "
                 "outside the `with ablate(...)` / hook context)"
             )
-        return OursEdges(model)
+        return OursEdges(model if isinstance(model, HookedTransformer) else gpt2_as_hooked(model))
     raise TypeError(
         f"edges are not described for {type(model).__name__} yet; edge circuits work on "
-        "meanablate.organisms.transformer.HookedTransformer (every built-in organism). "
+        "meanablate.organisms.transformer.HookedTransformer (every built-in organism) and "
+        "Hugging Face GPT-2. "
         "Node-level discovery (sweep/attribute/discover over units) works on any model."
     )
 

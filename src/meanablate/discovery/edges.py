@@ -114,6 +114,9 @@ class EdgeData:
 
 def _as_dict(batch: Any) -> dict[str, Any]:
     if isinstance(batch, Mapping):
+        if "tokens" not in batch and "input_ids" in batch:  # a Hugging Face batch
+            b = {k: v for k, v in batch.items() if k != "input_ids"}
+            return {"tokens": batch["input_ids"], **b}
         if "tokens" not in batch:
             raise ValueError(f"a batch needs 'tokens' [batch, pos] (have {sorted(batch)})")
         return dict(batch)
