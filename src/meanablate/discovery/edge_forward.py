@@ -57,8 +57,10 @@ class EdgeFamily(Protocol):
 def edge_family(model: nn.Module) -> OursEdges:
     """The edge description of ``model``: meanablate's own ``HookedTransformer``, or a
     Hugging Face GPT-2 through an exact copy (:mod:`~meanablate.discovery.edge_families`)."""
+    from meanablate._unwrap import unwrap
     from meanablate.discovery.edge_families import gpt2_as_hooked, is_hf_gpt2
 
+    model = unwrap(model)  # an nnsight wrapper: the module it wraps
     if isinstance(model, HookedTransformer) or is_hf_gpt2(model):
         from meanablate.discovery.fastpath import any_hooks
 
