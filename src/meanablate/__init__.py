@@ -21,8 +21,9 @@ import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:
-    from meanablate import metrics
+    from meanablate import metrics, report
     from meanablate.core import compute_ablation_effect, mean_ablation, replace_where
+    from meanablate.data import as_batches, prompt_batches
     from meanablate.discovery import (
         Circuit,
         Scores,
@@ -44,6 +45,7 @@ if _TYPE_CHECKING:
     from meanablate.intervene import Effect, ablate, ablation_effect, bootstrap_ci, run_ablated
     from meanablate.sites import Site, parse_site
     from meanablate.stats import MeanAccumulator, Means, compute_means
+    from meanablate.torch_threads import set_threads, threads
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ __all__ = [
     "__version__",
     "ablate",
     "ablation_effect",
+    "as_batches",
     "attribute",
     "bootstrap_ci",
     "capture",
@@ -74,12 +77,16 @@ __all__ = [
     "metrics",
     "parse_site",
     "path_patching",
+    "prompt_batches",
     "replace_where",
+    "report",
     "run_ablated",
     "run_edges",
     "run_model",
     "score_circuit",
+    "set_threads",
     "sweep",
+    "threads",
     "transformer_units",
 ]
 

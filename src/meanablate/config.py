@@ -342,25 +342,21 @@ def resolve(
     return Resolved(values, sources, ignored)
 
 
-# -- writing TOML (tomllib reads only) ----------------------------------------------------
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
+# -- writing TOML (tomllib reads only; tomli-w writes) -------------------------------------
 def dump_toml(values: Mapping[str, Any], header: str = "") -> str:
-    """Flat ``{key: value}`` as TOML, keys as flags spell them (``n-examples``)."""
+    """Flat ``{key: value}`` as TOML (by ``tomli_w``), keys as flags spell them
+    (``n-examples``), after ``header`` as ``#`` comment lines.
+
+    >>> print(dump_toml({"n_examples": 64, "metric": "kl"}, header="rerun me"), end="")
+    # rerun me
+    n-examples = 64
+    metric = "kl"
+    """
+    import tomli_w
+
+    for key, value in values.items():
+        if value is None:
+            raise TypeError(f"cannot write {key}=None to TOML (TOML has no null)")
     lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    body = tomli_w.dumps({k.replace("_", "-"): v for k, v in values.items()})
+    return "\n".join(lines) + ("\n" if lines else "") + body

@@ -194,7 +194,15 @@ def capture(
 ) -> Iterator[dict[str, Tensor]]:
     """Record the activations at ``keys`` during forward passes inside the block.
 
-    Yields a dict filled as the model runs (the last forward's activation per key).
+    Yields a dict filled as the model runs (the last forward's activation per key); the
+    hooks leave when the block ends.
+
+    >>> import torch, meanablate as ma
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    >>> with ma.capture(model, ["0"]) as acts:
+    ...     _ = model(torch.ones(2, 5, 3))                       # [batch, pos, d_in]
+    >>> acts["0"].shape                                           # [batch, pos, d_out]
+    torch.Size([2, 5, 4])
     """
     store: dict[str, Tensor] = {}
 
@@ -221,6 +229,11 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     Dict batches lose their task fields (``target``, ``wrong``, ...) and any key the
     model's ``forward`` does not accept. Our organisms take ``tokens``; HF models take
     ``input_ids``: each gets its own name.
+
+    >>> import torch, meanablate as ma
+    >>> model = torch.nn.Linear(3, 2)
+    >>> ma.run_model(model, torch.ones(4, 3)).shape
+    torch.Size([4, 2])
     """
     model = unwrap(model)
     if isinstance(batch, Tensor):

@@ -117,7 +117,13 @@ def _as_index(i: object, field: str) -> int:
 
 
 def parse_site(text: str) -> Site:
-    """Parse the string form (see the module docstring) into a :class:`Site`."""
+    """Parse the string form (see the module docstring) into a :class:`Site`.
+
+    >>> import meanablate as ma
+    >>> site = ma.parse_site("blocks.0.attn.hook_z[heads=1,3]")
+    >>> site.key, site.heads
+    ('blocks.0.attn.hook_z', (1, 3))
+    """
     if isinstance(text, Site):
         return text
     if not isinstance(text, str):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
+from meanablate.data.normalize import as_batches
 from meanablate.errors import MissingSiteError
 from meanablate.families import check_sites
 from meanablate.hooks import capture, model_device, run_model, to_device
@@ -55,6 +56,12 @@ class MeanAccumulator:
 
     ``sums[key]`` has the activation's shape without batch (and without position unless
     ``per_position``); ``counts[key]`` is a float64 tensor: a scalar, or ``[pos]``.
+
+    >>> import torch, meanablate as ma
+    >>> acc = ma.MeanAccumulator()
+    >>> acc.add("x", torch.tensor([[[1.0], [3.0]]]), None)           # [batch, pos, d]
+    >>> acc.result()["x"]
+    tensor([2.], dtype=torch.float64)
     """
 
     per_position: bool = False
@@ -190,13 +197,35 @@ class Means:
 
     ``tensors[key]`` has the activation's shape without batch — ``[d]``, ``[head, d_head]``
     — or, with ``per_position``, ``[pos, ...]``. ``counts[key]`` is the number of tokens
-    (per position) that went into it.
+    (per position) that went into it. Made by :func:`compute_means`; ``save`` / ``load``
+    (safetensors), :meth:`to_dataframe` (one row per site).
+
+    >>> import torch, meanablate as ma
+    >>> m = ma.compute_means(torch.nn.Sequential(torch.nn.Linear(3, 2)), ["0"], torch.ones(4, 3))
+    >>> m["0"].shape, m.keys()                                    # [d_out], sites
+    (torch.Size([2]), ['0'])
     """
 
     tensors: dict[str, Tensor]
     counts: dict[str, Tensor]
     per_position: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per site (shape, tokens, mean abs)."""
+        from meanablate.results.views import frame
+
+        return frame(self)
 
     def __getitem__(self, key: str | Site) -> Tensor:
         k = key.key if isinstance(key, Site) else key
@@ -350,6 +379,7 @@ def compute_means(
     >>> compute_means(m, ["1"], [torch.ones(2, 3)])["1"].shape
     torch.Size([4])
     """
+    batches = as_batches(batches)
     model = unwrap(model)
     kind, keep = _mean_kind(kind, per_position, keep_positions)
     # plain_except is pooled from the per-position sums (see _as_kind)

@@ -152,6 +152,16 @@ def test_organisms_lists_tasks_and_ground_truth():
     assert "blocks.3.attn.hook_z[heads=0]" in text  # tracr-reverse's ground truth
 
 
+def ma_scores_equal(path, obj) -> bool:
+    """The CLI's sweep.json loads as the Scores it describes (per-example effects included)."""
+    import meanablate as ma
+
+    scores = ma.Scores.load(path)
+    return scores.units == [u["name"] for u in obj["units"]] and scores.values.tolist() == [
+        u["effect"] for u in obj["units"]
+    ]
+
+
 def test_sweep_attribute_and_means_commands(tmp_path):
     result = ok("sweep", "--organism", "tracr-reverse", "--out", tmp_path, "-q", "--n-examples", 64)
     sweep = json.loads((tmp_path / "sweep.json").read_text())
@@ -172,6 +182,11 @@ def test_sweep_attribute_and_means_commands(tmp_path):
     )
     attr = json.loads((tmp_path / "attribution.json").read_text())
     assert attr["method"] == "attribution" and attr["config"]["means"] == str(means)
+    # both runs get a page; the attribution's sets its estimates beside the sweep's effects
+    page = (tmp_path / "report.html").read_text()
+    assert "attribution (estimate)" in page and "exact effect" in page
+    assert (tmp_path / "effects.svg").is_file() and (tmp_path / "effects.pdf").is_file()
+    assert ma_scores_equal(tmp_path / "sweep.json", sweep)
     ok("means", "--organism", "tracr-sort", "--out", tmp_path / "m", "-q", "--no-per-position")
     assert not Means.load(tmp_path / "m" / "means.safetensors").per_position
 

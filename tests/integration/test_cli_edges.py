@@ -43,7 +43,7 @@ def test_prompts_corrupt_field_is_padded_like_the_clean_prompt(tmp_path):
     assert batch["corrupt"][1].tolist()[:2] == [tok.vocab["x"], tok.vocab["q"]]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a b c", "target": "d", "corrupt": "x y"}))
-    with pytest.raises(InputError, match=r"line 1: the corrupt prompt is 2 tokens, the clean"):
+    with pytest.raises(InputError, match=r"line 1: corrupt prompt is 2 tokens"):
         read_prompts(str(bad), tok, 8, None)
 
 

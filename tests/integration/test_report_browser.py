@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from meanablate.report import example_results, write_json_atomic, write_report
+from meanablate.report.fmt import num
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -117,10 +118,13 @@ def test_report_in_headless_chromium(browser, tmp_path, variant):
         tooltip.wait_for(state="visible", timeout=5_000)
         text = tooltip.inner_text()
         assert unit["name"] in text
-        assert f"effect: {unit['effect']:+.3f}" in text
-        assert f"[{unit['ci'][0]:.3f}, {unit['ci'][1]:.3f}]" in text
-        # its arrows are highlighted while hovering
-        assert page.locator("#circuit-graph .edge.hl").count() >= 1
+        assert f"effect: {num(unit['effect'], signed=True)}" in text
+        assert f"[{num(unit['ci'][0])}, {num(unit['ci'][1])}]" in text
+        # its measured edges (if any) are highlighted while hovering; none are invented
+        if results["edges"]:
+            assert page.locator("#circuit-graph .edge.hl").count() >= 1
+        else:
+            assert page.locator("#circuit-graph .edge").count() == 0
         page.screenshot(path=str(tmp_path / "hover.png"))
 
         page.mouse.move(2, 2)

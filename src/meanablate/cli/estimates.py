@@ -57,9 +57,12 @@ def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned
             metric=inputs.metric,
             method=method,
             algorithm=f"discover:{algorithm}",
+            # as the pipeline passes them
             threshold=cfg["threshold"] if algorithm == "acdc" else None,
-            target_faithfulness=cfg["target_faithfulness"] or 0.95,  # as the pipeline passes it
-            force=bool(cfg["force"]),  # as the pipeline passes it
+            abs_threshold=cfg["abs_threshold"] if algorithm == "acdc" else None,
+            target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
+            force=bool(cfg["force_discovery"] or cfg["force"]),
+            max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
         )
         return Planned(total + found, sweep)
 

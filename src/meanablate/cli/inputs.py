@@ -39,7 +39,7 @@ from meanablate.cli.organism import load_organism
 from meanablate.cli.prompts import read_prompts
 from meanablate.cli.records import Inputs, Log, quiet_log
 from meanablate.cli.units import GRANULARITIES, resolve_units, site_str
-from meanablate.config import BIG_MODEL, InputError, Resolved, subject
+from meanablate.config import InputError, Resolved, subject
 
 __all__ = [
     "GRANULARITIES",
@@ -153,25 +153,14 @@ def _device(spec: str) -> torch.device:
 
 
 def _set_threads(threads: int, model: nn.Module, device: torch.device) -> None:
-    """``--threads N``, or (0) a guess: as many as the CPU has free, 1 for small models."""
+    """``--threads N``, or (0) :func:`meanablate.torch_threads.choose_threads` (the same choice
+    the Python API makes): as many as the CPU has free, 1 for small models."""
+    from meanablate.torch_threads import set_threads
+
     if threads:
-        torch.set_num_threads(threads)
-        return
-    if device.type != "cpu":
-        return
-    if sum(p.numel() for p in model.parameters()) < BIG_MODEL:
-        # Each op of a small model is too short to split across threads; the threads
-        # mostly wait on each other (measured: 10-50x slower on a busy 2-core machine).
-        torch.set_num_threads(1)
-        return
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
-        return
-    # Threads on cores other processes use wait on each other: minilm on a 2-core machine
-    # with a load of 3.5 took 1.8 s a batch on 2 threads and 0.3 s on 1.
-    free = int((os.cpu_count() or 1) - busy + 0.5)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), free)))
+        set_threads(threads)
+    elif device.type == "cpu":
+        set_threads("auto", model)
 
 
 # The batch fields each task metric reads (comparing metrics, kl and l2, need none).

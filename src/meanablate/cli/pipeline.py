@@ -10,16 +10,13 @@ file), then the plots and ``report.html``.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import re
 import time
-from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from meanablate.cli.errors import one_line
 from meanablate.cli.records import Inputs, Log, quiet_log
@@ -30,7 +27,6 @@ __all__ = [
     "default_run_dir",
     "prepare_run_dir",
     "run_discovery",
-    "scores_json",
     "unit_cis",
     "write_means",
     "write_run",
@@ -69,64 +65,9 @@ def compute_or_load_means(
 
 
 def unit_cis(per_example: Tensor, n_boot: int, seed: int, progress: bool) -> list[Any]:
-    from meanablate.intervene import bootstrap_ci
+    from meanablate.results.build import unit_cis as cis
 
-    if n_boot < 1 or per_example.shape[1] < 2:
-        return [None] * per_example.shape[0]
-    rows: Any = per_example
-    if progress and per_example.shape[0] > 50:
-        from tqdm.auto import tqdm
-
-        rows = tqdm(per_example, desc="bootstrap", unit="unit")
-    return [list(bootstrap_ci(row, n_boot=n_boot, seed=seed)) for row in rows]
-
-
-def scores_json(scores: Any, cis: list[Any], cfg: Resolved) -> dict[str, Any]:
-    """A sweep's or an attribution's scores as a JSON object (``sweep.json`` etc.)."""
-    return {
-        "method": scores.method,
-        "metric": scores.metric,
-        "n_examples": int(scores.per_example.shape[1]),
-        "seconds": scores.seconds,
-        "config": {k.replace("_", "-"): v for k, v in cfg.saved().items()},
-        "units": [
-            {"name": u, "effect": float(v), "ci": ci, "exact": bool(e)}
-            for u, v, ci, e in zip(scores.units, scores.values.tolist(), cis, scores.exact.tolist())
-        ],
-    }
-
-
-def _unit_index(site: Any) -> int | None:
-    for chosen in (site.heads, site.neurons, site.positions):
-        if chosen is not None:
-            return int(chosen[0]) if len(chosen) == 1 else None
-    return None
-
-
-def _n_layers(model: nn.Module, units: Sequence[str]) -> int:
-    from meanablate.discovery import unit_layer
-
-    cfg = getattr(model, "cfg", None)
-    if isinstance(getattr(cfg, "n_layers", None), int):
-        return int(cfg.n_layers)  # type: ignore[union-attr]
-    hf = getattr(model, "config", None)
-    for name in ("n_layer", "num_hidden_layers", "n_layers"):
-        if isinstance(getattr(hf, name, None), int):
-            return int(getattr(hf, name))
-    return max([unit_layer(u) + 1 for u in units] + [0])
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+    return cis(per_example, n_boot, seed, progress)
 
 
 def _curve(
@@ -210,11 +151,7 @@ def run_discovery(
     :class:`~meanablate.Estimate` whose ``run()`` then does the sweep.
     """
     import meanablate as ma
-    from meanablate.discovery import score_circuit, unit_kind, unit_layer
-    from meanablate.discovery.evaluate import score_notes
-    from meanablate.metrics import get_metric
-    from meanablate.report import validate_results
-    from meanablate.sites import parse_site
+    from meanablate.discovery import score_circuit
 
     timings = dict(timings or {})
     model, batches, units, metric = inputs.model, inputs.batches, inputs.units, inputs.metric
@@ -238,7 +175,7 @@ def run_discovery(
     cis = unit_cis(sweep.per_example, n_boot, seed, progress)
     timings["bootstrap"] = time.perf_counter() - t
 
-    attribution: dict[str, float] | None = None
+    attr_scores = None
     if cfg["attribution"]:
         t = time.perf_counter()
         grad_metric = "loss" if metric == "accuracy" else metric
@@ -247,7 +184,7 @@ def run_discovery(
                 model, batches, units, means,
                 metric=grad_metric, method=method, executor=executor,
             )  # fmt: skip
-            attribution = attr.as_dict()
+            attr_scores = attr
         except Exception as exc:  # a model without gradients, say: the report does without
             log(f"attribution skipped: {type(exc).__name__}: {one_line(exc)}")
         timings["attribution"] = time.perf_counter() - t
@@ -287,15 +224,12 @@ def run_discovery(
     minimality = _minimality(inputs, means, circuit.kept, cs, method, progress)
     timings["score"] = time.perf_counter() - t
 
-    auroc, roc = None, None
     gt = inputs.ground_truth
     if gt:
         try:
-            fpr, tpr, auroc = circuit.roc(gt)
-            roc = {"fpr": fpr, "tpr": tpr}
+            circuit.roc(gt)
         except ValueError as exc:
             log(f"AUROC skipped: {one_line(exc)}")
-            auroc = None
 
     if circuit.curve:
         curve = {
@@ -311,76 +245,35 @@ def run_discovery(
     else:
         curve = None
 
-    kept = set(circuit.kept)
-    unit_rows = []
-    for u, effect, ci in zip(units, sweep.values.tolist(), cis):
-        unit_rows.append(
-            {
-                "name": u,
-                "layer": unit_layer(u),
-                "kind": unit_kind(u),
-                "index": _unit_index(parse_site(u)),
-                "effect": float(effect),
-                "ci": ci,
-                "attribution": None if attribution is None else float(attribution[u]),
-                "in_circuit": u in kept,
-                "in_ground_truth": None if not gt else u in set(gt),
-            }
-        )
-    m = get_metric(metric)
+    from meanablate.results.api import model_facts
+    from meanablate.results.build import discovery_results
+
+    model_class, n_layers = model_facts(model, units)
     saved = {k.replace("_", "-"): v for k, v in cfg.saved().items()}
-    ci = cs.faithfulness_ci if n_boot >= 1 and all(map(math.isfinite, cs.faithfulness_ci)) else None
-    results = {
-        "schema_version": 1,
-        "meanablate_version": ma.__version__,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": _version("torch"),
-            "numpy": _version("numpy"),
-            **inputs.versions,
-        },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-        "config": saved,
-        "command": command,
-        "model": {
-            "name": inputs.name,
-            "class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "n_layers": _n_layers(model, units),
-        },
-        "metric": {"name": m.name, "higher_is_better": m.higher_is_better},
-        "units": unit_rows,
-        "circuit": {
-            "algorithm": algorithm,
-            "threshold": circuit.threshold,
-            "abs_threshold": circuit.abs_threshold,
-            "target_faithfulness": circuit.target_faithfulness,
-            "units": [u for u in units if u in kept],
-            "metric_full": cs.metric_full,
-            "metric_circuit": cs.metric_circuit,
-            "metric_empty": cs.metric_empty,
-            "certificate": circuit.certificate,
-            "certificate_text": circuit.certificate_text,
-            "mean_kind": getattr(means, "kind", None),
-            "behaviour": circuit.behaviour,
-            "behaviour_ci": list(circuit.behaviour_ci) if circuit.behaviour_ci else None,
-        },
-        "scores": {
-            "faithfulness": cs.faithfulness,
-            "faithfulness_ci": list(ci) if ci else None,
-            "completeness": _finite_or_none(cs.completeness),
-            "notes": score_notes(cs.faithfulness, _finite_or_none(cs.completeness), minimality),
-            "minimality": minimality,
-            "auroc": auroc,
-            "roc": roc,
-        },
-        "curve": curve,
-        "edges": None,
-        "timings": {k: max(0.0, float(v)) for k, v in timings.items()},
-        "title": f"{inputs.name}: {algorithm} circuit",
-        "notes": inputs.description or None,
-    }
-    validate_results(results)
+    results = discovery_results(
+        circuit,
+        sweep=sweep,
+        attribution=attr_scores,
+        circuit_scores=cs if n_boot >= 1 else _no_ci(cs),
+        cis=cis,
+        minimality=minimality,
+        ground_truth=gt or None,
+        curve=curve,
+        name=inputs.name,
+        model_class=model_class,
+        n_layers=n_layers,
+        config=saved,
+        seed=seed,
+        command=command,
+        timings=timings,
+        title=f"{inputs.name}: {algorithm} circuit",
+        notes=inputs.description or None,
+        extra_versions=inputs.versions,
+    )
+    if algorithm == "acdc":
+        results["circuit"]["target_faithfulness"] = None
+    else:
+        results["circuit"]["threshold"] = None
     return results, means
 
 
@@ -433,27 +326,21 @@ def prepare_run_dir(out: Path, cfg: Resolved, command: str) -> None:
 
 def write_means(means: Any, path: Path) -> None:
     """Save ``means`` as safetensors, atomically (a temp file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        means.save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from meanablate.results.api import write_means as write
+
+    write(means, path)
 
 
 def write_run(out: Path, results: dict[str, Any], means: Any, on_results: Any = None) -> Path:
-    """``means.safetensors``, ``results.json`` (atomic), then the plots and ``report.html``.
+    """``means.safetensors``, ``results.json`` (atomic), then the plots and ``report.html``
+    (:func:`meanablate.results.write_run`, which :func:`meanablate.report` calls too)."""
+    from meanablate.results.api import write_run as write
 
-    ``on_results()`` is called once ``results.json`` is complete (before the report).
-    """
-    from meanablate.report import write_json_atomic, write_report
+    return write(out, results, means, on_results)
 
-    if means is not None:
-        write_means(means, out / "means.safetensors")
-    write_json_atomic(out / "results.json", results)
-    if on_results is not None:
-        on_results()
-    return write_report(out)
+
+def _no_ci(cs: Any) -> Any:
+    """``cs`` without its faithfulness interval (``--n-boot 0``)."""
+    import dataclasses
+
+    return dataclasses.replace(cs, faithfulness_ci=(math.nan, math.nan))

@@ -144,9 +144,9 @@ def run_scores(session: Session, cfg: Resolved) -> None:
     """``means``, ``sweep`` or ``attribute`` (``session.command``): its file in the run folder."""
     import meanablate as ma
     from meanablate.cli.estimates import plan_run, show_estimate
-    from meanablate.cli.pipeline import compute_or_load_means, scores_json, unit_cis, write_means
+    from meanablate.cli.pipeline import compute_or_load_means, unit_cis, write_means
     from meanablate.cli.tables import print_scores
-    from meanablate.report import write_json_atomic
+    from meanablate.results.api import write_scores_run
 
     command, progress = session.command, not session.quiet
     with _executor(cfg, session) as executor:
@@ -185,5 +185,6 @@ def run_scores(session: Session, cfg: Resolved) -> None:
                 metric=metric, method=cfg["method"], executor=executor, **extra,
             )  # fmt: skip
     cis = unit_cis(scores.per_example, cfg["n_boot"], cfg["seed"], progress)
-    path = write_json_atomic(out / SCORE_FILES[command], scores_json(scores, cis, cfg))
+    saved = {k.replace("_", "-"): v for k, v in cfg.saved().items()}
+    path = write_scores_run(out, scores, cis, saved, name=inputs.name)
     print_scores(kind, scores, cis, path)

@@ -77,9 +77,14 @@ def print_scores(kind: str, scores: Any, cis: list[Any], path: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{kind}: top units by |effect| ({scores.metric})", title_justify="left")
+    estimate = not bool(scores.exact.all())
+    value = "estimate" if estimate else "effect"
+    title = f"{kind}: top units by |{value}| ({scores.metric})"
+    if estimate:  # attribution approximates the effect; it is not an ablation
+        title += " — estimates of the effect, not exact ablations"
+    table = Table(title=title, title_justify="left")
     table.add_column("unit", overflow="fold")
-    table.add_column("effect", justify="right")
+    table.add_column(value, justify="right")
     table.add_column("95% CI", justify="right")
     ci_of = dict(zip(scores.units, cis))
     for u in scores.ranking()[:10]:
@@ -91,3 +96,4 @@ def print_scores(kind: str, scores: Any, cis: list[Any], path: Path) -> None:
         )
     Console(soft_wrap=False).print(table)
     print(f"{len(scores.units)} units in {scores.seconds:.1f} s: {path}")
+    print(f"report: {path.parent / 'report.html'}")

@@ -1,4 +1,6 @@
-"""Token batches streamed from files larger than memory: JSONL, plain text, HF datasets.
+"""Batches for the API and the CLI: prompts with answers (:func:`prompt_batches`), one
+batch or many (:func:`as_batches`), and token batches streamed from files larger than
+memory: JSONL, plain text, HF datasets.
 
 :func:`stream_batches` reads a file lazily and yields padded dict batches::
 
@@ -30,6 +32,8 @@ Modules: :mod:`~meanablate.data.sources` (reading records), :mod:`~meanablate.da
 """
 
 from meanablate.data.batching import DEFAULT_FIELD_PAD, batch_records
+from meanablate.data.normalize import as_batches
+from meanablate.data.prompts import corrupt_source, prompt_batches, read_prompts
 from meanablate.data.shards import shard_iterable
 from meanablate.data.sources import Record, read_hf_dataset, read_jsonl, read_text
 from meanablate.data.stream import TextBatches, stream_batches
@@ -38,9 +42,13 @@ __all__ = [
     "DEFAULT_FIELD_PAD",
     "Record",
     "TextBatches",
+    "as_batches",
     "batch_records",
+    "corrupt_source",
+    "prompt_batches",
     "read_hf_dataset",
     "read_jsonl",
+    "read_prompts",
     "read_text",
     "shard_iterable",
     "stream_batches",

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.source import resample_batch
 from meanablate.discovery.sweep import check_units
@@ -31,6 +32,7 @@ from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
 from meanablate.sites import check_units_in_range
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 if TYPE_CHECKING:
     from meanablate.executors import Executor
@@ -50,6 +52,7 @@ def _probe(logits: Tensor, kind: str, gen: torch.Generator) -> Tensor:
     return sp * z - p * (sp * z).sum(-1, keepdim=True)
 
 
+@auto_threads
 def attribute(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -67,9 +70,22 @@ def attribute(
     Returns :class:`Scores` like :func:`sweep`, ``values [n_units]`` and
     ``per_example [n_units, n_examples]``, with ``exact`` all ``False``. Cost: one
     forward and one backward pass per batch (per probe for comparing metrics).
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> est = ma.attribute(model, tokens, units, means, metric="kl")
+    >>> est.values.shape, bool(est.exact.any())                   # estimates, not exact
+    (torch.Size([6]), False)
     """
     model = unwrap(model)
     m = get_metric(metric)
+    batches = as_batches(batches)
     check_source(means, method, where="attribute")
     if executor is not None and not executor.in_process:
         return _attribute_distributed(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
@@ -18,6 +21,15 @@ class Circuit:
     ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
     the unit was tried; score-based: the unit's effect). ``curve``: faithfulness against
     circuit size for score-based algorithms (``(size, faithfulness)`` pairs).
+
+    ``len(circuit)``: units kept; ``unit in circuit``: kept or not; ``circuit[unit]``: its
+    score. :meth:`save` / :meth:`load` (``results.json``), :meth:`to_dataframe` (pandas).
+
+    >>> import meanablate as ma
+    >>> c = ma.Circuit("acdc", ["a.0", "a.1"], ["a.1"], {"a.0": 0.0, "a.1": 0.5}, "kl",
+    ...                metric_full=0.0, metric_circuit=0.01, metric_empty=1.2, threshold=0.1)
+    >>> len(c), "a.1" in c, c["a.1"]
+    (1, True, 0.5)
     """
 
     algorithm: str
@@ -75,6 +87,57 @@ class Circuit:
         y = [u in truth for u in self.units]
         fpr, tpr = roc_curve(s, y)
         return fpr, tpr, auroc(s, y)
+
+    def __len__(self) -> int:
+        """The number of units kept."""
+        return len(self.kept)
+
+    def __contains__(self, unit: object) -> bool:
+        """Whether ``unit`` is kept."""
+        return unit in self.kept
+
+    def __getitem__(self, unit: str) -> float:
+        """The score of one unit (kept or not), by its site string."""
+        if unit not in self.scores:
+            raise KeyError(f"no unit {unit!r} among the circuit's {len(self.units)} units")
+        return self.scores[unit]
+
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """One row per unit (index ``unit``): layer, kind, kept, score (and effect).
+
+        Needs pandas (``pip install 'meanablate[pandas]'``).
+        """
+        from meanablate.results.views import frame
+
+        return frame(self)
+
+    def save(self, path: str | os.PathLike[str], **context: Any) -> Path:
+        """Write a ``results.json`` (a folder: ``folder/results.json``), atomically.
+
+        ``context``: what else to record, as for :func:`meanablate.report` (``sweep=``,
+        ``attribution=``, ``ground_truth=``, ``name=``...). :meth:`load` gives back an equal
+        circuit.
+        """
+        from meanablate.results.persist import save_circuit
+
+        return save_circuit(self, path, **context)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Circuit:
+        """Read the circuit of a ``results.json`` (or of a run folder), validated."""
+        from meanablate.results.persist import load_circuit
+
+        return load_circuit(path)
 
     def to_dot(self, *, top_k: int | None = None, title: str | None = None) -> str:
         """Graphviz DOT of the circuit (see :func:`meanablate.discovery.dot.circuit_to_dot`)."""

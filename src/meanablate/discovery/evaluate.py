@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.source import resample_batch
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
@@ -144,6 +145,22 @@ class CircuitScores:
     minimality: Mapping[str, float]
     notes: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
+        from meanablate.results.views import frame
+
+        return frame(self)
+
 
 def score_notes(
     faithfulness: float, completeness: float | None, minimality: Mapping[str, float] | None
@@ -204,7 +221,26 @@ def score_circuit(
     seed: int = 0,
     with_minimality: bool = True,
 ) -> CircuitScores:
-    """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring."""
+    """Score ``circuit`` (a subset of ``units``) on ``batches``; see the module docstring.
+
+    ``batches``: one batch or an iterable of them (at least 2 examples in all, for the
+    interval). Returns :class:`CircuitScores`: the metric with nothing / everything outside
+    the circuit / everything / the circuit ablated, faithfulness with a bootstrap interval
+    (``n_boot`` resamples), completeness and per-unit minimality.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> cs = ma.score_circuit(model, tokens, units[:3], units, means, "kl", n_boot=50)
+    >>> sorted(cs.minimality) == sorted(units[:3]), len(cs.faithfulness_ci)
+    (True, 2)
+    """
+    batches = list(as_batches(batches))
     model = unwrap(model)
     check_source(means, method, where="score_circuit")
     unknown = set(circuit) - set(units)

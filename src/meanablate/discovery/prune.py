@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
+from meanablate.data.normalize import as_batches
 from meanablate.discovery.attribution import attribute
 from meanablate.discovery.circuit import Circuit
 from meanablate.discovery.evaluate import faithfulness
@@ -45,6 +46,7 @@ from meanablate.discovery.units import reverse_topological
 from meanablate.intervene import Method
 from meanablate.metrics import Metric, get_metric
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 __all__ = ["ALGORITHMS", "Circuit", "discover"]
 
@@ -54,6 +56,7 @@ ALGORITHMS: tuple[str, ...] = ("acdc", "sweep", "attribution", "attribute_verify
 VERIFY_MARGIN = 2.0
 
 
+@auto_threads
 def discover(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -127,7 +130,7 @@ def discover(
     m = get_metric(metric)
     check_source(means, method, where="discover")
     units = check_units(model, units)
-    batches = list(batches)
+    batches = list(as_batches(batches))
     t0 = time.perf_counter()
 
     memo: dict[frozenset[str], float] = {}

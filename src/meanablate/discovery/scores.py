@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,13 +17,22 @@ from meanablate.intervene import bootstrap_ci
 __all__ = ["Scores", "auroc", "roc_curve", "spearman"]
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class Scores:
     """Per-unit effects from a sweep or an attribution (the shared result type).
 
     ``units [n]`` site strings; ``values [n]`` mean effect over examples;
     ``per_example [n, examples]``; ``exact [n]`` which values come from a real ablation
     (``False``: a linear estimate); ``method`` says which algorithm produced them.
+
+    ``len(scores)``, ``scores[unit]`` (its value), :meth:`ranking`, :meth:`save` /
+    :meth:`load` (JSON), :meth:`to_dataframe` (pandas).
+
+    >>> import torch, meanablate as ma
+    >>> s = ma.Scores.from_examples(["a.0", "a.1"], torch.tensor([[0.1, 0.3], [-1.0, -2.0]]),
+    ...                             "logit_diff", "sweep", seconds=0.0)
+    >>> len(s), s["a.1"], s.ranking()
+    (2, -1.5, ['a.1', 'a.0'])
     """
 
     units: list[str]
@@ -49,6 +61,79 @@ class Scores:
     def as_dict(self) -> dict[str, float]:
         """``{unit: value}``."""
         return dict(zip(self.units, self.values.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, unit: str) -> float:
+        """The value of one unit, by its site string."""
+        try:
+            return float(self.values[self.units.index(unit)])
+        except ValueError:
+            raise KeyError(f"no unit {unit!r} among the {len(self.units)} scored") from None
+
+    def __contains__(self, unit: object) -> bool:
+        return unit in self.units
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Scores):
+            return NotImplemented
+        return (
+            (self.units, self.metric, self.method, self.seconds)
+            == (other.units, other.metric, other.method, other.seconds)
+            and torch.equal(self.values, other.values)
+            and torch.equal(self.exact, other.exact)
+            and self.per_example.shape == other.per_example.shape
+            and torch.equal(self.per_example.double(), other.per_example.double())
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        from meanablate.results.views import text
+
+        return text(self)
+
+    def _repr_html_(self) -> str:
+        from meanablate.results.views import html
+
+        return html(self)
+
+    def to_dataframe(self) -> Any:
+        """One row per unit (index ``unit``): layer, kind, value, abs_value, rank, exact.
+
+        Needs pandas (``pip install 'meanablate[pandas]'``).
+        """
+        from meanablate.results.views import frame
+
+        return frame(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of these scores (the CLI's ``sweep.json`` format, per-example
+        effects included): :meth:`from_dict` gives back equal scores."""
+        from meanablate.results.persist import scores_to_dict
+
+        return scores_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Scores:
+        """Scores from :meth:`to_dict`'s object (validated; errors name the path)."""
+        from meanablate.results.persist import scores_from_dict
+
+        return scores_from_dict(obj)
+
+    def save(self, path: str | os.PathLike[str], *, n_boot: int = 0, seed: int = 0) -> Path:
+        """Write JSON atomically (``n_boot`` > 0 adds bootstrap intervals per unit)."""
+        from meanablate.results.persist import save_scores
+
+        return save_scores(self, path, n_boot=n_boot, seed=seed)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Scores:
+        """Read scores written by :meth:`save` or by the CLI (``sweep.json``)."""
+        from meanablate.results.persist import load_scores
+
+        return load_scores(path)
 
     def magnitude(self) -> Tensor:
         """``|values|``: how much each unit matters, whatever the metric's sign."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_batch, check_source, check_units_fit
+from meanablate.data.normalize import as_batches
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
 from meanablate.discovery.source import resample_batch
@@ -23,6 +24,7 @@ from meanablate.metrics import Metric, check_shapes, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
 from meanablate.stats import Means
+from meanablate.torch_threads import auto_threads
 
 if TYPE_CHECKING:
     from meanablate.executors import Executor
@@ -104,6 +106,7 @@ def _calibrate(run: Any, n: int) -> int:
     return best_k
 
 
+@auto_threads
 def sweep(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -135,12 +138,26 @@ def sweep(
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = HookedTransformer(TransformerConfig(n_layers=2, d_model=16, n_heads=2,
+    ...     d_head=8, d_mlp=32, d_vocab=10, n_ctx=8)).eval()
+    >>> tokens = torch.randint(0, 10, (6, 8))                     # [batch, pos]
+    >>> units = ma.transformer_units(model)                       # 2 layers x (2 heads + MLP)
+    >>> means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), tokens)
+    >>> scores = ma.sweep(model, tokens, units, means, metric="kl")
+    >>> scores.values.shape, scores.per_example.shape             # [units], [units, examples]
+    (torch.Size([6]), torch.Size([6, 6]))
+    >>> bool(scores.exact.all())
+    True
     """
     model = unwrap(model)
     m = get_metric(metric)
     check_source(means, method, where="sweep")
     units = check_units(model, units)
-    batches = list(batches)
+    batches = list(as_batches(batches))
     if not batches:
         raise ValueError("sweep needs at least one batch")
     for i, b in enumerate(batches):

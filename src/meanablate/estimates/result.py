@@ -43,6 +43,12 @@ class Estimate:
     ``reused_seconds``: the part of ``seconds`` the calibration already did and
     :meth:`run` will not repeat. ``worst_seconds``: with what ``seconds`` leaves out
     at its worst (discovery's certificate), when that is more.
+
+    >>> from meanablate.estimates import Estimate
+    >>> e = Estimate("sweep", seconds=90.0, peak_bytes=2**20, n_units=8, n_batches=4,
+    ...              calibrated_on=2, calibration_seconds=1.0, evaluations=32)
+    >>> e.remaining_seconds
+    90.0
     """
 
     algorithm: str

@@ -10,7 +10,12 @@ leaves a half-written file) in the format documented in :mod:`meanablate.report.
     write_report(run_dir)   # -> run_dir/report.html (+ effects.png, faithfulness.png, roc.png)
 
 The HTML page is a single file with no external resources: inline CSS and JS, the plots as
-base64 PNGs, and the circuit as an inline SVG graph (hover a unit for its effect).
+base64 PNGs (each also written as SVG and PDF beside it), and the circuit as an inline SVG
+(hover a unit for its effect). ``sweep`` and ``attribute`` runs get a page too
+(:func:`write_scores_report`).
+
+The module is also callable: ``meanablate.report(out, circuit, sweep=...)`` is
+:func:`meanablate.results.report`, a run folder written from Python objects.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import os
 import platform
 import random
+import sys
+import types
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from meanablate.report._io import write_bytes_atomic, write_json_atomic
 from meanablate.report.schema import RESULTS_SCHEMA, SCHEMA_VERSION, validate_results
 
 __all__ = [
+    "PLOT_FILES",
     "RESULTS_SCHEMA",
     "SCHEMA_VERSION",
     "example_results",
@@ -35,6 +43,7 @@ __all__ = [
     "write_bytes_atomic",
     "write_json_atomic",
     "write_report",
+    "write_scores_report",
 ]
 
 RESULTS_FILE = "results.json"
@@ -60,30 +69,77 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return results
 
 
+def _draw(plots: Any, run_dir: Path) -> tuple[dict[str, bytes], dict[str, list[str]]]:
+    """Run each ``(key, draw, results)``; the PNG bytes and SVG / PDF names of those drawn."""
+    from meanablate.report.plots import FORMATS
+
+    images: dict[str, bytes] = {}
+    links: dict[str, list[str]] = {}
+    for key, draw, results in plots:
+        target = run_dir / PLOT_FILES[key]
+        if draw(results, target) is None:
+            for fmt in FORMATS:  # e.g. no ground truth: no roc.* (drop stale ones)
+                target.with_suffix(f".{fmt}").unlink(missing_ok=True)
+            continue
+        images[key] = target.read_bytes()
+        links[key] = [target.with_suffix(f".{fmt}").name for fmt in FORMATS if fmt != "png"]
+    return images, links
+
+
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Read ``run_dir/results.json``, validate it, and write the report into ``run_dir``.
 
-    Writes ``effects.png``, ``faithfulness.png``, ``roc.png`` (only when a ground truth is
-    known, i.e. ``scores.auroc`` is not null; a stale one is removed otherwise) and the
-    self-contained ``report.html``. Returns the path of ``report.html``. Raises
-    :class:`ValueError` naming the path of the first problem if the results are invalid.
+    Writes ``effects``, ``faithfulness`` and ``roc`` plots (only when a ground truth is known,
+    i.e. ``scores.auroc`` is not null; stale ones are removed otherwise), each as PNG, SVG
+    and PDF, and the self-contained ``report.html``. Returns the path of ``report.html``.
+    Raises :class:`ValueError` naming the path of the first problem if the results are
+    invalid.
     """
     from meanablate.report import html, plots
 
     run_dir = Path(run_dir)
     results = load_results(run_dir / RESULTS_FILE)
-    images: dict[str, bytes] = {}
-    for key, draw in (
-        ("effects", plots.plot_effects),
-        ("faithfulness", plots.plot_faithfulness),
-        ("roc", plots.plot_roc),
-    ):
-        target = run_dir / PLOT_FILES[key]
-        if draw(results, target) is None:
-            target.unlink(missing_ok=True)  # e.g. no ground truth: no roc.png (drop a stale one)
-            continue
-        images[key] = target.read_bytes()
-    page = html.render_html(results, images)
+    images, links = _draw(
+        [
+            ("effects", plots.plot_effects, results),
+            ("faithfulness", plots.plot_faithfulness, results),
+            ("roc", plots.plot_roc, results),
+        ],
+        run_dir,
+    )
+    page = html.render_html(results, images, links)
+    return write_bytes_atomic(run_dir / REPORT_FILE, page.encode("utf-8"))
+
+
+def write_scores_report(run_dir: str | os.PathLike[str]) -> Path:
+    """The page of a ``sweep`` / ``attribute`` run: ``run_dir/report.html`` from its
+    ``attribution.json`` (beside ``sweep.json`` when both exist) or ``sweep.json``.
+
+    Draws the importance heat map (``effects.png/svg/pdf``) and a table of every unit;
+    attribution is labelled an estimate, set beside the exact effect with their rank
+    correlation when the sweep is there too.
+    """
+    from meanablate import __version__
+    from meanablate.report import html, plots
+    from meanablate.report.schema import validate_scores
+    from meanablate.report.scores_page import heatmap_results
+
+    run_dir = Path(run_dir)
+    found = {}
+    for name in ("attribution.json", "sweep.json"):
+        if (run_dir / name).is_file():
+            with open(run_dir / name, encoding="utf-8") as file:
+                try:
+                    found[name] = json.load(file)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{run_dir / name} is not valid JSON: {exc}") from None
+            validate_scores(found[name], where=str(run_dir / name))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no sweep.json or attribution.json")
+    main = found.get("attribution.json") or found["sweep.json"]
+    exact = found.get("sweep.json") if "attribution.json" in found else None
+    images, links = _draw([("effects", plots.plot_effects, heatmap_results(main))], run_dir)
+    page = html.render_scores_html(main, images, links, exact=exact, version=__version__)
     return write_bytes_atomic(run_dir / REPORT_FILE, page.encode("utf-8"))
 
 
@@ -223,3 +279,16 @@ def example_results(*, seed: int = 0, with_edges: bool = False) -> dict[str, Any
         "edges": edges,
         "timings": {"means": 1.84, "effects": 6.21, "bootstrap": 3.95, "search": 0.42},
     }
+
+
+class _CallableModule(types.ModuleType):
+    """``meanablate.report(...)`` writes a run folder (:func:`meanablate.results.report`);
+    ``meanablate.report.write_report`` and the rest stay reachable as module attributes."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        from meanablate.results.api import report
+
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

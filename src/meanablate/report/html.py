@@ -1,13 +1,14 @@
-"""The self-contained ``report.html`` of a discovery run.
+"""The self-contained ``report.html`` of a run, rendered from Jinja2 templates.
 
 One file, no external resources (a Content-Security-Policy forbids any fetch): inline CSS and
-JS, plots as base64 PNGs, and the circuit as an inline SVG graph.
+JS, plots as base64 PNGs (their SVG and PDF copies are linked, beside the page), and the
+circuit as an inline SVG. Templates are package data (``meanablate/report/templates``) and
+rendered with autoescaping on: every string from the results is escaped.
 
-Modules: :mod:`~meanablate.report.graph` (the SVG circuit graph: see there for its layout),
-:mod:`~meanablate.report.static` (CSS, JS, Content-Security-Policy),
-:mod:`~meanablate.report.fmt` (numbers and escaping).
-
-All strings from the results are HTML-escaped.
+:func:`render_html` draws a discovery run (``results.json``); :func:`render_scores_html` a
+``sweep`` or ``attribute`` run (``sweep.json`` / ``attribution.json``). Modules:
+:mod:`~meanablate.report.graph` (the circuit SVG), :mod:`~meanablate.report.static` (CSS, JS,
+CSP), :mod:`~meanablate.report.fmt` (numbers, importance colours).
 """
 
 from __future__ import annotations
@@ -15,273 +16,253 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
-from meanablate.report.fmt import esc as _e
+from markupsafe import Markup
+
 from meanablate.report.fmt import interval as _interval
 from meanablate.report.fmt import num as _num
 from meanablate.report.fmt import seconds as _seconds
-from meanablate.report.graph import NEG as _NEG
-from meanablate.report.graph import POS as _POS
-from meanablate.report.graph import TRUTH as _TRUTH
 from meanablate.report.graph import circuit_svg
-from meanablate.report.static import CSP as _CSP
-from meanablate.report.static import SCRIPT as _SCRIPT
-from meanablate.report.static import STYLE as _STYLE
+from meanablate.report.parts import legend as _legend
+from meanablate.report.parts import rank_correlation
+from meanablate.report.parts import units_table as _units_table
+from meanablate.report.static import CSP, script, style
 
-__all__ = ["circuit_svg", "render_html"]
+__all__ = ["circuit_svg", "render_html", "render_scores_html"]
+
+_CAPTIONS = {
+    "effects": "Importance of each unit alone (orange: ablating it hurts the metric; purple: "
+    "ablating it helps). Outlined: kept in the circuit; yellow mark: ground truth.",
+    "faithfulness": "Faithfulness as units are added by |effect|; the star is the circuit.",
+    "roc": "Unit scores against the ground truth; the star is the discovered circuit.",
+    "estimates": "Attribution estimates against exact effects, one point per unit.",
+}
 
 
-def _tile(key: str, value: str, detail: str = "") -> str:
-    d = f'<div class="d">{detail}</div>' if detail else ""
-    return f'<div class="tile"><div class="k">{key}</div><div class="v">{value}</div>{d}</div>'
+_SCORES_CAPTIONS = {
+    "effects": "Importance of each unit alone (orange: ablating it hurts the metric; purple: "
+    "ablating it helps); for an attribution, estimated.",
+}
 
 
-def _legend() -> str:
-    def icon(body: str) -> str:
-        return f'<svg width="26" height="22" viewBox="0 0 26 22" aria-hidden="true">{body}</svg>'
+@lru_cache(maxsize=1)
+def _env() -> Any:
+    import jinja2
 
-    items = [
-        (
-            icon('<circle cx="13" cy="11" r="8" fill="#e8a39a" stroke="#111" stroke-width="2"/>'),
-            "kept head (fill: effect)",
-        ),
-        (
-            icon(
-                '<rect x="5" y="3" width="16" height="16" rx="4" fill="#c9def0" stroke="#111" '
-                'stroke-width="2"/>'
-            ),
-            "kept MLP (blue: negative)",
-        ),
-        (icon('<circle cx="13" cy="11" r="8" fill="#f1f3f5" stroke="#adb5bd"/>'), "not kept"),
-        (
-            icon(
-                f'<circle cx="13" cy="11" r="9" fill="none" stroke="{_TRUTH}" stroke-width="2.5" '
-                'stroke-dasharray="4 2.5"/>'
-            ),
-            "ground truth",
-        ),
-        (
-            icon('<polygon points="13,2 22,11 13,20 4,11" fill="#f1f3f5" stroke="#adb5bd"/>'),
-            "other unit kind",
-        ),
-        (
-            icon(
-                f'<path d="M1,11 H20" stroke="{_POS}" stroke-width="3"/><path d="M18,6 L25,11 '
-                f'L18,16 z" fill="{_POS}"/>'
-            ),
-            "arrow: weight (width), sign (colour)",
-        ),
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("meanablate.report", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def _figures(
+    images: Mapping[str, bytes],
+    links: Mapping[str, Sequence[str]],
+    captions: Mapping[str, str] | None = None,
+) -> list[dict]:
+    captions = _CAPTIONS if captions is None else captions
+    return [
+        {
+            "key": key,
+            "uri": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+            "caption": captions.get(key, key),
+            "links": list(links.get(key, ())),
+        }
+        for key, data in images.items()
     ]
-    return '<div class="legend">' + "".join(f"<span>{a}{b}</span>" for a, b in items) + "</div>"
 
 
-def _key(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _units_table(results: Mapping[str, Any]) -> str:
-    units = results["units"]
-    minimality = results["scores"]["minimality"] or {}
-    finite = [abs(u["effect"]) for u in units if math.isfinite(u["effect"])]
-    vmax = max(finite, default=1.0) or 1.0
-    order = sorted(
-        range(len(units)),
-        key=lambda i: -abs(units[i]["effect"]) if math.isfinite(units[i]["effect"]) else 0.0,
-    )
-
-    def flag(value: bool | None) -> tuple[str, str]:
-        if value is None:
-            return "", '<span class="no">—</span>'
-        return ("1", '<span class="yes">✓</span>') if value else ("0", '<span class="no">·</span>')
-
-    rows = []
-    for i in order:
-        u = units[i]
-        effect = u["effect"]
-        width = 60 * abs(effect) / vmax if math.isfinite(effect) else 0
-        color = _POS if effect >= 0 else _NEG
-        bar = f'<span class="bar" style="width:{width:.0f}px;background:{color}"></span>'
-        c_key, c_val = flag(u["in_circuit"])
-        g_key, g_val = flag(u["in_ground_truth"])
-        mini = minimality.get(u["name"])
-        rows.append(
-            "<tr>"
-            f'<td data-sort="{_e(u["name"])}"><code>{_e(u["name"])}</code></td>'
-            f'<td class="num" data-sort="{_e(u["layer"])}">{_e(u["layer"])}</td>'
-            f'<td data-sort="{_e(u["kind"])}">{_e(u["kind"])}</td>'
-            f'<td class="num" data-sort="{_e(effect)}">{bar}{_e(_num(effect, signed=True))}</td>'
-            f"<td>{_e(_interval(u['ci']))}</td>"
-            f'<td class="num" data-sort="{_e(_key(u["attribution"]))}">'
-            f"{_e(_num(u['attribution'], signed=True))}</td>"
-            f'<td class="num" data-sort="{_e(_key(mini))}">{_e(_num(mini))}</td>'
-            f'<td data-sort="{c_key}">{c_val}</td><td data-sort="{g_key}">{g_val}</td>'
-            "</tr>"
+def _caveats(results: Mapping[str, Any]) -> list[str]:
+    units, scores = results["units"], results["scores"]
+    out = []
+    if not results.get("edges"):
+        out.append(
+            "Connections between units were not measured (no edge discovery was run): the "
+            "graph shows the kept units in layer order, without arrows."
         )
-    head = "".join(
-        f'<th class="sortable">{h}</th>' if s else f"<th>{h}</th>"
-        for h, s in (
-            ("unit", True),
-            ("layer", True),
-            ("kind", True),
-            ("effect", True),
-            ("interval", False),
-            ("attribution", True),
-            ("minimality", True),
-            ("circuit", True),
-            ("truth", True),
+    source = results.get("effect_source") or "sweep"
+    if source == "attribution":
+        out.append(
+            "The effects shown are attribution estimates (a gradient approximation), not "
+            "exact ablations."
         )
-    )
-    return (
-        f'<table id="units-table"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
+    elif source != "sweep":
+        out.append(
+            f"The per-unit values are the {source} algorithm's own scores (the metric change "
+            "when the unit was tried during pruning), not single-unit ablation effects."
+        )
+    attr = [u["attribution"] for u in units]
+    if any(a is not None for a in attr):
+        rc = rank_correlation([u["effect"] for u in units], attr) if source == "sweep" else None
+        text = (
+            "Attribution is an estimate of each unit's effect (one forward and one backward pass)"
+        )
+        if rc is not None:
+            text += (
+                f"; its Spearman rank correlation with the exact effect is {rc[0]:.3f} over "
+                f"{rc[1]} units"
+            )
+        out.append(text + ".")
+    circuit = results["circuit"]
+    if circuit.get("certificate_text"):
+        out.append(f"Minimality certificate — {circuit['certificate_text']}.")
+    notes = circuit.get("notes")
+    if isinstance(notes, list) and notes:
+        out.extend(f"{n}." for n in notes if isinstance(n, str))
+        return out
+    faith = scores["faithfulness"]
+    if isinstance(faith, (int, float)) and math.isfinite(faith) and not 0 <= faith <= 1:
+        out.append(
+            f"Faithfulness {_num(faith)} lies outside [0, 1]: the circuit moves the metric "
+            "beyond the full model (above 1) or beyond the empty circuit (below 0); with a full "
+            "and empty metric close together the ratio is unstable."
+        )
+    return out
 
 
-def _summary(results: Mapping[str, Any]) -> tuple[str, str]:
-    model, metric, circuit = results["model"], results["metric"], results["circuit"]
-    scores, units, timings = results["scores"], results["units"], results["timings"]
-    n_kept, n_units = len(circuit["units"]), len(units)
+def _tiles(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    circuit, scores, units = results["circuit"], results["scores"], results["units"]
     labelled = [u for u in units if u["in_ground_truth"] is not None]
     truth = [u for u in labelled if u["in_ground_truth"]]
     found = sum(1 for u in truth if u["in_circuit"])
     extra = sum(1 for u in labelled if u["in_circuit"] and not u["in_ground_truth"])
+    timings = results["timings"]
     phases = {k: v for k, v in timings.items() if k != "total"}
-    total_time = timings.get("total", sum(phases.values()))
-    direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+    total = timings.get("total", sum(phases.values()))
     faith_ci = scores["faithfulness_ci"]
-
     tiles = [
-        _tile(
-            "faithfulness",
-            _e(_num(scores["faithfulness"])),
-            _e(_interval(faith_ci)) if faith_ci else "",
+        {"key": "faithfulness", "value": _num(scores["faithfulness"]), "small": "",
+         "detail": _interval(faith_ci) if faith_ci else ""},
+        {"key": "circuit size", "value": str(len(circuit["units"])), "small": f"/ {len(units)}",
+         "detail": "units kept"},
+        {"key": "completeness", "value": _num(scores["completeness"]), "small": "", "detail": ""},
+    ]  # fmt: skip
+    certificate = circuit.get("certificate")
+    if certificate is not None:
+        tiles.append({"key": "certificate", "value": str(certificate), "small": "",
+                      "detail": "minimality proven" if certificate != "none" else "not minimised",
+                      "text": True})  # fmt: skip
+    tiles += [
+        {"key": "AUROC", "value": _num(scores["auroc"]), "small": "",
+         "detail": f"{found}/{len(truth)} true units found, {extra} extra" if labelled
+         else "no ground truth"},
+        {"key": "run time", "value": _seconds(total), "small": "",
+         "detail": f"{len(phases)} phases"},
+    ]  # fmt: skip
+    return tiles
+
+
+def _summary(results: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    model, metric, circuit = results["model"], results["metric"], results["circuit"]
+    scores, timings = results["scores"], results["timings"]
+    phases = {k: v for k, v in timings.items() if k != "total"}
+    total = timings.get("total", sum(phases.values()))
+    direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+    how = circuit["algorithm"]
+    if circuit.get("threshold") is not None:
+        how += f", threshold {_num(circuit['threshold'])}"
+    for key, label in (("threshold_kind", "threshold"), ("mean_kind", "means"),
+                       ("certificate", "certificate")):  # fmt: skip
+        value = circuit.get(key, results.get(key))
+        if value is not None:
+            how += f", {label}: {value}"
+    timing_table = Markup("<table>{}<tr><th>total</th><th class='num'>{}</th></tr></table>").format(
+        Markup("").join(
+            Markup("<tr><td>{}</td><td class='num'>{}</td></tr>").format(k, _seconds(v))
+            for k, v in phases.items()
         ),
-        _tile("circuit size", f"{n_kept}<small> / {n_units}</small>", "units kept"),
-        _tile("completeness", _e(_num(scores["completeness"]))),
-        _tile(
-            "AUROC",
-            _e(_num(scores["auroc"])),
-            f"{found}/{len(truth)} true units found, {extra} extra"
-            if labelled
-            else "no ground truth",
-        ),
-        _tile("run time", _e(_seconds(total_time)), f"{len(phases)} phases"),
-    ]
-    threshold = "" if circuit["threshold"] is None else f", threshold {_num(circuit['threshold'])}"
-    timing_rows = "".join(
-        f"<tr><td>{_e(k)}</td><td class='num'>{_e(_seconds(v))}</td></tr>"
-        for k, v in phases.items()
+        _seconds(total),
     )
-    rows = [
-        (
-            "model",
-            f"<b>{_e(model['name'])}</b> <code>{_e(model['class'])}</code>, "
-            f"{_e(model['n_layers'])} layers",
-        ),
-        ("metric", f"<b>{_e(metric['name'])}</b> ({direction})"),
-        ("circuit", f"{n_kept} of {n_units} units — {_e(circuit['algorithm'])}{_e(threshold)}"),
-        (
-            "metric: full / circuit / empty",
-            " / ".join(
-                _e(_num(circuit[k])) for k in ("metric_full", "metric_circuit", "metric_empty")
-            ),
-        ),
-        (
-            "faithfulness",
-            f"{_e(_num(scores['faithfulness']))} {_e(_interval(faith_ci))}"
-            if faith_ci
-            else _e(_num(scores["faithfulness"])),
-        ),
-        ("completeness", _e(_num(scores["completeness"]))),
-        (
-            "AUROC",
-            _e(_num(scores["auroc"])) if scores["auroc"] is not None else "— (no ground truth)",
-        ),
-        (
-            "timings",
-            f"<table>{timing_rows}<tr><th>total</th>"
-            f"<th class='num'>{_e(_seconds(total_time))}</th></tr></table>"
-            if timings
-            else "—",
-        ),
-        ("seed", _e(results["seed"])),
-        ("created", _e(results["created"])),
-    ]
-    table = (
-        '<table class="summary">'
-        + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-        + "</table>"
-    )
-    return '<div class="tiles">' + "".join(tiles) + "</div>", table
+    faith_ci = scores["faithfulness_ci"]
+    return [
+        ("model", Markup("<b>{}</b> <code>{}</code>, {} layers").format(
+            model["name"], model["class"], model["n_layers"])),
+        ("metric", Markup("<b>{}</b> ({})").format(metric["name"], direction)),
+        ("circuit", f"{len(circuit['units'])} of {len(results['units'])} units — {how}"),
+        ("metric: full / circuit / empty",
+         " / ".join(_num(circuit[k]) for k in ("metric_full", "metric_circuit", "metric_empty"))),
+        ("faithfulness", f"{_num(scores['faithfulness'])} {_interval(faith_ci)}" if faith_ci
+         else _num(scores["faithfulness"])),
+        ("completeness", _num(scores["completeness"])),
+        ("AUROC", _num(scores["auroc"]) if scores["auroc"] is not None
+         else "— (no ground truth)"),
+        ("timings", timing_table if timings else "—"),
+        ("seed", results["seed"]),
+        ("created", results["created"]),
+    ]  # fmt: skip
 
 
-_CAPTIONS = {
-    "effects": "Effect of mean-ablating each unit alone. Outlined: kept in the circuit; "
-    "yellow mark: ground truth.",
-    "faithfulness": "Faithfulness as units are added; the star is the discovered circuit.",
-    "roc": "Unit scores against the ground truth; the star is the discovered circuit.",
-}
-
-
-def render_html(results: Mapping[str, Any], images: Mapping[str, bytes] | None = None) -> str:
-    """The report page as a string. ``images`` maps plot names (``effects``,
-    ``faithfulness``, ``roc``) to PNG bytes, embedded as base64 ``data:`` URIs."""
-    images = images or {}
+def render_html(
+    results: Mapping[str, Any],
+    images: Mapping[str, bytes] | None = None,
+    links: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The report page of a discovery run as a string. ``images`` maps plot names
+    (``effects``, ``faithfulness``, ``roc``) to PNG bytes, embedded as ``data:`` URIs;
+    ``links`` maps them to the file names of their SVG / PDF copies beside the page."""
     model = results["model"]
     title = results.get("title") or f"Circuit report — {model['name']}"
-    tiles, summary = _summary(results)
-    figures = "".join(
-        f'<figure><img alt="{_e(key)} plot" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{_e(_CAPTIONS.get(key, key))}'
-        "</figcaption></figure>"
-        for key, data in images.items()
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    return (
+        _env()
+        .get_template("report.html.j2")
+        .render(
+            csp=CSP,
+            style=Markup(style()),
+            script=Markup(script()),
+            version=results["meanablate_version"],
+            title=title,
+            subtitle=f"{model['name']} · metric {results['metric']['name']} · "
+            f"{results['circuit']['algorithm']} · {results['created']}",
+            notes=results.get("notes"),
+            tiles=_tiles(results),
+            caveats=_caveats(results),
+            empty=not results["circuit"]["units"],
+            graph=Markup(circuit_svg(results)),
+            legend=_legend(results),
+            figures=_figures(images or {}, links or {}),
+            summary=_summary(results),
+            units_table=_units_table(results),
+            config=json.dumps(results["config"], indent=2, ensure_ascii=False, default=str),
+            versions=versions,
+            schema_version=results["schema_version"],
+        )
     )
-    notes = results.get("notes")
-    notes_html = f"<p>{_e(notes)}</p>" if notes else ""
-    versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in results["versions"].items())
-    config = json.dumps(results["config"], indent=2, ensure_ascii=False, default=str)
-    n_kept = len(results["circuit"]["units"])
-    empty_note = '<p class="sub">The circuit is empty: no unit was kept.</p>' if n_kept == 0 else ""
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="meanablate {_e(results["meanablate_version"])}">
-<link rel="icon" href="data:,">
-<title>{_e(title)}</title>
-<style>{_STYLE}</style>
-</head>
-<body>
-<main>
-<h1>{_e(title)}</h1>
-<p class="sub">{_e(model["name"])} · metric <b>{_e(results["metric"]["name"])}</b> ·
-{_e(results["circuit"]["algorithm"])} · {_e(results["created"])}</p>
-{notes_html}
-{tiles}
-<h2>Circuit</h2>
-{empty_note}
-<div class="graph-wrap">
-{circuit_svg(results)}
-</div>
-{_legend()}
-<h2>Plots</h2>
-<div class="plots">{figures or '<p class="sub">No plots.</p>'}</div>
-<h2>Summary</h2>
-{summary}
-<h2>Units</h2>
-<details open><summary>{len(results["units"])} units (click a column to sort)</summary>
-{_units_table(results)}
-</details>
-<details><summary>Config</summary><pre>{_e(config)}</pre></details>
-<footer>meanablate {_e(results["meanablate_version"])} · {versions} ·
-schema v{_e(results["schema_version"])}</footer>
-</main>
-<div id="tooltip" role="tooltip" hidden></div>
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
+
+
+def render_scores_html(
+    scores: Mapping[str, Any],
+    images: Mapping[str, bytes] | None = None,
+    links: Mapping[str, Sequence[str]] | None = None,
+    *,
+    exact: Mapping[str, Any] | None = None,
+    version: str = "",
+) -> str:
+    """The page of a ``sweep`` / ``attribute`` run (a ``sweep.json`` / ``attribution.json``
+    object). ``exact``: the sweep's object beside an attribution's: its effects are shown
+    next to the estimates, with their rank correlation."""
+    from meanablate.report.scores_page import scores_context
+
+    ctx = scores_context(scores, exact)
+    return (
+        _env()
+        .get_template("scores.html.j2")
+        .render(
+            csp=CSP,
+            style=Markup(style()),
+            script=Markup(script()),
+            version=version,
+            figures=_figures(images or {}, links or {}, _SCORES_CAPTIONS),
+            config=json.dumps(scores.get("config", {}), indent=2, ensure_ascii=False, default=str),
+            versions="",
+            schema_version=None,
+            notes=None,
+            **ctx,
+        )
+    )

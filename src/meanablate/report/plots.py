@@ -1,8 +1,9 @@
-"""PNG plots of a discovery run (matplotlib, drawn on the Agg canvas, imported lazily).
+"""Plots of a discovery run (matplotlib, drawn on the Agg canvas, imported lazily).
 
 Each ``plot_*`` function takes a validated results dict (see :mod:`meanablate.report.schema`)
-and an output path, writes the PNG atomically and returns the path, or returns ``None`` (and
-writes nothing) when there is nothing to plot. No pyplot state is touched, so the functions
+and an output path ``NAME.png``, writes the PNG and, beside it, ``NAME.svg`` and
+``NAME.pdf`` (atomically each) and returns the PNG's path, or returns ``None`` (and writes
+nothing) when there is nothing to plot. No pyplot state is touched, so the functions
 are safe to call from scripts, notebooks and threads alike, whatever backend is active.
 """
 
@@ -80,10 +81,22 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+FORMATS = ("png", "svg", "pdf")
+
+
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return write_bytes_atomic(path, buf.getvalue())
+    """The PNG at ``path`` and the same figure as SVG and PDF beside it."""
+    path = Path(path)
+    for fmt in FORMATS:
+        buf = io.BytesIO()
+        meta = {"Creator": None, "Producer": None, "CreationDate": None} if fmt == "pdf" else {}
+        if fmt == "svg":
+            meta = {"Date": None}
+        if fmt == "png":
+            meta = {"Software": None}
+        fig.savefig(buf, format=fmt, dpi=_DPI, metadata=meta)
+        write_bytes_atomic(path.with_suffix(f".{fmt}"), buf.getvalue())
+    return path
 
 
 def _finish(
@@ -142,36 +155,52 @@ def effect_grid(
 
 
 # -- the plots -------------------------------------------------------------------------------
-def plot_effects(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Heat map of unit effects: layers on x, units (heads, MLPs, ...) on y.
+def _scale(vmax: float) -> tuple[float, str]:
+    """A power of ten for the cell labels when ``vmax`` is below 0.01 or 1000 and above (so
+    ``1e-3`` effects read ``4.2`` on a ``×1e-3`` colour bar, not ``0.00``), and its name."""
+    if not math.isfinite(vmax) or vmax <= 0:
+        return 1.0, ""
+    k = math.floor(math.log10(vmax))
+    k = 0 if -2 <= k < 3 else k  # 0.01 .. 999 read fine with 2 significant digits
+    return 10.0**k, ("" if k == 0 else f" (×1e{k})")
 
-    Row labels are coloured by kind and kinds are separated by lines; the colour scale is
-    symmetric around 0 (red: positive effect, blue: negative; empty cells grey). Kept units
-    are outlined, ground-truth units carry a yellow corner mark.
+
+def plot_effects(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Heat map of unit importance: layers on x, units (heads, MLPs, ...) on y.
+
+    Importance is the effect oriented so that positive means "ablating the unit hurts the
+    metric" (see :func:`meanablate.report.fmt.importance`), so one colour means important
+    whatever the metric. The scale is symmetric around 0 (orange: needed; purple: ablating
+    it helps; grey: no unit). Cells carry 2 significant digits on a common power of ten
+    named in the colour bar. Kept units are outlined, ground-truth units carry a yellow mark;
+    the legend lists only what the map shows.
     """
     import numpy as np
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
 
+    from meanablate.report.fmt import importance
+
     units = results["units"]
+    hib = bool(results["metric"]["higher_is_better"])
     layers, rows, cells = effect_grid(units, int(results["model"]["n_layers"]))
     n_rows, n_cols = max(len(rows), 1), len(layers)
     grid = np.full((n_rows, n_cols), np.nan)
     for (r, c), i in cells.items():
-        effect = units[i]["effect"]
-        grid[r, c] = effect if _finite(effect) else np.nan
+        grid[r, c] = importance(units[i]["effect"], hib) if _finite(units[i]["effect"]) else np.nan
 
     dense = n_rows > 60
-    width = min(14.0, max(5.5, 2.4 + 0.95 * n_cols))
-    height = min(16.0, max(3.2, 1.6 + (0.05 if dense else 0.34) * n_rows))
+    width = min(14.0, max(5.5, 2.6 + 0.75 * n_cols))
+    height = min(9.0, max(4.0, 0.012 * n_rows)) if dense else max(3.2, 1.7 + 0.32 * n_rows)
     fig = _figure(width, height)
     ax = fig.add_subplot()
     finite = grid[np.isfinite(grid)]
     vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
     vmax = vmax or 1.0
+    factor, factor_name = _scale(vmax)
     from matplotlib import colormaps
 
-    cmap = colormaps["RdBu_r"].with_extremes(bad="#ececec")
+    cmap = colormaps["PuOr_r"].with_extremes(bad="#ececec")
     image = ax.imshow(
         np.ma.masked_invalid(grid),
         cmap=cmap,
@@ -181,9 +210,16 @@ def plot_effects(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
         interpolation="nearest",
     )
     cbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
-    cbar.set_label(f"effect on {results['metric']['name']}")
+    cbar.set_label(f"importance{factor_name}")
+    if factor != 1.0:
+        from matplotlib.ticker import FuncFormatter
+
+        cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / factor:.3g}"))
 
     ax.set_xticks(range(n_cols), [f"L{layer}" for layer in layers])
+    if n_cols > 16:
+        for k, label in enumerate(ax.get_xticklabels()):
+            label.set_visible(k % math.ceil(n_cols / 16) == 0)
     ax.set_xlabel("layer")
     ax.set_ylabel("unit")
     if not dense:
@@ -210,58 +246,61 @@ def plot_effects(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
         if rows[r][0] != rows[r - 1][0]:
             ax.axhline(r - 0.5, color="#333333", lw=1.2)
     for c in range(1, n_cols):
-        ax.axvline(c - 0.5, color="white", lw=1.5)
+        ax.axvline(c - 0.5, color="white", lw=1.0 if n_cols > 8 else 1.5)
 
     annotate = not dense and n_rows * n_cols <= 400
+    fontsize = 8 if n_cols <= 8 else 6.5
+    any_kept = any_truth = False
     for (r, c), i in cells.items():
         unit = units[i]
         if unit["in_circuit"]:
+            any_kept = True
             ax.add_patch(
                 Rectangle(
-                    (c - 0.5, r - 0.5),
-                    1,
-                    1,
-                    fill=False,
-                    ec=CIRCUIT_COLOR,
-                    lw=1.2 if dense else 2.4,
-                    zorder=3,
+                    (c - 0.5, r - 0.5), 1, 1, fill=False, ec=CIRCUIT_COLOR,
+                    lw=1.2 if dense else 2.2, zorder=3,
                 )
-            )
+            )  # fmt: skip
         if unit["in_ground_truth"]:
+            any_truth = True
             ax.plot(
-                c + 0.36,
-                r - 0.3,
-                marker="v",
-                ms=5 if dense else 8,
-                color=TRUTH_COLOR,
-                mec="#333333",
-                mew=0.6,
-                zorder=4,
-            )
+                c + 0.36, r - 0.3, marker="v", ms=4 if dense else 6, color=TRUTH_COLOR,
+                mec="#333333", mew=0.6, zorder=4,
+            )  # fmt: skip
         value = grid[r, c]
         if annotate and math.isfinite(value):
+            rgba = cmap((value + vmax) / (2 * vmax))
+            lum = 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+            scaled = value / factor
             ax.text(
-                c,
-                r,
-                f"{value:+.2f}" if round(value, 2) != 0 else "0.00",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if abs(value) > 0.55 * vmax else "#222222",
-                zorder=5,
-            )
+                c, r, "0" if scaled == 0 else f"{scaled:.2g}", ha="center", va="center",
+                fontsize=fontsize, color="white" if lum < 0.45 else "#222222", zorder=5,
+            )  # fmt: skip
     ax.set_xlim(-0.5, n_cols - 0.5)
     ax.set_ylim(n_rows - 0.5, -0.5)
-    handles = [Patch(fill=False, ec=CIRCUIT_COLOR, lw=2, label="in circuit")]
-    if any(u["in_ground_truth"] for u in units):
+    handles = []
+    if any_kept:
+        handles.append(Patch(fill=False, ec=CIRCUIT_COLOR, lw=2, label="in circuit"))
+    if any_truth:
         handles.append(
             Line2D([], [], ls="", marker="v", color=TRUTH_COLOR, mec="#333", label="ground truth")
         )
-    handles.append(Patch(fc="#ececec", label="no unit"))
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8
+    if np.isnan(grid).any():
+        handles.append(Patch(fc="#ececec", label="no unit"))
+    if handles:
+        fig.legend(
+            handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
+            fontsize=8,
+        )  # fmt: skip
+    sense = "−effect" if hib else "effect"
+    what = "Unit importance"
+    if results.get("effect_source") == "attribution":
+        what, sense = "Estimated importance", f"attribution of the {sense}"
+    ax.set_title(
+        f"{what} ({sense} on {results['metric']['name']}) — {results['model']['name']}",
+        fontsize=10,
+        wrap=True,
     )
-    ax.set_title(f"Unit effects — {_title(results)}", fontsize=11)
     return _save(fig, path)
 
 

@@ -4,8 +4,8 @@
 :func:`validate_results` checks an already-parsed object against it (plus a few cross-field
 rules a schema cannot express), raising :class:`ValueError` that names the path of the first
 problem, e.g. ``results.json is invalid at $.units[3].effect: expected a number, got 'abc'``.
-The validator is self-contained (standard library only); the schema is also a valid draft
-2020-12 schema for any external validator such as ``jsonschema``.
+The schema is checked by ``jsonschema`` (draft 2020-12); :func:`validate_results` adds the
+cross-field rules and words each error as the JSON path of the problem and what was expected.
 
 Numbers may be ints or floats everywhere a float is documented. Every object may carry extra
 keys (they are kept and ignored), so writers can add fields without a schema bump; the fields
@@ -98,7 +98,13 @@ for those; every ``ci`` (and ``faithfulness_ci``) has ``low <= high``; ``curve``
 arrays have equal lengths; ``minimality`` keys are unit names.
 
 Optional fields (may be absent; ``null`` is the same as absent): ``title`` (str, a heading
-for the report) and ``notes`` (str, free text shown in the report).
+for the report), ``notes`` (str, free text shown in the report), ``effect_source`` (str: what
+``units[].effect`` holds: ``"sweep"``, exact single-unit ablations, the default;
+``"attribution"``, an estimate; or a pruning algorithm's name, its own per-unit score) and
+``circuit.record`` (object: the fields of the Python ``Circuit``, which
+``meanablate.Circuit.load`` rebuilds it from, with ``timings.search`` as its run time) and
+``unit_scores`` (object: the scores a score-based algorithm ranked by, in the
+``sweep.json`` format of :data:`SCORES_SCHEMA`).
 """
 
 from __future__ import annotations
@@ -107,9 +113,17 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-__all__ = ["RESULTS_SCHEMA", "SCHEMA_VERSION", "UNIT_KINDS", "validate_results"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SCHEMA_VERSION",
+    "SCORES_SCHEMA",
+    "UNIT_KINDS",
+    "validate_results",
+    "validate_scores",
+]
 
 SCHEMA_VERSION = 1
 UNIT_KINDS = ("head", "mlp", "neuron", "attn", "resid", "position", "other")
@@ -262,6 +276,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
             "additionalProperties": {"type": "number", "minimum": 0},
         },
         "title": _STR_OR_NULL,
+        "effect_source": _STR_OR_NULL,
         "notes": _STR_OR_NULL,
     },
     "$defs": {
@@ -306,13 +321,13 @@ RESULTS_SCHEMA: dict[str, Any] = {
 
 # -- a small validator for the subset of draft 2020-12 the schema above uses ----------------
 _TYPE_NAMES = {
+    "null": "null",
+    "boolean": "a boolean",
+    "string": "a string",
     "object": "an object",
     "array": "an array",
-    "string": "a string",
     "number": "a number",
     "integer": "an integer",
-    "boolean": "a boolean",
-    "null": "null",
 }
 
 
@@ -321,26 +336,6 @@ class _InvalidError(Exception):
         super().__init__(path, message)
         self.path = path
         self.message = message
-
-
-def _is_type(value: Any, name: str) -> bool:
-    if name == "null":
-        return value is None
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "string":
-        return isinstance(value, str)
-    if name == "object":
-        return isinstance(value, Mapping)
-    if name == "array":
-        return isinstance(value, (list, tuple))
-    if isinstance(value, bool):
-        return False
-    if name == "number":
-        return isinstance(value, (int, float))
-    if name == "integer":
-        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    raise AssertionError(f"unknown type {name}")
 
 
 def _show(value: Any) -> str:
@@ -352,84 +347,67 @@ def _key(path: str, key: str) -> str:
     return f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f"{path}[{key!r}]"
 
 
-def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
-    if "$ref" in schema:
-        name = schema["$ref"].removeprefix("#/$defs/")
-        _check(value, RESULTS_SCHEMA["$defs"][name], path)
-    if "anyOf" in schema:
-        errors = []
-        for option in schema["anyOf"]:
-            try:
-                _check(value, option, path)
-                break
-            except _InvalidError as exc:
-                errors.append(exc)
-        else:
-            # report the error of the option that got furthest (the non-null one, usually)
-            deepest = max(errors, key=lambda e: len(e.path))
-            if deepest.path != path:
-                raise deepest
-            raise _InvalidError(path, "; or ".join(e.message for e in errors))
-    if "const" in schema and (
-        value != schema["const"] or isinstance(value, bool) != isinstance(schema["const"], bool)
-    ):
-        raise _InvalidError(path, f"expected {schema['const']!r}, got {_show(value)}")
-    if "enum" in schema and value not in schema["enum"]:
-        options = ", ".join(repr(o) for o in schema["enum"])
-        raise _InvalidError(path, f"expected one of {options}; got {_show(value)}")
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, t) for t in types):
-            wanted = " or ".join(_TYPE_NAMES[t] for t in types)
-            raise _InvalidError(path, f"expected {wanted}, got {_show(value)}")
-    if _is_type(value, "number"):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise _InvalidError(path, f"must be >= {schema['minimum']}, got {_show(value)}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise _InvalidError(path, f"must be <= {schema['maximum']}, got {_show(value)}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            raise _InvalidError(path, "must not be empty")
-        if schema.get("format") == "date-time":
-            try:
-                datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", value))
-            except ValueError:
-                raise _InvalidError(
-                    path, f"expected an ISO-8601 date-time, got {_show(value)}"
-                ) from None
-    if isinstance(value, Mapping):
-        for key in schema.get("required", ()):
-            if key not in value:
-                raise _InvalidError(_key(path, key), "required field is missing")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _InvalidError(path, f"object keys must be strings, got {_show(key)}")
-            if key in props:
-                _check(item, props[key], _key(path, key))
-            elif isinstance(extra, Mapping):
-                _check(item, extra, _key(path, key))
-    if isinstance(value, (list, tuple)):
-        if len(value) < schema.get("minItems", 0):
-            raise _InvalidError(
-                path, f"expected at least {schema['minItems']} items, got {len(value)}"
-            )
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise _InvalidError(
-                path, f"expected at most {schema['maxItems']} items, got {len(value)}"
-            )
-        prefix = schema.get("prefixItems", [])
+def _json_path(parts: Any) -> str:
+    path = "$"
+    for part in parts:
+        path = f"{path}[{part}]" if isinstance(part, int) else _key(path, str(part))
+    return path
+
+
+@lru_cache(maxsize=4)
+def _validator(schema_id: str) -> Any:
+    import jsonschema
+
+    schema = {RESULTS_SCHEMA["$id"]: RESULTS_SCHEMA, SCORES_SCHEMA["$id"]: SCORES_SCHEMA}[schema_id]
+    formats = jsonschema.FormatChecker(formats=())
+
+    @formats.checks("date-time", raises=ValueError)
+    def _date_time(value: object) -> bool:  # ISO-8601 as datetime.fromisoformat reads it
+        if isinstance(value, str):
+            datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", value))
+        return True
+
+    return jsonschema.Draft202012Validator(schema, format_checker=formats)
+
+
+def _message(error: Any) -> tuple[str, str]:
+    """``(path, message)`` of a jsonschema error, in our words where they read better."""
+    path = _json_path(error.absolute_path)
+    value = error.instance
+    kind = error.validator
+    if kind == "type":
+        types = error.validator_value
+        types = types if isinstance(types, list) else [types]
+        return path, f"expected {' or '.join(_TYPE_NAMES[t] for t in types)}, got {_show(value)}"
+    if kind == "required":
+        missing = next(k for k in error.validator_value if k not in value)
+        return _key(path, missing), "required field is missing"
+    if kind == "const":
+        return path, f"expected {error.validator_value!r}, got {_show(value)}"
+    if kind == "enum":
+        options = ", ".join(repr(o) for o in error.validator_value)
+        return path, f"expected one of {options}; got {_show(value)}"
+    if kind == "uniqueItems":
+        seen: list[Any] = []
         for i, item in enumerate(value):
-            sub = prefix[i] if i < len(prefix) else schema.get("items")
-            if sub is not None:
-                _check(item, sub, f"{path}[{i}]")
-        if schema.get("uniqueItems"):
-            seen: set[Any] = set()
-            for i, item in enumerate(value):
-                if item in seen:
-                    raise _InvalidError(f"{path}[{i}]", f"duplicate item {_show(item)}")
-                seen.add(item)
+            if item in seen:
+                return f"{path}[{i}]", f"duplicate item {_show(item)}"
+            seen.append(item)
+    if kind == "format":
+        return path, f"expected an ISO-8601 date-time, got {_show(value)}"
+    return path, error.message
+
+
+def _schema_check(obj: Any, schema: Mapping[str, Any]) -> None:
+    """Raise :class:`_InvalidError` at the most relevant error jsonschema finds (if any)."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator(schema["$id"]).iter_errors(obj))
+    if error is None:
+        return
+    while error.context:  # anyOf: the option that got furthest (the non-null one, usually)
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    raise _InvalidError(*_message(error))
 
 
 def _check_interval(ci: Any, path: str) -> None:
@@ -487,8 +465,62 @@ def validate_results(obj: Any) -> None:
         ...
         ValueError: results.json is invalid at $.units[3].effect: expected a number, got 'large'
     """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"results.json is invalid at $: expected an object, got {_show(obj)}")
     try:
-        _check(obj, RESULTS_SCHEMA, "$")
+        _schema_check(obj, RESULTS_SCHEMA)
         _check_semantics(obj)
     except _InvalidError as exc:
         raise ValueError(f"results.json is invalid at {exc.path}: {exc.message}") from None
+
+
+SCORES_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://meanablate.invalid/schemas/scores-v1.json",
+    "title": "meanablate sweep.json / attribution.json",
+    "type": "object",
+    "required": ["method", "metric", "units"],
+    "properties": {
+        "method": {"type": "string"},
+        "metric": {"type": "string"},
+        "n_examples": {"type": "integer", "minimum": 0},
+        "seconds": {"type": "number", "minimum": 0},
+        "config": {"type": "object"},
+        "units": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "effect"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "effect": _NUM,
+                    "ci": _INTERVAL_OR_NULL,
+                    "exact": {"type": "boolean"},
+                    "per_example": {"type": "array", "items": _NUM_OR_NULL},
+                },
+            },
+        },
+    },
+}
+
+
+def validate_scores(obj: Any, *, where: str = "scores") -> None:
+    """Check a ``sweep.json`` / ``attribution.json`` object (:data:`SCORES_SCHEMA`): unit names
+    unique, per-example lists of one length; ``ValueError`` naming the path otherwise."""
+    try:
+        if not isinstance(obj, Mapping):
+            raise _InvalidError("$", f"expected an object, got {_show(obj)}")
+        _schema_check(obj, SCORES_SCHEMA)
+        seen: set[str] = set()
+        lengths = set()
+        for i, unit in enumerate(obj["units"]):
+            if unit["name"] in seen:
+                raise _InvalidError(f"$.units[{i}].name", f"duplicate unit {unit['name']!r}")
+            seen.add(unit["name"])
+            _check_interval(unit.get("ci"), f"$.units[{i}].ci")
+            if "per_example" in unit:
+                lengths.add(len(unit["per_example"]))
+        if len(lengths) > 1:
+            raise _InvalidError("$.units", f"per_example lists differ in length: {sorted(lengths)}")
+    except _InvalidError as exc:
+        raise ValueError(f"{where} is invalid at {exc.path}: {exc.message}") from None
