@@ -39,7 +39,7 @@ __all__ = [
 
 METRIC_NAMES = ("kl", "l2", "logit_diff", "loss", "prob", "accuracy", "mse")
 ALGORITHM_NAMES = ("acdc", "sweep", "attribution", "attribute_verify")
-METHOD_NAMES = ("mean", "zero")
+METHOD_NAMES = ("mean", "zero", "resample")
 DEFAULT_N_EXAMPLES = 512  # built-in organisms and custom models; prompts files: every line
 DEFAULT_N_EXAMPLES_BIG = 32  # organisms with more than BIG_MODEL parameters (minilm)
 BIG_MODEL = 5_000_000  # parameters; smaller models also run on one CPU thread by default
@@ -107,7 +107,13 @@ OPTIONS: dict[str, Option] = {
     ),
     "batch_size": Option(int, 128, "examples per batch", minimum=1),
     "seed": Option(int, 0, "random seed (data, bootstrap)"),
-    "method": Option(str, "mean", "ablation: replace by the mean, or by zero", METHOD_NAMES),
+    "method": Option(
+        str,
+        "mean",
+        "ablation: replace by the mean, by zero, or (resample) by the value on each "
+        "example's corrupted input (prompts JSONL 'corrupt'; organisms: fresh inputs)",
+        METHOD_NAMES,
+    ),
     "algorithm": Option(str, "acdc", "circuit discovery algorithm", choices=ALGORITHM_NAMES),
     "threshold": Option(
         float,

@@ -23,7 +23,8 @@ __all__ = ["TASK_KEYS", "attached", "capture", "hooked", "output_tensor", "run_m
 
 # Batch fields that describe the task, never passed to the model.
 TASK_KEYS = frozenset(
-    {"target", "target_value", "wrong", "labels", "target_pos", "metric_mask", "corrupt"}
+    {"target", "target_value", "wrong", "labels", "target_pos", "metric_mask"}
+    | {"corrupt", "corrupt_attention_mask"}  # a counterfactual input rides along, unused
 )
 
 # fn(activation) -> new activation (or None to leave it)

@@ -131,14 +131,227 @@ def test_eap_refuses_kl_and_eap_ig_converges_to_the_integral():
 
     model, batches = _setup(seed=6)
     model = _double(model)
-    data = EdgeData(model, batches, "mean")
+    data = EdgeData(model, batches[:1], "mean")
     with pytest.raises(ValueError, match="gradient at the clean run is zero"):
         eap(model, data, metric="kl")
     # Integrated gradients are complete: the scores sum to m(all ablated) - m(clean).
-    ig = eap_ig(model, data, metric="kl", steps=200)
+    ig = eap_ig(model, data, metric="kl", steps=100)
     everything = data.metric_of(torch.ones(len(data.graph), dtype=torch.float64), "kl")
     assert ig.per_example.sum(0) == pytest.approx(everything.tolist(), rel=2e-2, abs=1e-4)
     one = eap_ig(model, data, metric="loss", steps=1)
     m = get_metric("loss")
     assert one.method == "eap_ig" and one.values.abs().max() > 0
     assert m.name == "loss"
+
+
+def _naive_acdc(data: EdgeData, metric: str, threshold: float):
+    mask = torch.zeros(len(data.graph))
+    current = float(data.metric_of(mask, metric).mean())
+    scores = {}
+    order = sorted(data.graph.edges, key=lambda e: (-e.dst_index, -e.src_index))
+    for e in order:
+        mask[e.index] = 1
+        trial = float(data.metric_of(mask, metric).mean())
+        scores[e.name] = trial - current
+        if trial - current < threshold:
+            current = trial
+        else:
+            mask[e.index] = 0
+    return [e.name for e in data.graph.edges if mask[e.index] == 0], scores, current
+
+
+@pytest.mark.parametrize("metric,threshold", [("kl", 0.02), ("loss", 0.05), ("kl", 0.0)])
+def test_acdc_over_edges_equals_a_naive_acdc(metric, threshold):
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup(seed=7, pad=True)
+    data = EdgeData(model, batches, "mean")
+    c = discover_edges(model, data, metric=metric, abs_threshold=threshold)
+    kept, scores, current = _naive_acdc(data, metric, threshold)
+    assert c.kept == kept
+    assert 0 < len(kept) < len(data.graph) or threshold == 0.0
+    for k, v in scores.items():
+        assert c.scores[k] == pytest.approx(v, abs=1e-5)
+    assert c.metric_circuit == pytest.approx(current, abs=1e-5)
+    assert c.units == data.graph.names
+
+
+@pytest.mark.parametrize("algorithm", ["sweep", "eap", "eap_ig", "attribute_verify"])
+def test_score_then_prune_over_edges_reaches_the_target(algorithm):
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup(seed=8)
+    data = EdgeData(model, batches, "zero")
+    c = discover_edges(model, data, metric="loss", algorithm=algorithm, target_faithfulness=0.8)
+    assert c.faithfulness >= 0.8
+    mask = edge_mask(data.graph, [n for n in data.graph.names if n not in set(c.kept)])
+    assert float(data.metric_of(mask, "loss").mean()) == pytest.approx(c.metric_circuit, abs=1e-6)
+    assert len(c.kept) < len(data.graph)
+
+
+def test_discover_edges_bad_arguments():
+    from meanablate.discovery.edge_prune import discover_edges
+
+    model, batches = _setup()
+    with pytest.raises(ValueError, match="exactly one of threshold"):
+        discover_edges(model, batches, "zero")
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\)"):
+        discover_edges(model, batches, "zero", threshold=2.0)
+    data = EdgeData(model, batches, "zero")
+    rel = discover_edges(model, data, metric="kl", threshold=0.01)
+    ab = discover_edges(model, data, metric="kl", abs_threshold=rel.abs_threshold)
+    assert rel.kept == ab.kept and rel.abs_threshold == pytest.approx(0.01 * rel.metric_empty)
+    with pytest.raises(ValueError, match="unknown algorithm 'magic'"):
+        discover_edges(model, batches, "zero", algorithm="magic")
+    with pytest.raises(ValueError, match="thresholds are for acdc"):
+        discover_edges(model, batches, "zero", algorithm="eap", threshold=0.1)
+
+
+def _hook_path_patching(model, batch, senders, receivers, freeze, metric):
+    """Two passes with plain torch hooks on the model's hook points (no edge code)."""
+    from meanablate.hooks import capture
+
+    cfg = model.cfg
+    tokens, corrupt = batch["tokens"], batch["corrupt"]
+    keys = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    keys += [f"blocks.{layer}.hook_mlp_out" for layer in range(cfg.n_layers)]
+    keys += [f"blocks.{layer}.attn.hook_{c}" for layer in range(cfg.n_layers) for c in "qkv"]
+    keys += [f"blocks.{layer}.hook_mlp_in" for layer in range(cfg.n_layers)]
+    keys += [f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    with torch.no_grad(), capture(model, keys) as clean:
+        clean_logits = model(tokens)
+    with torch.no_grad(), capture(model, keys) as bad:
+        model(corrupt)
+    clean, bad = dict(clean), dict(bad)
+    mods = dict(model.named_modules())
+
+    def z_hook(layer):
+        def hook(_m, _a, out):
+            out = out.clone()
+            for h in range(cfg.n_heads):
+                name = f"a{layer}.h{h}"
+                src = bad if name in senders else clean
+                out[:, :, h] = src[f"blocks.{layer}.attn.hook_z"][:, :, h]
+            return out
+
+        return hook
+
+    def mlp_hook(layer):
+        def hook(_m, _a, out):
+            if f"m{layer}" in senders:
+                return bad[f"blocks.{layer}.hook_mlp_out"]
+            if freeze == "all":
+                return clean[f"blocks.{layer}.hook_mlp_out"]
+            return out
+
+        return hook
+
+    handles = []
+    try:
+        for layer in range(cfg.n_layers):
+            handles.append(mods[f"blocks.{layer}.attn.hook_z"].register_forward_hook(z_hook(layer)))
+            handles.append(
+                mods[f"blocks.{layer}.hook_mlp_out"].register_forward_hook(mlp_hook(layer))
+            )
+        with torch.no_grad(), capture(model, keys) as first:
+            model(tokens)
+        first = dict(first)
+    finally:
+        for hd in handles:
+            hd.remove()
+    handles = []
+
+    def patch(key, head=None):
+        def hook(_m, _a, out):
+            out = out.clone()
+            if head is None:
+                return first[key]
+            out[:, :, head] = first[key][:, :, head]
+            return out
+
+        return hook
+
+    try:
+        for r in receivers:
+            if r == "logits":
+                key = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+                handles.append(mods[key].register_forward_hook(patch(key)))
+            elif r.startswith("m"):
+                key = f"blocks.{r[1:]}.hook_mlp_in"
+                handles.append(mods[key].register_forward_hook(patch(key)))
+            else:
+                node, c = r[:-3], r[-2]
+                layer, h = int(node[1:].split(".")[0]), int(node.split(".h")[1])
+                key = f"blocks.{layer}.attn.hook_{c}"
+                handles.append(mods[key].register_forward_hook(patch(key, h)))
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return get_metric(metric).effect(logits, batch, clean_logits)
+
+
+@pytest.mark.parametrize("freeze", ["all", "heads"])
+@pytest.mark.parametrize(
+    "senders,receivers",
+    [
+        (["a0.h1"], ["a1.h0<k>"]),
+        (["a0.h0", "m0"], ["a1.h1<q>", "a1.h0<v>"]),
+        (["a1.h1"], ["logits"]),
+        (["a0.h0"], ["m1", "logits"]),
+    ],
+)
+def test_path_patching_equals_a_two_pass_hook_reference(freeze, senders, receivers):
+    from meanablate.discovery.path_patching import path_patching
+
+    model, batches = _setup(seed=9)
+    got = path_patching(
+        model, batches, [senders], receivers, "counterfactual", metric="loss", freeze=freeze
+    )
+    want = torch.cat(
+        [_hook_path_patching(model, b, senders, receivers, freeze, "loss") for b in batches]
+    )
+    assert torch.allclose(got.per_example[0], want.double(), atol=2e-5, rtol=1e-4)
+    assert want.abs().max() > 1e-4
+    # With every node frozen only the direct edges carry the change: the same as ablating
+    # them — unless one receiver reads another (m1 -> logits), whose input pass 2 forces.
+    if freeze == "all" and receivers != ["m1", "logits"]:
+        data = EdgeData(model, batches, "counterfactual")
+        names = [
+            e.name
+            for e in data.graph.edges
+            if e.src in senders and (e.dst_full in receivers or e.dst in receivers)
+        ]
+        m = get_metric("loss")
+        mask = edge_mask(data.graph, names)
+        direct = torch.cat(
+            [m.effect(data.logits(it, mask), it.batch, it.clean) for it in data.items]
+        )
+        assert torch.allclose(got.per_example[0], direct.double(), atol=2e-5, rtol=1e-4)
+
+
+def test_path_patching_bad_receiver():
+    from meanablate.discovery.path_patching import path_patching
+
+    model, batches = _setup()
+    with pytest.raises(ValueError, match=r"receiver 'a9\.h0' is not a destination"):
+        path_patching(model, batches, ["a0.h0"], ["a9.h0"])
+    with pytest.raises(ValueError, match=r"node 'a5\.h5' is not a source node"):
+        path_patching(model, batches, ["a5.h5"], ["logits"])
+
+
+@pytest.mark.parametrize(
+    "mlp,norm,split",
+    [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
+)
+def test_fast_eap_equals_the_masked_forward_probes(mlp, norm, split):
+    from meanablate.discovery.eap import eap
+
+    model, batches = _setup(mlp=mlp, norm=norm, seed=10, pad=True)
+    model = model.double()
+    data = EdgeData(model, batches, Source("counterfactual"), split_qkv=split)
+    fast = eap(model, data, metric="loss", fast=True)
+    slow = eap(model, data, metric="loss", fast=False)
+    assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
+    assert fast.per_example.abs().max() > 1e-3

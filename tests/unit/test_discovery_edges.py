@@ -170,5 +170,88 @@ def test_bad_edges_and_batches_give_clear_errors():
     bad = {"tokens": tokens, "corrupt": tokens, "attention_mask": m1, "corrupt_attention_mask": m2}
     with pytest.raises(ValueError, match="pad the same positions"):
         run_edges(model, bad, [], "counterfactual")
+    handle = model.blocks[0].mlp.hook_post.register_forward_hook(lambda m, a, o: o * 0)
+    try:
+        with pytest.raises(ValueError, match="carries forward hooks"):
+            run_edges(model, tokens, [])
+    finally:
+        handle.remove()
     with pytest.raises(TypeError, match="edges are not described for Sequential"):
         run_edges(torch.nn.Sequential(torch.nn.Linear(2, 2)), tokens, [])
+
+
+def _cf_batches(seed: int = 11, pad: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        tokens = torch.randint(0, 7, (3, 5), generator=gen)
+        target = torch.randint(0, 7, (3, 5), generator=gen)
+        b = {"tokens": tokens, "corrupt": torch.randint(0, 7, (3, 5), generator=gen)}
+        if pad:
+            mask = torch.ones(3, 5, dtype=torch.long)
+            mask[2, 4] = 0
+            target[2, 4] = -100
+            b["attention_mask"] = mask
+        b["target"] = target
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_counterfactual_node_sweep_equals_ablate_resample(metric):
+    from meanablate.discovery import sweep, transformer_units
+    from meanablate.metrics import get_metric
+
+    model = random_model(_cfg(True, True), 12)
+    batches = _cf_batches()
+    units = transformer_units(model, "components")
+    got = sweep(model, batches, units, None, metric=metric, method="resample")
+    m = get_metric(metric)
+    want = []
+    for u in units:
+        row = []
+        for b in batches:
+            src = {"tokens": b["corrupt"], "attention_mask": b["attention_mask"]}
+            with torch.no_grad():
+                clean = model(b["tokens"], b["attention_mask"])
+                with ablate(model, u, method="resample", source=src):
+                    out = model(b["tokens"], b["attention_mask"])
+            row.append(m.effect(out, b, clean).double())
+        want.append(torch.cat(row))
+    assert torch.allclose(got.per_example, torch.stack(want), atol=1e-5, rtol=1e-4)
+    assert got.per_example.abs().max() > 1e-3
+
+
+def test_counterfactual_node_attribution_is_the_sum_of_its_edges_eap():
+    # d metric / d out_src is the sum of every reader's input gradient, so a node's
+    # attribution equals the sum of EAP over its outgoing edges (an independent path).
+    from meanablate.discovery import attribute, transformer_units
+    from meanablate.discovery.eap import eap
+    from meanablate.discovery.graph import unit_node
+
+    model = random_model(_cfg(True, True), 13).double()
+    batches = _cf_batches(13)
+    units = transformer_units(model, "components")
+    node = attribute(model, batches, units, None, metric="loss", method="resample")
+    edges = eap(model, batches, "counterfactual", metric="loss")
+    graph = build_graph(2, 2, True)
+    for u, value in node.as_dict().items():
+        total = sum(edges.as_dict()[e.name] for e in graph.edges_from(unit_node(u)))
+        assert value == pytest.approx(total, rel=1e-6, abs=1e-9)
+
+
+def test_counterfactual_discover_and_bad_batches():
+    from meanablate.discovery import discover, metric_per_example, transformer_units
+
+    model = random_model(_cfg(True, True), 14)
+    batches = _cf_batches(14)
+    units = transformer_units(model, "components")
+    c = discover(model, batches, None, units=units, metric="kl", threshold=0.05, method="resample")
+    ablated = [u for u in units if u not in set(c.kept)]
+    direct = metric_per_example(model, batches, ablated, None, "kl", method="resample")
+    assert c.metric_circuit == pytest.approx(float(direct.mean()), abs=1e-6)
+    no_corrupt = [{k: v for k, v in b.items() if k != "corrupt"} for b in batches]
+    with pytest.raises(ValueError, match="needs batch\\['corrupt'\\]"):
+        discover(
+            model, no_corrupt, None, units=units, metric="kl", threshold=0.05, method="resample"
+        )

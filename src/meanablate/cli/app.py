@@ -101,6 +101,8 @@ def _run(command: str, debug: bool, local: dict[str, Any], defaults: Any = None)
 
     session = Session(command, debug)
     body = run_discover if command in ("demo", "discover") else run_scores
+    if command == "edges":
+        from meanablate.cli.edges import run_edges_command as body
     flags = flags_of(local)
     guarded(session, lambda: body(session, session.resolve(flags, defaults)))
 
@@ -204,6 +206,42 @@ def discover(
       meanablate discover --config run.toml --threshold 0.01
     """
     _run("discover", debug, dict(locals()))
+
+
+@app.command(cls=Command)
+def edges(
+    organism: Organism = None,
+    model: Model = None,
+    prompts: Prompts = None,
+    metric: Metric = None,
+    per_position: PerPosition = None,
+    n_examples: NExamples = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    method: Method = None,
+    algorithm: Algorithm = None,
+    threshold: Threshold = None,
+    target_faithfulness: TargetFaith = None,
+    device: Device = None,
+    threads: Threads = None,
+    out: Out = None,
+    config: Config = None,
+    quiet: Quiet = None,
+    debug: Debug = False,
+) -> None:
+    """Find an edge circuit (component -> component edges, q/k/v split): RUN_DIR/edges.json,
+    circuit.dot and mib_circuit.json (MIB's circuit format).
+
+    --algorithm acdc (ACDC over edges), sweep (exact edge sweep, then prune), attribution
+    (EAP), attribute_verify; --method mean, zero or resample (corrupted inputs).
+
+    [bold]Examples[/bold]
+
+      meanablate edges --organism tracr-reverse --metric kl --threshold 1e-4
+
+      meanablate edges --organism induction --algorithm attribution --method resample
+    """
+    _run("edges", debug, dict(locals()))
 
 
 @app.command(cls=Command)

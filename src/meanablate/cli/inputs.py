@@ -126,6 +126,15 @@ def load_inputs(cfg: Resolved, log: Log = quiet_log) -> Inputs:
             )
         inputs.mean_kind = cfg["mean_kind"]
         inputs.per_position = cfg["mean_kind"] != "plain"
+    if cfg["method"] == "resample" and not all(
+        isinstance(b, dict) and "corrupt" in b for b in inputs.batches
+    ):
+        raise InputError(
+            f"{subject('method', cfg.sources['method'])} resample needs a corrupted input "
+            "for every example: a 'corrupt' prompt on each JSONL line (same token length as "
+            "'text'), or batches with a 'corrupt' [batch, pos] field from --model "
+            "module:function"
+        )
     inputs.model.to(device)
     _set_threads(cfg["threads"], inputs.model, device)
     return inputs

@@ -68,6 +68,10 @@ def _inputs(cfg: Resolved, name: str, org: Any) -> Inputs:
     if by_kind and kind in by_kind:  # computed per mean kind (from_tracr organisms)
         circuits = by_kind[kind].get("circuits")
         ground_truth = circuits[0] if circuits else None
+    if cfg["method"] == "resample":
+        # Counterfactual inputs: fresh draws of the same task, aligned (fixed length).
+        other = org.make_batches(n, cfg["batch_size"], cfg["seed"] + 1)
+        batches = [{**b, "corrupt": o["tokens"]} for b, o in zip(batches, other)]
     return Inputs(
         name=name,
         model=org.model,

@@ -58,7 +58,7 @@ def compute_or_load_means(
             raise InputError(f"--means {path}: no means for site(s) {', '.join(missing[:5])}")
         log(f"means: read {len(means.keys())} sites from {path}")
         return means
-    if cfg["method"] == "zero":
+    if cfg["method"] in ("zero", "resample"):
         return None
     kind = inputs.effective_mean_kind
     log(f"means: {len(keys)} sites over {inputs.n_examples} examples ({kind} means)")

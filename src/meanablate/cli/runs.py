@@ -116,7 +116,28 @@ def run_discover(session: Session, cfg: Resolved) -> None:
     results["timings"]["total"] = total
     session.log("writing results.json and the report")
     write_run(out, results, means, on_results=lambda: setattr(session, "results_written", True))
+    _write_dot(out, results)
     print_summary(results, out, total, inputs.ground_truth)
+
+
+def _write_dot(out: Path, results: dict) -> None:
+    """``circuit.dot``: the circuit for graphviz (units with their sweep effects)."""
+    from meanablate.discovery import Circuit
+
+    c = results["circuit"]
+    units = [u["name"] for u in results["units"]]
+    scores = {u["name"]: u["effect"] for u in results["units"]}
+    circuit = Circuit(
+        c["algorithm"],
+        units,
+        list(c["units"]),
+        scores,
+        results["metric"]["name"],
+        c["metric_full"],
+        c["metric_circuit"],
+        c["metric_empty"],
+    )
+    (out / "circuit.dot").write_text(circuit.to_dot(title=results.get("title")))
 
 
 def run_scores(session: Session, cfg: Resolved) -> None:

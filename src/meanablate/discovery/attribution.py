@@ -24,9 +24,10 @@ from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
 from meanablate.discovery.scores import Scores
+from meanablate.discovery.source import resample_batch
 from meanablate.discovery.sweep import check_units
 from meanablate.families import check_sites
-from meanablate.hooks import hooked, model_device, output_tensor, run_model, to_device
+from meanablate.hooks import capture, hooked, model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, _fill_for, unit_mask, view_shape
 from meanablate.metrics import Metric, _seq, get_metric, scored_mask
 from meanablate.sites import check_units_in_range
@@ -189,6 +190,7 @@ def _contribution(
     means: Any,
     method: Method,
     cache: dict[tuple[str, int | None, int], Tensor],
+    source: Any = None,
 ) -> Tensor:
     """``sum over the unit's entries of (fill - act) * grad`` per example: ``[batch]``.
 
@@ -200,7 +202,7 @@ def _contribution(
     vshape = view_shape(site, tuple(act.shape))
     prod_key = (site.key, site.n_heads, -1)
     if prod_key not in cache:
-        fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+        fill = _fill_for(site, act, means, method, source)  # type: ignore[arg-type]
         cache[prod_key] = (fill - act.reshape(vshape)).double() * grad.reshape(vshape).double()
     prod = cache[prod_key]
     axis = _single_axis(site, len(vshape))
@@ -227,8 +229,10 @@ def _site_rows(
     grad_of: dict[str, Tensor | None],
     means: Any,
     method: Method,
+    source: Any = None,
 ) -> Tensor:
-    """``[n_units, batch]``: each unit's ``(fill - act) · grad``."""
+    """``[n_units, batch]``: each unit's ``(fill - act) · grad`` (``source``: the
+    corrupted run's activations, for resample ablation)."""
     rows = []
     reduced: dict[tuple[str, int | None, int], Tensor] = {}
     for site in sites:
@@ -237,7 +241,7 @@ def _site_rows(
         if g is None:
             rows.append(torch.zeros(act.shape[0], dtype=torch.float64, device=act.device))
             continue
-        rows.append(_contribution(site, act, g, means, method, reduced))
+        rows.append(_contribution(site, act, g, means, method, reduced, source))
     return torch.stack(rows)
 
 
@@ -296,7 +300,13 @@ def _one_pass(
             )
             for i, obj in enumerate(objectives)
         ]
-    parts = [_site_rows(sites, acts, dict(zip(keys, g)), means, method) for g in grads]
+    source = None
+    other = resample_batch(batch, method)
+    if other is not None:
+        with torch.no_grad(), capture(model, keys) as store:
+            run_model(model, other)
+        source = dict(store)
+    parts = [_site_rows(sites, acts, dict(zip(keys, g)), means, method, source) for g in grads]
     if m.name == "mse":
         return parts[0] + sum(p.pow(2) for p in parts[1:]) / len(parts[1:]) / npos, npos
     if m.name == "kl":

@@ -138,3 +138,9 @@ class Circuit:
         from meanablate.results.persist import load_circuit
 
         return load_circuit(path)
+
+    def to_dot(self, *, top_k: int | None = None, title: str | None = None) -> str:
+        """Graphviz DOT of the circuit (see :func:`meanablate.discovery.dot.circuit_to_dot`)."""
+        from meanablate.discovery.dot import circuit_to_dot
+
+        return circuit_to_dot(self, top_k=top_k, title=title)

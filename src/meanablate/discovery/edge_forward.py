@@ -55,12 +55,28 @@ class EdgeFamily(Protocol):
 
 
 def edge_family(model: nn.Module) -> OursEdges:
-    """The edge description of ``model`` (today: meanablate's own ``HookedTransformer``)."""
-    if isinstance(model, HookedTransformer):
-        return OursEdges(model)
+    """The edge description of ``model``: meanablate's own ``HookedTransformer``, or a
+    Hugging Face GPT-2 through an exact copy (:mod:`~meanablate.discovery.edge_families`)."""
+    from meanablate._unwrap import unwrap
+    from meanablate.discovery.edge_families import gpt2_as_hooked, is_hf_gpt2
+
+    model = unwrap(model)  # an nnsight wrapper: the module it wraps
+    if isinstance(model, HookedTransformer) or is_hf_gpt2(model):
+        from meanablate.discovery.fastpath import any_hooks
+
+        if any_hooks(model):
+            # The edge forward calls some hook points (embeddings, layer norms, MLPs) and
+            # not others (q/k/v, z): a user's hook would act in part. Refuse instead.
+            raise ValueError(
+                "the model carries forward hooks; edge ablation runs its own forward, which "
+                "would apply them only in part. Remove the hooks (or run edge algorithms "
+                "outside the `with ablate(...)` / hook context)"
+            )
+        return OursEdges(model if isinstance(model, HookedTransformer) else gpt2_as_hooked(model))
     raise TypeError(
         f"edges are not described for {type(model).__name__} yet; edge circuits work on "
-        "meanablate.organisms.transformer.HookedTransformer (every built-in organism). "
+        "meanablate.organisms.transformer.HookedTransformer (every built-in organism) and "
+        "Hugging Face GPT-2. "
         "Node-level discovery (sweep/attribute/discover over units) works on any model."
     )
 
@@ -89,6 +105,33 @@ class OursEdges:
         c = self.cfg
         return build_graph(c.n_layers, c.n_heads, c.d_mlp is not None, split_qkv=split_qkv)
 
+    def read_rows(self, graph: Graph) -> Tensor | None:
+        """Bool ``[n_dst, d_model]``: the stream dimensions each destination's weights read
+        (``None`` with layer norms, which mix every dimension). A change confined to the
+        other dimensions leaves the destination's output bitwise unchanged."""
+        model = self.model
+        norms = [model.ln_final] + [b.ln1 for b in model.blocks]
+        norms += [b.ln2 for b in model.blocks if hasattr(b, "ln2")]
+        if any(not isinstance(n, nn.Identity) for n in norms):
+            return None
+        rows = []
+        for name in graph.dsts:
+            if name == "logits":
+                rows.append(model.W_U.detach().ne(0).any(1))
+                continue
+            if name.startswith("m"):
+                rows.append(model.blocks[int(name[1:])].mlp.W_in.detach().ne(0).any(1))
+                continue
+            head = name.split("<")[0]
+            layer, h = int(head[1:].split(".")[0]), int(head.split(".h")[1])
+            attn = model.blocks[layer].attn
+            qkv = name[-2] if "<" in name else None
+            mats = {"q": [attn.W_Q], "k": [attn.W_K], "v": [attn.W_V]}.get(
+                qkv or "", [attn.W_Q, attn.W_K, attn.W_V]
+            )
+            rows.append(torch.stack([w[h].detach().ne(0).any(1) for w in mats]).any(0))
+        return torch.stack(rows)
+
     # -- pieces shared with the sweep --------------------------------------------------
     def attention(
         self, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, key_mask: Tensor | None
@@ -97,11 +140,20 @@ class OursEdges:
         inputs ``x* [batch, pos, head, d_model]`` (before ``ln1``)."""
         block = self.model.blocks[layer]
         attn = block.attn
-        q = torch.einsum("bphd,hde->bphe", block.ln1(xq), attn.W_Q) + attn.b_Q
-        k = torch.einsum("bphd,hde->bphe", block.ln1(xk), attn.W_K) + attn.b_K
-        v = torch.einsum("bphd,hde->bphe", block.ln1(xv), attn.W_V) + attn.b_V
-        z = self._attend(q, k, v, key_mask)
-        return torch.einsum("bphe,hed->hbpd", z, attn.W_O)
+        # [batch, head, pos, d] @ [head, d, d_head]: plain batched matmuls (einsum's
+        # planning costs more than the product on organism-sized tensors)
+        q = block.ln1(xq).transpose(1, 2) @ attn.W_Q + attn.b_Q[:, None]
+        k = block.ln1(xk).transpose(1, 2) @ attn.W_K + attn.b_K[:, None]
+        v = block.ln1(xv).transpose(1, 2) @ attn.W_V + attn.b_V[:, None]
+        scores = q @ k.transpose(-1, -2) / self.cfg.d_head**0.5
+        n = q.shape[2]
+        if self.cfg.causal:
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        return ((pattern @ v) @ attn.W_O).transpose(0, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
         cfg = self.cfg
@@ -133,6 +185,8 @@ class OursEdges:
         keep_outs: bool = False,
         record_inputs: bool = False,
         probes: list[Tensor] | None = None,
+        start: tuple[int, list[Tensor], Tensor] | None = None,
+        states: list[tuple[int, list[Tensor], Tensor]] | None = None,
     ) -> EdgeRun:
         """Logits with the edges in ``edge_mask`` ablated (``[n_edges]``, float).
 
@@ -142,6 +196,9 @@ class OursEdges:
         ``probes``: a list that receives, per read, a zero tensor ``[batch, pos, width,
         d_model]`` added to the destinations' inputs, whose gradient is the gradient with
         respect to those inputs (what EAP multiplies the edge's change by).
+        ``states``: a list that receives ``(layer, outputs so far, stream)`` before every
+        block and the unembedding; ``start``: one of those, to resume from (valid while the
+        mask changes only at destinations in that layer or later — what ACDC needs).
         """
         model = self.model
         n_h = self.cfg.n_heads
@@ -183,10 +240,17 @@ class OursEdges:
                     inputs[graph.dsts[d0 + j]] = x[:, :, j]
             return x
 
-        resid = emit(model.embed(tokens))
-        d = 0
         per_head = 3 if graph.split_qkv else 1
-        for layer in range(self.cfg.n_layers):
+        first = 0
+        if start is None:
+            resid = emit(model.embed(tokens))
+        else:  # resume: the stream and node outputs before block `first`, from `states`
+            first, saved, resid = start
+            outs.extend(saved)
+        d = first * (n_h * per_head + int(graph.has_mlp))
+        for layer in range(first, self.cfg.n_layers):
+            if states is not None:
+                states.append((layer, list(outs), resid))
             block = model.blocks[layer]
             x = read(d, n_h * per_head, resid).reshape(*resid.shape[:2], n_h, per_head, -1)
             d += n_h * per_head
@@ -199,6 +263,8 @@ class OursEdges:
                 x = read(d, 1, resid)[:, :, 0]
                 d += 1
                 resid = resid + emit(self.mlp(layer, x))
+        if states is not None:
+            states.append((self.cfg.n_layers, list(outs), resid))
         x = read(d, 1, resid)[:, :, 0]
         logits = model.unembed(x)
         return EdgeRun(

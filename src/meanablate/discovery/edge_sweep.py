@@ -40,14 +40,15 @@ def edge_sweep(
     edges: Sequence[str] | None = None,
     metric: str | Metric = "kl",
     split_qkv: bool = True,
-    stack: int = 8,
+    stack: int = 1,
     max_edges: int = MAX_SWEEP_EDGES,
 ) -> Scores:
     """Every edge ablated alone, exactly: :class:`Scores` over edge names.
 
     ``values [n_edges]`` mean effects, ``per_example [n_edges, n_examples]`` (effects as
     in :func:`~meanablate.discovery.sweep.sweep`: the distance for ``kl``/``l2``, the change
-    for task metrics). ``stack``: edges into one destination per forward.
+    for task metrics). ``stack``: edges into one destination per forward (1, the default,
+    is fastest on a CPU; more can pay on a GPU).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
@@ -102,6 +103,7 @@ def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, 
     n_layers = fam.cfg.n_layers
     has_mlp = graph.has_mlp
     ablated = item.ablated
+    qkv_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def resid_before(layer: int) -> Tensor:
         if layer < n_layers:
@@ -132,7 +134,9 @@ def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, 
                     e0 = chunk[0]
                     node = graph.src_index(e0.dst)
                     head = graph.srcs[node].head
-                    change = _one_head(fam, layer, head, x, e0.qkv, inputs[dst], mask, k)
+                    if layer not in qkv_cache:
+                        qkv_cache[layer] = _clean_qkv(fam, layer, inputs[graph.dsts[d]])
+                    change = _one_head(fam, layer, head, x, e0.qkv, qkv_cache[layer], mask, k)
                     change = change - outs[node].repeat(k, 1, 1)
                     if has_mlp:
                         mid = inputs[f"m{layer}"].repeat(k, 1, 1) + change
@@ -149,27 +153,41 @@ def _first_dst(graph: Any, layer: int) -> int:
     return graph.dst_layer.index(layer)
 
 
+def _clean_qkv(fam: Any, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every head's clean query, key and value ``[batch, pos, head, d_head]``."""
+    block = fam.model.blocks[layer]
+    attn = block.attn
+    x = block.ln1(resid)
+    return (
+        torch.einsum("bpd,hde->bphe", x, attn.W_Q) + attn.b_Q,
+        torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K,
+        torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V,
+    )
+
+
 def _one_head(
     fam: Any,
     layer: int,
     head: int,
     x: Tensor,
     qkv: str | None,
-    clean_in: Tensor,
+    clean: tuple[Tensor, Tensor, Tensor],
     mask: Tensor | None,
     k: int,
 ) -> Tensor:
     """Head ``head``'s output ``[k * batch, pos, d_model]`` with its ``qkv`` input ``x``
-    (all three with ``qkv=None``) and the others clean."""
+    (all three with ``qkv=None``); the other inputs' projections come from ``clean``."""
     block = fam.model.blocks[layer]
     attn = block.attn
     h = slice(head, head + 1)
-    xc = clean_in.repeat(k, 1, 1)
-    xq = x if qkv in ("q", None) else xc
-    xk = x if qkv in ("k", None) else xc
-    xv = x if qkv in ("v", None) else xc
-    q = torch.einsum("bpd,hde->bphe", block.ln1(xq), attn.W_Q[h]) + attn.b_Q[h]
-    kk = torch.einsum("bpd,hde->bphe", block.ln1(xk), attn.W_K[h]) + attn.b_K[h]
-    v = torch.einsum("bpd,hde->bphe", block.ln1(xv), attn.W_V[h]) + attn.b_V[h]
-    z = fam._attend(q, kk, v, mask)
+    xn = block.ln1(x)
+    out = []
+    for name, w, b, c in zip(
+        "qkv", (attn.W_Q, attn.W_K, attn.W_V), (attn.b_Q, attn.b_K, attn.b_V), clean
+    ):
+        if qkv in (name, None):
+            out.append(torch.einsum("bpd,hde->bphe", xn, w[h]) + b[h])
+        else:
+            out.append(c[:, :, h].repeat(k, 1, 1, 1) if k > 1 else c[:, :, h])
+    z = fam._attend(*out, mask)
     return torch.einsum("bphe,hed->bpd", z, attn.W_O[h])

@@ -75,6 +75,9 @@ class EdgeData:
         self.values = SourceValues(self.family, self.graph, raw, self.source)
         dtype = next(model.parameters()).dtype
         self.items: list[_Prepared] = []
+        # What algorithms may share across calls on this data (clean streams, evaluated
+        # edge sets); everything in it is a function of the data alone.
+        self.cache: dict[Any, Any] = {}
         # no_grad, not inference_mode: EAP differentiates through runs that read these.
         with torch.no_grad():
             for b in raw:
@@ -111,6 +114,9 @@ class EdgeData:
 
 def _as_dict(batch: Any) -> dict[str, Any]:
     if isinstance(batch, Mapping):
+        if "tokens" not in batch and "input_ids" in batch:  # a Hugging Face batch
+            b = {k: v for k, v in batch.items() if k != "input_ids"}
+            return {"tokens": batch["input_ids"], **b}
         if "tokens" not in batch:
             raise ValueError(f"a batch needs 'tokens' [batch, pos] (have {sorted(batch)})")
         return dict(batch)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
+from meanablate.discovery.source import resample_batch
 from meanablate.hooks import model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, ablate
 from meanablate.metrics import METRICS, Metric, get_metric
@@ -98,7 +99,8 @@ def metric_per_example(
             if ablated:
                 if ref is None and want_clean:
                     ref = output_tensor(run_model(model, batch))
-                with ablate(model, list(ablated), means, method=method):
+                source = resample_batch(batch, method)
+                with ablate(model, list(ablated), means, method=method, source=source):
                     out = output_tensor(run_model(model, batch))
             else:
                 out = ref if ref is not None else output_tensor(run_model(model, batch))

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from meanablate.discovery.graph import Graph
 
-__all__ = ["Source", "as_source", "base_batch", "check_corrupt", "source_values"]
+__all__ = [
+    "Source",
+    "as_source",
+    "base_batch",
+    "check_corrupt",
+    "resample_batch",
+    "source_values",
+]
 
 SourceKind = Literal["mean", "zero", "counterfactual"]
 Direction = Literal["noising", "denoising"]
@@ -82,7 +89,10 @@ def check_corrupt(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
             "a counterfactual source needs batch['corrupt']: corrupted token ids "
             f"[batch, pos] aligned with batch['tokens'] (have {have})"
         )
-    tokens, corrupt = batch["tokens"], batch["corrupt"]
+    tokens = batch["tokens"] if "tokens" in batch else batch.get("input_ids")
+    if tokens is None:
+        raise ValueError(f"a batch needs 'tokens' (or 'input_ids'), have {sorted(batch)}")
+    corrupt = batch["corrupt"]
     if not isinstance(corrupt, Tensor) or corrupt.shape != tokens.shape:
         shape = tuple(corrupt.shape) if isinstance(corrupt, Tensor) else type(corrupt).__name__
         raise ValueError(
@@ -100,6 +110,24 @@ def check_corrupt(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
             "to the same length on the same side)"
         )
     return corrupt, cmask
+
+
+def resample_batch(batch: Any, method: str) -> dict[str, Any] | None:
+    """For node ablation with ``method="resample"``: the batch's corrupted input, run as
+    the source of the patched activations (``None`` for other methods).
+
+    >>> b = {"tokens": torch.tensor([[1, 2]]), "corrupt": torch.tensor([[2, 1]])}
+    >>> resample_batch(b, "resample")["tokens"].tolist()
+    [[2, 1]]
+    """
+    if method != "resample":
+        return None
+    corrupt, cmask = check_corrupt(batch)
+    out = {k: v for k, v in batch.items() if k not in ("corrupt", "corrupt_attention_mask")}
+    out["tokens" if "tokens" in batch else "input_ids"] = corrupt
+    if cmask is not None:
+        out["attention_mask"] = cmask
+    return out
 
 
 def base_batch(batch: Mapping[str, Any], source: Source) -> dict[str, Any]:

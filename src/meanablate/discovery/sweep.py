@@ -16,6 +16,7 @@ from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.data.normalize import as_batches
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
+from meanablate.discovery.source import resample_batch
 from meanablate.families import check_sites, family_of
 from meanablate.hooks import capture, model_device, output_tensor, run_model, to_device
 from meanablate.intervene import Method, _fill_for, ablate
@@ -286,7 +287,7 @@ def _hooked_effects(
             layer = layerskip.block_of(sites[u].module, prefix, n_blocks)
             if layer is not None and not calls.resumable_from(layer):
                 layer = None
-        with ablate(model, u, means, method=method):
+        with ablate(model, u, means, method=method, source=resample_batch(batch, method)):
             if layer is None:
                 out = output_tensor(run_model(model, batch))
             else:
