@@ -35,7 +35,7 @@ def test_keep_positions_are_used_and_recorded(tmp_path):
     for key in ("blocks.1.hook_mlp_out", "blocks.3.attn.hook_z"):
         seen = []
         handle = org.model.get_submodule(key).register_forward_hook(
-            lambda _m, _a, o: seen.append(o.detach().double())
+            lambda _m, _a, o, seen=seen: seen.append(o.detach().double())
         )
         try:
             with torch.no_grad():
