@@ -79,3 +79,19 @@ def test_keep_positions_errors_are_one_line_and_write_nothing(tmp_path):
         for text in expected:
             assert text in lines[0], (extra, lines[0])
         assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ground_truth_follows_the_mean_kind(tmp_path):
+    """tracr-reverse's minimal circuit differs by mean kind (its card, computed): the run
+    labels units with the circuit of the means it used."""
+    card = meanablate.organisms.load("tracr-reverse").card["ground_truth_by_mean_kind"]
+    for extra in (["--mean-kind", "plain"], ["--no-per-position"], []):
+        kind = "per_position" if not extra else "plain"
+        out = tmp_path / (kind + str(len(extra)))
+        args = ("demo", "--organism", "tracr-reverse", *extra, "--algorithm", "sweep")
+        result = run(*args, "--n-examples", "64", "--n-boot", "0", "-q", "--out", out)
+        assert result.exit_code == 0, (extra, result.stderr, result.exception)
+        results = load_results(out)
+        truth = {u["name"] for u in results["units"] if u["in_ground_truth"]}
+        assert truth == set(card[kind]["circuits"][0]), extra
+    assert set(card["plain"]["circuits"][0]) != set(card["per_position"]["circuits"][0])
