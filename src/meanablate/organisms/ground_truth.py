@@ -7,7 +7,12 @@ subset ``S`` of the units is kept with the rest mean-ablated (the plain hooked f
 ``faithfulness(S) = (m(S) - m(empty)) / (m(full) - m(empty))``. The minimal circuits are
 all subsets of the smallest size with ``faithfulness >= target``. Written into the card
 under ``ground_truth_by_mean_kind``; ``ground_truth`` is the first minimal circuit (in
-unit order) under the organism's own mean kind.
+unit order) under the organism's own mean kind (``per_position`` for every shipped tracr
+organism: ``card["mean_kind"]``), and is what ``Organism.ground_truth`` (AUROC) holds.
+
+Used by :func:`~meanablate.organisms.from_tracr` (``tracr-hist``, ``tracr-sort_unique``) and
+by ``scripts/compile_tracr.py`` for ``tracr-reverse``, ``tracr-frac_prevs`` and
+``tracr-sort`` (``batch=``: their exhaustive data set, made from the task definition).
 """
 
 from __future__ import annotations
