@@ -52,6 +52,7 @@ class Circuit:
     removed_by_pass: list[str] = field(default_factory=list)
     subsets_checked: int = 0
     mean_kind: str | None = None
+    keep_positions: list[int] | None = None  # plain_except means: own-mean positions
 
     @property
     def certificate_text(self) -> str:

@@ -112,9 +112,15 @@ def _caveats(results: Mapping[str, Any]) -> list[str]:
     circuit = results["circuit"]
     if circuit.get("certificate_text"):
         out.append(f"Minimality certificate — {circuit['certificate_text']}.")
-    notes = circuit.get("notes")
-    if isinstance(notes, list) and notes:
-        out.extend(f"{n}." for n in notes if isinstance(n, str))
+    # the circuit's notes explain its faithfulness; the scores' notes also explain
+    # completeness and minimality outside [0, 1] (the same faithfulness note only once)
+    notes: list[str] = []
+    for group in (circuit.get("notes"), scores.get("notes")):
+        for n in group if isinstance(group, list) else []:
+            if isinstance(n, str) and n not in notes:
+                notes.append(n)
+    if notes:
+        out.extend(f"{n}." for n in notes)
         return out
     faith = scores["faithfulness"]
     if isinstance(faith, (int, float)) and math.isfinite(faith) and not 0 <= faith <= 1:

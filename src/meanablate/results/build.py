@@ -207,6 +207,7 @@ def discovery_results(
         "certificate",
         "certificate_text",
         "mean_kind",
+        "keep_positions",
         "abs_threshold",
         "behaviour",
         "behaviour_ci",
