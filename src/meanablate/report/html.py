@@ -78,6 +78,24 @@ def _figures(
     ]
 
 
+def _edges_caveat(results: Mapping[str, Any]) -> str:
+    from meanablate.report.graph import drawn_edges
+
+    edges = results["edges"]
+    kept = sum(1 for e in edges if e.get("in_circuit", True))
+    drawn = len(drawn_edges(edges))
+    listed_out = len(edges) - kept
+    unlisted = results.get("edges_left_out") or 0
+    text = f"The arrows are {drawn} of the circuit's {kept} measured edges"
+    text += " (the strongest)" if drawn < kept else ""
+    if listed_out or unlisted:
+        text += (
+            f"; {listed_out + unlisted} measured edges outside the circuit are not drawn"
+            + (f" ({listed_out} of them listed in results.json)" if listed_out else "")
+        )
+    return text + "."
+
+
 def _caveats(results: Mapping[str, Any]) -> list[str]:
     units, scores = results["units"], results["scores"]
     out = []
@@ -86,6 +104,8 @@ def _caveats(results: Mapping[str, Any]) -> list[str]:
             "Connections between units were not measured (no edge discovery was run): the "
             "graph shows the kept units in layer order, without arrows."
         )
+    else:
+        out.append(_edges_caveat(results))
     source = results.get("effect_source") or "sweep"
     if source == "attribution":
         out.append(
