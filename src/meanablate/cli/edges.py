@@ -1,9 +1,9 @@
 """``meanablate edges``: an edge circuit, its scores, and MIB / graphviz files.
 
 Writes into the run folder ``results.json`` and ``report.html`` (as ``discover`` does; the
-graph draws the kept edges with their scores), ``edges.json`` (every edge's score, the circuit, faithfulness,
-completeness, edge AUROC against the organism's true edges, MIB's CPR / CMD of the
-ranking), ``circuit.dot`` and ``mib_circuit.json`` (the EAP-IG / MIB circuit file).
+graph draws the kept edges with their scores), ``edges.json`` (every edge's score, the
+circuit, faithfulness, completeness, edge AUROC against the organism's true edges, MIB's
+CPR / CMD of the ranking), ``circuit.dot`` and ``mib_circuit.json`` (the EAP-IG / MIB circuit file).
 ``--algorithm`` maps onto the edge algorithms: ``acdc`` (ACDC over edges), ``sweep``
 (exact edge sweep, then prune), ``attribution`` (EAP; EAP-IG for comparing metrics),
 ``attribute_verify``; ``--method`` picks the source: mean (per position with

@@ -73,7 +73,7 @@ def edge_records(
 
     # an edge whose ablation changed nothing is not worth an arrow: only non-zero ones
     rest = sorted(
-        (e.name for e in graph.edges if e.name not in kept_set and finite(e.name) and scores[e.name]),
+        (n for n in graph.names if n not in kept_set and finite(n) and scores[n]),
         key=lambda n: -abs(scores[n]),
     )
     listed = {n for n in kept_set if finite(n)} | set(rest[:top_k])
@@ -163,8 +163,10 @@ def edge_results(
             f"{list(circuit.units)[:3]}: use discovery_results for a node circuit"
         )
     graph = data.graph
-    cs = circuit_scores if circuit_scores is not None else score_edge_circuit(
-        data, circuit.kept, circuit.metric
+    cs = (
+        circuit_scores
+        if circuit_scores is not None
+        else score_edge_circuit(data, circuit.kept, circuit.metric)
     )
     nodes = node_scores if node_scores is not None else node_effects(data, circuit.metric)
     truth = list(ground_truth) if ground_truth is not None else None
