@@ -151,6 +151,17 @@ def edge_results(
     ``top_k``: how many edges outside the circuit to list; ``node_scores``: the node effects
     if already measured (:func:`node_effects`); ``context``: the keywords of
     :func:`~meanablate.results.build.discovery_results` (``name=``, ``config=`` ...).
+
+    >>> import torch, meanablate as ma
+    >>> from meanablate.discovery import EdgeData
+    >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
+    >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
+    >>> model = HookedTransformer(cfg)
+    >>> data = EdgeData(model, [torch.tensor([[1, 2, 3], [3, 2, 1]])], "zero")
+    >>> c = ma.discover_edges(model, data, algorithm="sweep", target_faithfulness=1.0)
+    >>> r = edge_results(c, data, n_boot=0)
+    >>> sorted(e["name"] for e in r["edges"] if e["in_circuit"]) == sorted(c.kept)
+    True
     """
     from meanablate.discovery.circuit import Circuit
     from meanablate.discovery.graph import node_unit
