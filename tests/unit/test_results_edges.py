@@ -107,6 +107,10 @@ def test_report_of_an_edge_circuit_draws_its_kept_edges(tmp_path):
     )
     assert sorted(arrows) == want
     assert f"of the circuit&#39;s {len(circuit.kept)} measured edges" in text
+    n_units = len(results["units"])  # the size tile counts edges, and names the units too
+    assert f"edges kept ({len(results['circuit']['units'])} of {n_units} units)" in text
+    faith_svg = (tmp_path / "run" / "faithfulness.svg").read_text()
+    assert f"circuit ({len(circuit.kept)} edges): " in faith_svg
     with pytest.raises(ValueError, match="needs edge_data="):
         ma.report(tmp_path / "x", circuit)
     node_circuit = ma.Circuit.load(tmp_path / "run")  # the node view of the run
