@@ -57,7 +57,9 @@ class Circuit:
     @property
     def certificate_text(self) -> str:
         """One line saying what :attr:`certificate` proves."""
-        target = f"faithfulness >= {self.target_faithfulness:g}"
+        tf = self.target_faithfulness
+        # ACDC circuits have a threshold, not a target
+        target = "its threshold" if tf is None else f"faithfulness >= {tf:g}"
         if self.certificate == "exhaustive":
             return (
                 f"exhaustive: no subset of fewer than {len(self.kept)} units reaches "
