@@ -149,21 +149,21 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
     ablated = item.ablated
     n_src, n_dst = len(graph.srcs), len(graph.dsts)
     m = 1 if graph.has_mlp else 0
-    # every node's change (ablated - clean), laid out per example: [batch, n_src, pos, d]
-    delta = ablated.new_empty(b, n_src, p, d)
-    delta[:, 0] = ablated[0] - (acts["hook_embed"] + acts["hook_pos_embed"])
+    # every node's change (ablated - clean), source-major: [n_src, batch, pos, d]
+    delta = ablated.new_empty(n_src, b, p, d)
+    delta[0] = ablated[0] - (acts["hook_embed"] + acts["hook_pos_embed"])
     i = 1
     for layer in range(n_layers):
         attn = model.blocks[layer].attn
-        heads = torch.einsum("bphe,hed->bhpd", acts[f"blocks.{layer}.attn.hook_z"], attn.W_O)
-        part = delta[:, i : i + n_h]
-        part.copy_(ablated[i : i + n_h].transpose(0, 1))
-        part.sub_(heads)
+        z = acts[f"blocks.{layer}.attn.hook_z"].permute(2, 0, 1, 3).reshape(n_h, b * p, -1)
+        part = delta[i : i + n_h]
+        torch.bmm(z, attn.W_O, out=part.view(n_h, b * p, d))  # each head's output
+        part.neg_().add_(ablated[i : i + n_h])
         i += n_h
         if graph.has_mlp:
-            delta[:, i].copy_(ablated[i]).sub_(acts[f"blocks.{layer}.hook_mlp_out"])
+            torch.sub(ablated[i], acts[f"blocks.{layer}.hook_mlp_out"], out=delta[i])
             i += 1
-    flat = delta.view(b, n_src, p * d)
+    flat = delta.view(n_src, b, p * d).transpose(0, 1)  # [batch, n_src, pos * d]
     has_ln = not isinstance(model.blocks[0].ln1, nn.Identity)
     if has_ln:
         # sum_d(delta) and <delta, xhat> for every source, position and layer norm at once:
@@ -174,14 +174,15 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
         for j, key in enumerate(keys):
             xs[:, :, 1 + j] = acts[f"{key}.hook_normalized"]
         st = torch.bmm(
-            delta.transpose(1, 2).reshape(b * p, n_src, d), xs.view(b * p, -1, d).transpose(1, 2)
+            delta.view(n_src, b * p, d).transpose(0, 1), xs.view(b * p, -1, d).transpose(1, 2)
         )
         st = st.view(b, p, n_src, -1).permute(3, 0, 2, 1)  # [1 + n_ln, batch, n_src, pos]
         ln_index = {key: 1 + j for j, key in enumerate(keys)}
     out = delta.new_zeros(b, n_src, n_dst)
     per = 3 if graph.split_qkv else 1
     n_col = 3 * n_h + m  # this layer's destinations: q, k, v of each head, then the MLP
-    y = delta.new_empty(n_col, b * p, d)
+    # the logits read the last block's output: one more column, filled in the last layer
+    y = delta.new_empty(n_col + 1, b * p, d)
     d0 = 0
     for layer in range(n_layers):
         block = model.blocks[layer]
@@ -208,8 +209,16 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
                 torch.mul(gm, block.ln2.w / sc, out=ym)
             else:
                 ym.copy_(gm)
-        # [batch, ns2, n_col]: <delta, y'> summed over positions and d_model
-        raw = torch.bmm(flat[:, :ns2], y.view(n_col, b, p * d).permute(1, 2, 0))
+        last = layer == n_layers - 1
+        if last:
+            y[n_col].copy_(grads[f"blocks.{layer}.hook_resid_post"].view(b * p, d))
+            ns2 = n_src
+        # [batch, ns2, n_col (+ 1)]: <delta, y'> summed over positions and d_model
+        cols = n_col + last
+        raw = torch.bmm(
+            y[:cols].view(cols, b, p * d).transpose(0, 1), flat[:, :ns2].transpose(1, 2)
+        )
+        raw = raw.transpose(1, 2)
         if has_ln:
             gv = g.view(3 * n_h, b, p, d_head)
             biases = torch.stack([attn.b_Q, attn.b_K, attn.b_V])  # [3, head, d_head]
@@ -229,8 +238,9 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
                 xhat = acts[f"blocks.{layer}.ln2.hook_normalized"]
                 m1 = ym.mean(-1)[..., None]  # [batch, pos, 1]
                 m2 = torch.einsum("bpd,bpd->bp", ym, xhat)[..., None] / d
-                raw[:, :, -1] -= torch.bmm(st[0, :, :ns2], m1)[..., 0]
-                raw[:, :, -1] -= torch.bmm(st[i2, :, :ns2], m2)[..., 0]
+                nm = ns + n_h  # the sources the MLP reads
+                raw[:, :nm, n_col - 1] -= torch.bmm(st[0, :, :nm], m1)[..., 0]
+                raw[:, :nm, n_col - 1] -= torch.bmm(st[i2, :, :nm], m2)[..., 0]
         # columns are (q|k|v, head); the graph's destinations are (head, q|k|v) or
         # (head) with q, k and v summed
         attn_cols = raw[:, :ns, : 3 * n_h].reshape(b, ns, 3, n_h)
@@ -240,8 +250,9 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
             out[:, :ns, d0 : d0 + n_h] = attn_cols.sum(2)
         d0 += n_h * per
         if m:
-            out[:, :ns2, d0] = raw[:, :, -1]
+            nm = ns + n_h
+            out[:, :nm, d0] = raw[:, :nm, n_col - 1]
             d0 += 1
-    gl = grads[f"blocks.{n_layers - 1}.hook_resid_post"]
-    out[:, :, d0] = torch.bmm(flat, gl.reshape(b, p * d, 1))[..., 0]
+        if last:
+            out[:, :, d0] = raw[:, :, n_col]
     return out.permute(1, 2, 0)
