@@ -101,9 +101,10 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     def tap(key: str) -> Any:
         def fn(act: Tensor) -> Tensor | None:
             acts[key] = act.detach()
-            # q, k and v are fresh tensors read by their attention alone, so their own
-            # gradient serves; mlp_in may be the stream itself (no layer norm)
-            if act.requires_grad and key.endswith(("hook_q", "hook_k", "hook_v")):
+            # q, k, v, a layer norm's output and the last block's output are fresh tensors
+            # with one reader, so their own gradient serves; without a layer norm mlp_in is
+            # the stream itself, which the next block reads too
+            if act.requires_grad and (has_ln or not key.endswith("hook_mlp_in")):
                 zs[key] = act
                 return None
             zs[key] = torch.zeros_like(act, requires_grad=True)
@@ -173,10 +174,8 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
         xs[:, :, 0] = 1
         for j, key in enumerate(keys):
             xs[:, :, 1 + j] = acts[f"{key}.hook_normalized"]
-        st = torch.bmm(
-            delta.view(n_src, b * p, d).transpose(0, 1), xs.view(b * p, -1, d).transpose(1, 2)
-        )
-        st = st.view(b, p, n_src, -1).permute(3, 0, 2, 1)  # [1 + n_ln, batch, n_src, pos]
+        st = torch.bmm(xs.view(b * p, -1, d), delta.view(n_src, b * p, d).permute(1, 2, 0))
+        st = st.view(b, p, -1, n_src).permute(2, 0, 3, 1)  # [1 + n_ln, batch, n_src, pos]
         ln_index = {key: 1 + j for j, key in enumerate(keys)}
     out = delta.new_zeros(b, n_src, n_dst)
     per = 3 if graph.split_qkv else 1
