@@ -563,3 +563,53 @@ def test_continuous_sweeps_take_the_neurons_linear_write(name: str, monkeypatch)
         else:
             torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
             assert full.per_example.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fault", ["shape", "padding", "mask_shape"])
+def test_a_misaligned_corrupt_field_is_a_clear_error(fault: str) -> None:
+    """A counterfactual that does not line up with its clean batch is refused by every
+    resample path (sweep fast and not, SetMetric, discover), naming the field and shapes."""
+    model, batches, _, _ = _setup("gpt2")
+    bad = _with_corrupt("gpt2", batches)
+    amask = bad[1]["attention_mask"]
+    if fault == "shape":  # one position short
+        bad[1]["corrupt"] = bad[1]["corrupt"][:, :-1]
+        want = r"batch\['corrupt'\] has shape \(4, 5\), batch\['input_ids'\] has \(4, 6\)"
+    elif fault == "padding":  # the same shape, padded on the other side
+        bad[1]["corrupt_attention_mask"] = amask.flip(-1)
+        want = (
+            r"batch\['corrupt_attention_mask'\] \(shape \(4, 6\), .*\) differs from "
+            r"batch\['attention_mask'\] \(shape \(4, 6\)"
+        )
+    else:
+        bad[1]["corrupt_attention_mask"] = amask[:, :-1]
+        want = (
+            r"batch\['corrupt_attention_mask'\] \(shape \(4, 5\), .*\) differs from "
+            r"batch\['attention_mask'\] \(shape \(4, 6\)"
+        )
+    units = list(CASES["gpt2"].units)[:2]
+    calls = {
+        "sweep": lambda: ma.sweep(model, bad, units, None, metric="kl", method="resample"),
+        "sweep(fast=False)": lambda: ma.sweep(
+            model, bad, units, None, metric="kl", method="resample", fast=False
+        ),
+        "SetMetric": lambda: SetMetric(model, bad, units, None, "kl", method="resample")(units),
+        "discover": lambda: ma.discover(
+            model,
+            bad,
+            None,
+            units=units,
+            metric="kl",
+            method="resample",
+            threshold=0.01,
+            force=True,
+        ),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=want):
+            call()
+        assert not _any_hooks(model), what
+
+
+def _any_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
