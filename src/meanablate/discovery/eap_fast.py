@@ -74,6 +74,43 @@ def _hooks_on(model: nn.Module, hooks: dict[str, ActivationFn]) -> Iterator[None
             h.remove()
 
 
+class _SharedProjection(torch.autograd.Function):
+    """Identity on a projection's output ``q [batch, pos, head, d_head]``, which the
+    attention computed from a detached copy of its input. The backward writes each head's
+    ``y'[h] = (g[h] / scale) @ (W[h] * w)^T`` (the destination's gradient before the layer
+    norm's centring, see :func:`_pairs_impl`) into ``out [head, batch * pos, d_model]`` and
+    passes ``scale * sum_h y'[h]`` to ``xhat``, the layer norm's normalised value (without
+    a layer norm: ``sum_h g[h] @ W[h]^T`` to the input): what the projection's own backward
+    and the gain's would compute, so each product is formed once."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        xhat: Tensor,
+        q: Tensor,
+        w: Tensor,
+        scale: Tensor | None,
+        out: Tensor,
+        keep: dict,
+        key: str,
+    ) -> Tensor:
+        ctx.w, ctx.scale, ctx.out, ctx.keep, ctx.key = w, scale, out, keep, key
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:
+        b, p, h, e = g.shape
+        ctx.keep[ctx.key] = g
+        gh = g.permute(2, 0, 1, 3)
+        if ctx.scale is not None:
+            gh = gh / ctx.scale
+        torch.bmm(gh.reshape(h, b * p, e), ctx.w.transpose(1, 2), out=ctx.out)
+        grad = ctx.out.sum(0).view(b, p, -1)
+        if ctx.scale is not None:
+            grad = grad * ctx.scale
+        return grad, None, None, None, None, None, None
+
+
 @torch.no_grad()
 def _pairs(*args: Any) -> Tensor:
     return _pairs_impl(*args)
@@ -89,7 +126,6 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     has_ln = not isinstance(model.blocks[0].ln1, nn.Identity)
     grad_keys = []
     for layer in range(n_layers):
-        grad_keys += [f"blocks.{layer}.attn.hook_{c}" for c in "qkv"]
         if graph.has_mlp:
             grad_keys.append(f"blocks.{layer}.hook_mlp_in")
     grad_keys.append(f"blocks.{n_layers - 1}.hook_resid_post")
@@ -128,13 +164,73 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
 
         return fn
 
+    # Each attention reads a detached copy of its input; q, k and v are routed back to the
+    # layer norm's normalised value (or the input) through _SharedProjection, whose
+    # backward writes the per-head products into ys[layer].
+    n_h = cfg.n_heads
+    b, p = item.tokens.shape
+    n_col = 3 * n_h + (1 if graph.has_mlp else 0) + 1
+    dtype = model.blocks[0].attn.W_Q.dtype
+    ys = [
+        torch.empty(n_col, b * p, cfg.d_model, dtype=dtype, device=item.tokens.device)
+        for _ in range(n_layers)
+    ]
+    targets: list[Tensor] = []
+
+    def target(act: Tensor) -> Tensor:
+        if not act.requires_grad:  # nothing upstream needs a gradient: a probe to carry it
+            act = act + torch.zeros_like(act, requires_grad=True)
+        targets.append(act)
+        return act
+
+    def normalized(key: str) -> Any:
+        def fn(act: Tensor) -> Tensor:
+            acts[key] = act.detach()
+            return target(act)
+
+        return fn
+
+    def attn_input(act: Tensor) -> Tensor:
+        if not has_ln:
+            target(act)
+        return act.detach()
+
+    def share(layer: int, c: int, weight: Tensor) -> Any:
+        key = f"blocks.{layer}.attn.hook_{'qkv'[c]}"
+        ln = model.blocks[layer].ln1
+        w = weight.detach() * ln.w.detach()[:, None] if has_ln else weight.detach()
+
+        def fn(act: Tensor) -> Tensor:
+            acts[key] = act.detach()
+            scale = (
+                acts[f"blocks.{layer}.ln1.hook_scale"].permute(2, 0, 1)[..., None]
+                if has_ln
+                else None
+            )
+            out = ys[layer][c * n_h : (c + 1) * n_h]
+            return _SharedProjection.apply(targets[-1], act, w, scale, out, shared, key)
+
+        return fn
+
+    shared: dict[str, Tensor] = {}
     hooks = {k: keep(k) for k in keep_keys}
     hooks.update({k: tap(k) for k in grad_keys})
+    for layer in range(n_layers):
+        attn = model.blocks[layer].attn
+        hooks[f"blocks.{layer}.hook_attn_in"] = attn_input
+        if has_ln:
+            key = f"blocks.{layer}.ln1.hook_normalized"
+            hooks[key] = normalized(key)
+        for c, w in enumerate((attn.W_Q, attn.W_K, attn.W_V)):
+            hooks[f"blocks.{layer}.attn.hook_{'qkv'[c]}"] = share(layer, c, w)
     with torch.inference_mode(False), torch.enable_grad(), _hooks_on(model, hooks):
         logits = model(item.tokens, item.mask)
         value = metric(logits, item.batch, item.clean)
-        grads = dict(zip(grad_keys, torch.autograd.grad(value.sum(), [zs[k] for k in grad_keys])))
-
+        # the attention inputs are asked for so that every layer's backward runs
+        inputs = [zs[k] for k in grad_keys] + targets
+        grads = dict(zip(grad_keys, torch.autograd.grad(value.sum(), inputs)))
+    grads.update(shared)
+    grads["ys"] = ys
     return _pairs(data, item, acts, grads)
 
 
@@ -190,8 +286,6 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
     out = delta.new_zeros(b, n_src, n_dst)
     per = 3 if graph.split_qkv else 1
     n_col = 3 * n_h + m  # this layer's destinations: q, k, v of each head, then the MLP
-    # the logits read the last block's output: one more column, filled in the last layer
-    y = delta.new_empty(n_col + 1, b * p, d)
     d0 = 0
     for layer in range(n_layers):
         block = model.blocks[layer]
@@ -209,7 +303,7 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
                 g[c].copy_(gc)
         wt = w_qkv * block.ln1.w[:, None] if has_ln else w_qkv
         wt = wt.transpose(2, 3).reshape(3 * n_h, d_head, d)
-        torch.bmm(g.view(3 * n_h, b * p, d_head), wt, out=y[: 3 * n_h])
+        y = grads["ys"][layer]  # y' = (g @ W^T) * w / scale, formed by the backward
         if m:
             gm = grads[f"blocks.{layer}.hook_mlp_in"]
             ym = y[3 * n_h].view(b, p, d)
