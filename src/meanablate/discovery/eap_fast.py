@@ -1,25 +1,22 @@
 """EAP at the clean run from one plain forward and one backward of the model itself.
 
 At the clean run every head's query, key and value read the same stream, so the model's
-own forward serves: taps on ``hook_q``/``hook_k``/``hook_v`` (per head), ``hook_mlp_in``
-and the last ``hook_resid_post`` give, after one backward (activation gradients only),
-the gradient at each head's projection and at each MLP's normalised input. A
-destination's *input* gradient follows by hand: through the projection
-(``g_q[h] @ W_Q[h]^T``) and the layer norm's vector-Jacobian product
-``(g*w - mean(g*w) - xhat * mean(g*w * xhat)) / scale`` (``xhat``, ``scale`` read at the
-layer norm's hook points), for all heads and q/k/v at once. This avoids materialising a
-separate stream per head input, which the masked forward needs only away from the clean
-run (EAP-IG). The layer norm's VJP is never applied to a ``[batch, pos, d_model]``
-gradient: it is folded into the contraction with the sources' changes (see
-:func:`_pairs_impl`), so each layer costs one batched projection of its destinations'
-gradients and one product with the sources before it. The tests check it against the
-masked forward's probes and finite differences.
+own forward serves: one backward (activation gradients only) gives the gradient at each
+head's projection (``hook_q``/``hook_k``/``hook_v``), at each MLP's normalised input
+(``hook_mlp_in``) and at the last ``hook_resid_post``. A destination's *input* gradient
+follows through the projection (``g_q[h] @ W_Q[h]^T``) and the layer norm's
+vector-Jacobian product ``(g*w - mean(g*w) - xhat * mean(g*w * xhat)) / scale``. The
+per-head products are formed once, by a custom backward at q, k and v
+(:class:`_SharedProjection`) that keeps them and passes their sum on, where autograd would
+form the sum itself; the layer norm's centring is never applied to a
+``[batch, pos, d_model]`` gradient but folded into the contraction with the sources'
+changes (:func:`_pairs_impl`). This avoids materialising a separate stream per head input,
+which the masked forward needs only away from the clean run (EAP-IG). The tests check it
+against the masked forward's probes and finite differences.
 
-Cost on the benchmark model (bench_edges.py, 4 layers, d_model 256, batch 32 x 32): the
-forward and backward with taps are ~2.1 forward-equivalents, the products ~1.0 (of which
-the per-head projections ~0.3, the contractions ~0.3 and the head outputs ~0.1). The
-backward already forms ``sum_h g_q[h] @ W_Q[h]^T``; the per-head projections repeat that
-work, which a custom backward at the attention input could share.
+Cost on the benchmark model (bench_edges.py: 4 layers, d_model 256, batch 32 x 32, one
+thread): ~3.2 forward-equivalents, of which the forward and backward ~2.4 and the
+products ~0.7 (the contractions ~0.3, the head outputs ~0.1).
 """
 
 from __future__ import annotations
