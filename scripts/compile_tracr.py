@@ -7,14 +7,17 @@
 ``hist`` and ``sort_unique`` (:data:`PROGRAMS`) are built entirely by the public API,
 :func:`meanablate.organisms.from_tracr` (this script only names the programs and writes
 the files). ``reverse``, ``frac_prevs`` and ``sort`` are compiled and converted by the same
-library code (:mod:`meanablate.organisms.tracr_convert`) but keep their hand-annotated
-cards (task-specific targets, notes, single-unit ablation studies), made by the code below.
+library code (:mod:`meanablate.organisms.tracr_convert`) and keep their hand-written card
+text (task-specific targets, notes, a single-unit ablation study), made by the code below;
+their ground truth is computed by the same public brute force as ``from_tracr``'s
+(:func:`meanablate.organisms.ground_truth.add_ground_truth`: every unit subset, every mean
+kind, faithfulness >= :data:`TARGET_FAITHFULNESS`), not declared.
 
 For each task this compiles a RASP program with tracr (the ``[tracr]`` extra,
 ``tracr-pypi``), copies the weights into our
 :class:`~meanablate.organisms.transformer.HookedTransformer`, checks that the copy agrees
-with tracr on every input of the task, finds which components matter under per-position
-mean ablation, and writes ``tracr_<task>.safetensors`` plus the card ``tracr_<task>.json``.
+with tracr on every input of the task, computes the minimal circuits per mean kind, and
+writes ``tracr_<task>.safetensors`` plus the card ``tracr_<task>.json``.
 
 The output is deterministic. (tracr-pypi suffixes labels with a global expression
 counter, e.g. ``length_5``; the tasks are always compiled together, in the order of
@@ -59,6 +62,8 @@ PAD = "compiler_pad"
 MLP_EXACTNESS = 100
 # A unit "matters" when ablating it alone raises the task metric by more than this.
 MATTERS_ATOL = 1e-4
+# What a minimal circuit must reach (faithfulness), as for from_tracr's organisms.
+TARGET_FAITHFULNESS = 0.95
 
 TASKS: dict[str, dict[str, Any]] = {
     "reverse": {
@@ -479,48 +484,54 @@ def _output_basis(compiled: Compiled):
 def finish_card(
     card: dict[str, Any], compiled: Compiled, model: HookedTransformer, agreement: tuple[int, int]
 ) -> dict[str, Any]:
+    """Components, the single-unit ablation study, and the ground truth computed by the
+    library's public brute force (:func:`meanablate.organisms.ground_truth.add_ground_truth`,
+    the same code path as ``from_tracr``)."""
+    from meanablate.organisms.ground_truth import add_ground_truth
+    from meanablate.organisms.registry import Organism
+
     components = program_components(compiled)
     per_pos = ablation_study(model, card, per_position=True)
-    global_ = ablation_study(model, card, per_position=False)
-    truth = per_pos["ground_truth"]
+    alone = per_pos.pop("ground_truth")
+    per_pos["ablate_all_but_matter_alone"] = per_pos.pop("ablate_all_but_ground_truth")
     used = [c["unit"] for c in components]
+    card["program_components"] = used
+    card["components"] = components
+    card["mean_ablation"] = {
+        "mean": "per_position",
+        "what": "single-unit study (per-position means): the metric with nothing ablated, "
+        "with each unit ablated alone, the units whose ablation alone raises the metric "
+        f"by more than {MATTERS_ATOL} (matter_alone), and with all other units ablated",
+        **per_pos,
+        "matter_alone": alone,
+    }
+    batch = tracr_models.exhaustive_batches(card, batch_size=10**9)[0]
+    org = Organism(card["name"], model, lambda *a: [], card["metric"], card["units"], None, card)
+    add_ground_truth(org, TARGET_FAITHFULNESS, len(card["units"]), batch=batch)
+    card = dict(org.card)
+    by_kind = card["ground_truth_by_mean_kind"]
+    truth = card["ground_truth"]
     assert set(truth) <= set(used), (truth, used)
     for c in components:
         c["matters_under_mean_ablation"] = c["unit"] in truth
-    card["program_components"] = used
-    card["components"] = components
-    card["ground_truth"] = truth
-    card["ground_truth_definition"] = (
-        "Units whose per-position mean ablation (alone) raises the metric by more than "
-        f"{MATTERS_ATOL} on the exhaustive data set. Mean-ablating every other unit "
-        "keeps accuracy at 100%; ablating any one of them lowers the metric. Per-position "
-        "means (mean over examples, separately for each position) because inputs have a "
-        "fixed length and tracr's positions do different things (BOS is special; "
-        "positional computations are constant per position)."
-    )
-    card["mean_ablation"] = {
-        "mean": "per_position",
-        **per_pos,
-        "global_mean_ground_truth": global_["ground_truth"],
-        "global_mean_ablate_all_but_ground_truth": global_["ablate_all_but_ground_truth"],
-    }
     excluded = [u for u in used if u not in truth]
     notes = [
         f"Converted model agrees with tracr on {agreement[0]}/{agreement[1]} inputs "
         "(the exhaustive set).",
         f"{model.cfg.n_layers} blocks x {model.cfg.n_heads} head(s); units include tracr's "
         "empty (all-zero) heads and MLPs, which the program does not use.",
+        "ground_truth is the minimal circuit under per-position means (the organism's own "
+        "mean kind, card['mean_kind']); ground_truth_by_mean_kind gives the minimal "
+        "circuits under every mean kind.",
     ]
     if excluded:
         notes.append(
             "Used by the program but constant under per-position mean ablation on "
             f"fixed-length inputs, hence not in ground_truth: {', '.join(excluded)}."
         )
-    if global_["ground_truth"] != truth:
-        notes.append(
-            "With a global mean (over examples and positions) instead, the units that "
-            f"matter are {global_['ground_truth']} (mean_ablation.global_mean_*)."
-        )
+    for kind, result in by_kind.items():
+        if result["circuits"] != [truth]:
+            notes.append(f"Under {kind} means the minimal circuit(s) differ: {result['circuits']}.")
     notes += TASK_NOTES[compiled.task]
     card["notes"] = notes
     card["residual_labels"] = list(compiled.assembled.residual_labels)
@@ -658,6 +669,19 @@ def build_all() -> dict[str, tuple[HookedTransformer, dict[str, Any], Compiled]]
     return out
 
 
+def same_weights(path: Path, model: HookedTransformer) -> bool:
+    """Whether ``path`` holds ``model``'s config and tensors, bit for bit."""
+    if not path.exists():
+        return False
+    shipped = load_model(path)
+    a, b = shipped.state_dict(), model.state_dict()
+    return (
+        shipped.cfg == model.cfg
+        and a.keys() == b.keys()
+        and all(torch.equal(a[k], b[k]) for k in a)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, don't write")
@@ -674,14 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(card, indent=2) + "\n"
         if args.check:
             same_card = card_path.exists() and card_path.read_text() == text
-            same_w = weights.exists() and all(
-                torch.equal(a, b)
-                for a, b in zip(
-                    load_model(weights).state_dict().values(),
-                    model.state_dict().values(),
-                    strict=True,
-                )
-            )
+            same_w = same_weights(weights, model)
             print(
                 f"{task}: card {'ok' if same_card else 'DIFFERS'}, "
                 f"weights {'ok' if same_w else 'DIFFER'}"
@@ -689,8 +706,13 @@ def main(argv: list[str] | None = None) -> int:
             ok &= same_card and same_w
         else:
             args.out.mkdir(parents=True, exist_ok=True)
-            save_model(model, weights, extra={"card": card_path.name, "task": task})
-            weights.chmod(0o644)
+            if same_weights(weights, model):
+                # safetensors' header order is not stable: rewriting equal tensors could
+                # change the file's bytes, so an unchanged model keeps its file
+                print(f"{weights}: weights unchanged, file kept")
+            else:
+                save_model(model, weights, extra={"card": card_path.name, "task": task})
+                weights.chmod(0o644)
             card_path.write_text(text)
             print(f"wrote {weights} ({weights.stat().st_size} B), {card_path}")
     if not args.only or set(args.only) & set(PROGRAMS):

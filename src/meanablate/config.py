@@ -99,6 +99,12 @@ OPTIONS: dict[str, Option] = {
         "positions 1.., BOS keeps its own); default: the organism's choice",
         choices=("per_position", "plain", "plain_except"),
     ),
+    "keep_positions": Option(
+        str,
+        None,
+        "with --mean-kind plain_except: the positions that keep their own per-position "
+        "mean, comma-separated, e.g. 0,1 (default: 0, BOS)",
+    ),
     "n_examples": Option(
         int,
         None,
@@ -273,6 +279,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         if not math.isfinite(value):
             raise ConfigError(bad)
     elif opt.type is str:
+        if key == "keep_positions" and isinstance(value, (list, tuple)):
+            # a config file may write the positions as a list: keep_positions = [0, 1]
+            if not value or not all(type(v) is int for v in value):
+                raise ConfigError(f"{who} must be positions (integers), got {value!r}")
+            value = ",".join(str(v) for v in value)
         if not isinstance(value, str):
             raise ConfigError(bad)
     elif opt.type is list:

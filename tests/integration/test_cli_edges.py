@@ -100,6 +100,30 @@ def test_edges_command_writes_the_circuit_scores_and_mib_file(tmp_path):
     mib = json.loads((out / "mib_circuit.json").read_text())
     assert mib["edges"]["a3.h0->logits"]["in_graph"] is True
     assert (out / "circuit.dot").read_text().count("->") == 2
+    # the run folder is a full one, as discover writes: results.json with the measured edges
+    import html as html_lib
+
+    from meanablate.report import load_results
+
+    results = load_results(out)  # validated against the schema
+    assert results["command"] == "edges"
+    kept = [e for e in results["edges"] if e["in_circuit"]]
+    assert [e["name"] for e in kept] == res["circuit"]
+    assert [(e["source"], e["target"], e["input"]) for e in kept] == [
+        ("input", "blocks.3.attn.hook_z[heads=0]", "v"),
+        ("blocks.3.attn.hook_z[heads=0]", "output", None),
+    ]
+    for e in results["edges"]:  # each weight is the edge's measured score, sign and all
+        assert e["weight"] == res["scores"][e["name"]]
+        assert e["in_ground_truth"] == (e["name"] in res["ground_truth"])
+    others = [e for e in results["edges"] if not e["in_circuit"]]
+    assert len(others) <= 24 and all(e["weight"] != 0 for e in others)
+    assert results["edges_left_out"] == res["n_edges"] - len(results["edges"])
+    assert results["circuit"]["units"] == ["blocks.3.attn.hook_z[heads=0]"]
+    assert results["scores"]["faithfulness"] == res["faithfulness"]
+    html = html_lib.unescape((out / "report.html").read_text())
+    assert html.count('class="edge"') == 2 and "measured weight" in html
+    assert "of the circuit's 2 measured edges" in html
 
 
 def test_edges_command_needs_corrupted_inputs_for_resample(tmp_path):

@@ -199,3 +199,16 @@ def test_identical_demo_runs_write_identical_files_and_one_run_time(tmp_path):
         shown = re.search(r"time\s+│?\s*([0-9.]+ (?:ms|s|min [0-9.]+ s))", r.stdout)
         assert shown and shown.group(1) == seconds(total), (r.stdout, total)
         assert seconds(total) in (out / "report.html").read_text()
+
+
+def test_discovery_refusal_is_exit_2_and_force_goes_ahead(tiny_gpt2, tmp_path):
+    path, prompts = tiny_gpt2
+    args = ["discover", "--model", path, "--prompts", prompts, "-q", "--algorithm", "sweep"]
+    # the random tiny GPT-2 does not tell the full model from the empty circuit
+    result = run(*args, "--out", tmp_path / "a")
+    assert result.exit_code == 2, result.stderr
+    line = error_line(result)
+    assert "not distinguishable from the empty circuit" in line and "--force" in line
+    assert not (tmp_path / "a" / "results.json").exists()
+    result = run(*args, "--out", tmp_path / "b", "--force")
+    assert result.exit_code == 0, result.stderr

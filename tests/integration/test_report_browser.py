@@ -180,3 +180,45 @@ def test_report_with_chromium_command_line(tmp_path):
     assert png_size(shot) == (1280, 1000)
     assert shot.stat().st_size > 20_000
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.parametrize("size", [(1280, 900), (390, 844)], ids=["desktop", "phone"])
+def test_edge_report_in_headless_chromium(browser, tmp_path, size):
+    """A real edge run's page (meanablate.report of discover_edges): the kept edges as
+    arrows, each highlighted with its endpoint, and no horizontal overflow."""
+    import torch
+
+    import meanablate as ma
+    from edge_reference import random_model
+    from meanablate.discovery import EdgeData, discover_edges
+    from meanablate.organisms.transformer import TransformerConfig
+
+    torch.set_num_threads(1)
+    cfg = TransformerConfig(
+        n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=7, n_ctx=6, d_mlp=12
+    )
+    model = random_model(cfg, 5)
+    gen = torch.Generator().manual_seed(5)
+    data = EdgeData(model, [{"tokens": torch.randint(0, 7, (4, 5), generator=gen)}], "mean")
+    circuit = discover_edges(model, data, metric="kl", algorithm="sweep", target_faithfulness=0.9)
+    page_path = ma.report(tmp_path / "run", circuit, edge_data=data, n_boot=20, name="tiny")
+    w, h = size
+    page = browser.new_page(viewport={"width": w, "height": h})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(page_path.resolve().as_uri(), wait_until="load")
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{overflow}px horizontal overflow at {size}"
+        arrows = page.locator("#circuit-graph .edge")
+        assert arrows.count() == len(circuit.kept)
+        src = arrows.first.get_attribute("data-source")
+        if src != "input":
+            page.locator(f"#{src}").hover()
+            page.locator("#tooltip").wait_for(state="visible", timeout=5_000)
+            assert page.locator("#circuit-graph .edge.hl").count() >= 1
+        assert page.locator("#circuit-graph").bounding_box()["width"] <= w
+        page.screenshot(path=str(tmp_path / f"edges-{w}.png"), full_page=True)
+    finally:
+        page.close()
+    assert errors == []

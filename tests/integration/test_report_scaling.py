@@ -176,3 +176,36 @@ def test_sweep_and_attribute_pages(browser, tmp_path):
     page = ma.report(tmp_path / "s", sweep=sweep, n_boot=0)
     assert write_scores_report(tmp_path / "s") == page
     check_page(browser, page, tmp_path, "sweep")
+
+
+@pytest.mark.browser
+def test_gpt2_sized_edge_report_fits_and_caps_its_arrows(browser, tmp_path):
+    """GPT-2 small's edge graph (32k edges): 150 kept edges, drawn at most MAX_ARROWS (the
+    strongest), the rest stated; no horizontal overflow at either size."""
+    from meanablate.discovery.graph import build_graph, node_unit
+    from meanablate.report.graph import MAX_ARROWS
+    from meanablate.results.edges import edge_records
+
+    graph = build_graph(12, 12, True)
+    rng = random.Random(3)
+    scores = {n: rng.gauss(0, 1e-4) for n in graph.names}
+    kept = rng.sample(graph.names, 150)
+    for n in kept:
+        scores[n] = rng.uniform(2e-3, 9e-3) * rng.choice((1, -1))
+    edges, left = edge_records(graph, scores, kept)
+    results = synthetic(**CASES["gpt2-small"])
+    touched = {node_unit(x) for n in kept for x in n.split("<")[0].split("->")} - {None}
+    for u in results["units"]:
+        u["in_circuit"] = u["name"] in touched
+    results["circuit"]["units"] = [u["name"] for u in results["units"] if u["in_circuit"]]
+    results["edges"], results["edges_left_out"] = edges, left
+    validate_results(results)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "results.json", results)
+    page_path = write_report(run)
+    check_page(browser, page_path, tmp_path, "gpt2-edges")
+    text = page_path.read_text()
+    assert text.count('class="edge"') == MAX_ARROWS
+    assert f"The arrows are {MAX_ARROWS} of the circuit&#39;s 150 measured edges" in text
+    assert f"{len(graph) - 150} measured edges outside the circuit are not drawn" in text

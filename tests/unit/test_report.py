@@ -471,3 +471,27 @@ def test_matplotlib_is_imported_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_html_shows_the_certificate_and_every_score_note():
+    """The circuit's certificate (tile and sentence) and the notes on scores outside [0, 1]
+    (results.json ``scores.notes``, ``circuit.notes``) are on the page, each note once."""
+    results = example_results()
+    circuit, scores = results["circuit"], results["scores"]
+    circuit["certificate"] = "1-minimal"
+    circuit["certificate_text"] = "1-minimal: removing any one kept unit falls below 0.95"
+    faith_note = "faithfulness 1.2 > 1: the circuit alone scores better than the full model"
+    comp_note = "completeness 1.3 > 1: ablating only the circuit hurts more than everything"
+    circuit["notes"] = [faith_note]
+    scores["notes"] = [faith_note, comp_note]
+    validate_results(results)
+    text = parse(render_html(results, {})).text
+    assert "1-minimal: removing any one kept unit falls below 0.95" in text
+    assert text.count(faith_note) == 1 and text.count(comp_note) == 1
+    tiles = re.findall(r"certificate\s*1-minimal", text)
+    assert tiles, "no certificate tile"
+    # without notes nothing is invented; without a certificate no tile or sentence
+    del circuit["certificate"], circuit["certificate_text"], circuit["notes"]
+    scores["notes"] = []
+    text = parse(render_html(results, {})).text
+    assert "1-minimal" not in text and faith_note not in text and comp_note not in text

@@ -1,8 +1,9 @@
 """``meanablate edges``: an edge circuit, its scores, and MIB / graphviz files.
 
-Writes into the run folder: ``edges.json`` (every edge's score, the circuit, faithfulness,
-completeness, edge AUROC against the organism's true edges, MIB's CPR / CMD of the
-ranking), ``circuit.dot`` and ``mib_circuit.json`` (the EAP-IG / MIB circuit file).
+Writes into the run folder ``results.json`` and ``report.html`` (as ``discover`` does; the
+graph draws the kept edges with their scores), ``edges.json`` (every edge's score, the
+circuit, faithfulness, completeness, edge AUROC against the organism's true edges, MIB's
+CPR / CMD of the ranking), ``circuit.dot`` and ``mib_circuit.json`` (the EAP-IG / MIB circuit file).
 ``--algorithm`` maps onto the edge algorithms: ``acdc`` (ACDC over edges), ``sweep``
 (exact edge sweep, then prune), ``attribution`` (EAP; EAP-IG for comparing metrics),
 ``attribute_verify``; ``--method`` picks the source: mean (per position with
@@ -107,11 +108,48 @@ def run_edges_command(session: Session, cfg: Resolved) -> None:
         "seconds": time.perf_counter() - t0,
     }
     (out / "edges.json").write_text(json.dumps(result, indent=1))
+    _write_report(cfg, inputs, data, circuit, cs, truth, out, result["seconds"])
     (out / "circuit.dot").write_text(circuit.to_dot(title=f"{inputs.name}: {algorithm} edges"))
     to_mib_json(data.graph, scores, circuit.kept, out / "mib_circuit.json")
     auroc = "" if truth is None else f", edge AUROC {result['edge_auroc']:.3f}"
     print(
         f"{inputs.name}: {len(circuit.kept)} of {len(data.graph)} edges ({algorithm}), "
         f"faithfulness {cs.faithfulness:.3f}, completeness {cs.completeness:.3f}{auroc}; "
-        f"wrote {out}/edges.json, circuit.dot, mib_circuit.json"
+        f"wrote {out}/results.json, report.html, edges.json, circuit.dot, mib_circuit.json"
     )
+
+
+def _write_report(
+    cfg: Resolved,
+    inputs: Any,
+    data: Any,
+    circuit: Any,
+    cs: Any,
+    truth: Any,
+    out: Any,
+    seconds: float,
+) -> None:
+    """``results.json`` and ``report.html``: the one run-folder writer ``discover`` uses."""
+    from meanablate.results.api import model_facts, write_run
+    from meanablate.results.edges import edge_results
+
+    cls, n_layers = model_facts(inputs.model, [])
+    saved = {k.replace("_", "-"): v for k, v in cfg.saved().items()}
+    results = edge_results(
+        circuit,
+        data,
+        circuit_scores=cs,
+        ground_truth=truth,
+        n_boot=int(cfg.values.get("n_boot") or 0) if "n_boot" in cfg.values else 1000,
+        seed=int(cfg.values.get("seed") or 0),
+        name=inputs.name,
+        model_class=cls,
+        n_layers=n_layers,
+        config=saved,
+        command="edges",
+        timings={"total": seconds, "search": circuit.seconds},
+        title=f"{inputs.name}: {circuit.algorithm} edge circuit",
+        notes=getattr(inputs, "description", None) or None,
+        extra_versions=getattr(inputs, "versions", None),
+    )
+    write_run(out, results)

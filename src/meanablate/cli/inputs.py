@@ -126,6 +126,8 @@ def load_inputs(cfg: Resolved, log: Log = quiet_log) -> Inputs:
             )
         inputs.mean_kind = cfg["mean_kind"]
         inputs.per_position = cfg["mean_kind"] != "plain"
+    if cfg.values.get("keep_positions") is not None:
+        inputs.keep_positions = _keep_positions(cfg, inputs.effective_mean_kind)
     if cfg["method"] == "resample" and not all(
         isinstance(b, dict) and "corrupt" in b for b in inputs.batches
     ):
@@ -183,3 +185,24 @@ def _check_metric_fields(metric: str, batch: Any, where: str) -> None:
             f"(the batches have {sorted(have) or 'no fields'}; prompts files: JSONL with "
             '"target"/"wrong" answers)'
         )
+
+
+def _keep_positions(cfg: Resolved, kind: str) -> list[int]:
+    """``--keep-positions 0,1`` as ``[0, 1]``; only with ``--mean-kind plain_except``."""
+    who = subject("keep_positions", cfg.sources["keep_positions"])
+    text = cfg["keep_positions"]
+    if kind != "plain_except":
+        raise InputError(
+            f"{who} {text} is for --mean-kind plain_except (the other positions share one "
+            f"plain mean), not {kind} means; add --mean-kind plain_except or drop {who}"
+        )
+    try:
+        keep = [int(p) for p in text.split(",")]
+    except ValueError:
+        keep = []
+    if not keep or any(p < 0 for p in keep) or len(set(keep)) != len(keep):
+        raise InputError(
+            f"{who} must be distinct position indices >= 0, comma-separated (e.g. 0,1), "
+            f"got {text!r}"
+        )
+    return keep

@@ -64,7 +64,9 @@ def _inputs(cfg: Resolved, name: str, org: Any) -> Inputs:
     batches = org.make_batches(n, cfg["batch_size"], cfg["seed"])
     ground_truth = org.ground_truth
     by_kind = org.card.get("ground_truth_by_mean_kind") if org.card else None
-    kind = cfg["mean_kind"] if "mean_kind" in cfg.values else None
+    kind = cfg.values.get("mean_kind")
+    if kind is None and cfg.values.get("per_position") is False:
+        kind = "plain"  # --no-per-position means plain means: score against its truth
     if by_kind and kind in by_kind:  # computed per mean kind (from_tracr organisms)
         circuits = by_kind[kind].get("circuits")
         ground_truth = circuits[0] if circuits else None

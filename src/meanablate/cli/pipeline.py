@@ -62,8 +62,17 @@ def compute_or_load_means(
         return None
     kind = inputs.effective_mean_kind
     log(f"means: {len(keys)} sites over {inputs.n_examples} examples ({kind} means)")
+    keep = inputs.keep_positions if kind == "plain_except" else None
+    if keep is not None:
+        log(f"means: positions {keep} keep their own per-position means")
     return compute_means(
-        inputs.model, keys, inputs.batches, kind=kind, progress=progress, executor=executor
+        inputs.model,
+        keys,
+        inputs.batches,
+        kind=kind,
+        keep_positions=keep,
+        progress=progress,
+        executor=executor,
     )
 
 

@@ -33,6 +33,7 @@ class Inputs:
     description: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     mean_kind: str | None = None  # None: per_position decides (per_position or plain)
+    keep_positions: list[int] | None = None  # plain_except only; None: [0] (BOS)
 
     @property
     def effective_mean_kind(self) -> str:

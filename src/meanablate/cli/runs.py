@@ -27,12 +27,20 @@ def _out_dir(cfg: Resolved, name: str) -> Path:
     return Path(cfg["out"]) if cfg["out"] else default_run_dir(name)
 
 
+def _positions(inputs: Inputs) -> str | None:
+    """The positions keeping their own mean (plain_except: default 0), as the option."""
+    if inputs.effective_mean_kind != "plain_except":
+        return None
+    return ",".join(str(p) for p in (inputs.keep_positions or [0]))
+
+
 def _record_effective(cfg: Resolved, inputs: Inputs) -> None:
     """Write the values a run actually used (metric, example count) into its options."""
     for key, value in (
         ("metric", inputs.metric),
         ("per_position", inputs.per_position),
         ("mean_kind", inputs.effective_mean_kind),
+        ("keep_positions", _positions(inputs)),
     ):
         if cfg.sources[key] != "not used":  # an option of this command
             cfg.values[key] = value

@@ -52,11 +52,14 @@ class Circuit:
     removed_by_pass: list[str] = field(default_factory=list)
     subsets_checked: int = 0
     mean_kind: str | None = None
+    keep_positions: list[int] | None = None  # plain_except means: own-mean positions
 
     @property
     def certificate_text(self) -> str:
         """One line saying what :attr:`certificate` proves."""
-        target = f"faithfulness >= {self.target_faithfulness:g}"
+        tf = self.target_faithfulness
+        # ACDC circuits have a threshold, not a target
+        target = "its threshold" if tf is None else f"faithfulness >= {tf:g}"
         if self.certificate == "exhaustive":
             return (
                 f"exhaustive: no subset of fewer than {len(self.kept)} units reaches "

@@ -8,6 +8,13 @@ columns split into per-head ``W_Q``/``W_K``/``W_V``, ``c_proj``'s rows into per-
 ``W_O``. The copy is checked against the Hugging Face forward when it is made; a model
 whose configuration departs from plain GPT-2 (another activation, scaled or upcast
 attention, untied head) is refused with the setting named.
+
+A TransformerLens 4 ``TransformerBridge`` of a GPT-2-like architecture (over Hugging Face
+GPT-2, or TransformerLens's ``NativeModel`` over our transformer) is copied the same way from
+its TL-format weights (``bridge.get_params()``, through
+:func:`~meanablate.adapters.transformer_lens.from_transformer_bridge`) and checked against
+the bridge's own forward; other bridges (Llama: RMSNorm, rotary, gated MLP) are refused
+with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 
 from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
 
-__all__ = ["gpt2_as_hooked", "is_hf_gpt2"]
+__all__ = ["bridge_as_hooked", "gpt2_as_hooked", "is_hf_gpt2"]
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:
@@ -97,16 +104,34 @@ def gpt2_as_hooked(model: nn.Module) -> HookedTransformer:
     return out
 
 
-def _check_same(model: Any, copy: HookedTransformer) -> None:
-    """The copy's logits equal the Hugging Face forward's on a few random tokens."""
+@torch.no_grad()
+def bridge_as_hooked(bridge: nn.Module) -> HookedTransformer:
+    """An exact :class:`HookedTransformer` copy of a GPT-2-like TransformerLens bridge."""
+    from meanablate.adapters.transformer_lens import from_transformer_bridge
+
+    try:
+        out = from_transformer_bridge(bridge)
+    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise ValueError(
+            f"edges on a TransformerBridge need a GPT-2-like architecture (LayerNorm or none, "
+            f"learned positions, one MLP): {exc}"
+        ) from None
+    p = next(bridge.parameters())
+    out = out.to(device=p.device, dtype=p.dtype).eval()
+    _check_same(bridge, out, "TransformerBridge")
+    return out
+
+
+def _check_same(model: Any, copy: HookedTransformer, what: str = "GPT-2") -> None:
+    """The copy's logits equal the model's own forward's on a few random tokens."""
     gen = torch.Generator().manual_seed(0)
     n = min(8, copy.cfg.n_ctx)
     tokens = torch.randint(0, copy.cfg.d_vocab, (2, n), generator=gen).to(copy.W_E.device)
-    want = model(input_ids=tokens).logits
+    want = model(input_ids=tokens).logits if what == "GPT-2" else model(tokens)
     got = copy(tokens)
     scale = float(want.abs().max()) + 1.0
     if not torch.allclose(got, want, atol=1e-4 * scale, rtol=1e-4):
         raise ValueError(
-            "the GPT-2 copy for edges does not reproduce the model's logits (max difference "
+            f"the {what} copy for edges does not reproduce the model's logits (max difference "
             f"{float((got - want).abs().max()):.3g}); edges are not available for this model"
         )

@@ -56,12 +56,15 @@ class EdgeFamily(Protocol):
 
 def edge_family(model: nn.Module) -> OursEdges:
     """The edge description of ``model``: meanablate's own ``HookedTransformer``, or a
-    Hugging Face GPT-2 through an exact copy (:mod:`~meanablate.discovery.edge_families`)."""
+    Hugging Face GPT-2 or GPT-2-like TransformerLens bridge through an exact copy
+    (:mod:`~meanablate.discovery.edge_families`)."""
     from meanablate._unwrap import unwrap
-    from meanablate.discovery.edge_families import gpt2_as_hooked, is_hf_gpt2
+    from meanablate.discovery.edge_families import bridge_as_hooked, gpt2_as_hooked, is_hf_gpt2
+    from meanablate.families.tl_bridge import is_bridge
 
     model = unwrap(model)  # an nnsight wrapper: the module it wraps
-    if isinstance(model, HookedTransformer) or is_hf_gpt2(model):
+    bridge = is_bridge(model)
+    if isinstance(model, HookedTransformer) or is_hf_gpt2(model) or bridge:
         from meanablate.discovery.fastpath import any_hooks
 
         if any_hooks(model):
@@ -72,11 +75,13 @@ def edge_family(model: nn.Module) -> OursEdges:
                 "would apply them only in part. Remove the hooks (or run edge algorithms "
                 "outside the `with ablate(...)` / hook context)"
             )
-        return OursEdges(model if isinstance(model, HookedTransformer) else gpt2_as_hooked(model))
+        if isinstance(model, HookedTransformer):
+            return OursEdges(model)
+        return OursEdges(bridge_as_hooked(model) if bridge else gpt2_as_hooked(model))
     raise TypeError(
         f"edges are not described for {type(model).__name__} yet; edge circuits work on "
-        "meanablate.organisms.transformer.HookedTransformer (every built-in organism) and "
-        "Hugging Face GPT-2. "
+        "meanablate.organisms.transformer.HookedTransformer (every built-in organism), "
+        "Hugging Face GPT-2 and GPT-2-like TransformerLens bridges. "
         "Node-level discovery (sweep/attribute/discover over units) works on any model."
     )
 

@@ -34,10 +34,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-import numpy as np
 from torch import Tensor
 
 from meanablate.errors import NoBehaviourError
+from meanablate.intervene import bootstrap_ci
 
 __all__ = [
     "CERTIFICATES",
@@ -168,11 +168,9 @@ def check_behaviour(
     delta = float(diff.mean())
     ci: tuple[float, float] | None = None
     if diff.size >= 2:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
-        boots = diff[idx].mean(1)
-        alpha = (1 - level) / 2
-        ci = (float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)))
+        # the percentile interval: BCa's acceleration is undefined for many tied diffs,
+        # which tracr tasks (0/1 accuracy, exact logits) produce
+        ci = bootstrap_ci(diff, n_boot=n_boot, level=level, seed=seed, method="percentile")
     if abs(delta) < 1e-12:
         raise NoBehaviourError(
             f"the full model and the empty circuit score the same (m(full) - m(empty) = "

@@ -198,6 +198,9 @@ def discover(
     circuit.abs_threshold = step if algorithm == "acdc" else None
     circuit.behaviour, circuit.behaviour_ci = delta, delta_ci
     circuit.mean_kind = getattr(means, "kind", None)
+    if circuit.mean_kind == "plain_except":
+        keep = getattr(means, "metadata", {}).get("keep_positions")
+        circuit.keep_positions = list(keep) if keep is not None else None
     circuit.seconds = time.perf_counter() - t0
     return circuit
 

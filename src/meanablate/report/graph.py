@@ -9,9 +9,11 @@
 - Fill: the unit's importance (``|effect|`` on one sequential scale, whatever the metric's
   sign); a dashed outline marks a unit whose ablation *improves* the metric (its importance
   is negative). Labels are white on dark fills and dark on light ones.
-- Arrows only for measured edges (``results["edges"]``), width by ``|weight|``. Without
-  them no arrows are drawn: the kept units stand in layer order, and the page says that
-  connections were not measured.
+- Arrows only for measured edges (``results["edges"]``) in the circuit (``in_circuit``,
+  default true), at most ``MAX_ARROWS`` (the strongest; :func:`drawn_edges`), width by
+  ``|weight|``, dashed when the weight is negative; a head's q/k/v inputs meet it a little
+  above / at / below its centre. Without them no arrows are drawn: the kept units stand in
+  layer order, and the page says that connections were not measured.
 - Hovering (or focusing) a unit shows its name, effect, interval and attribution estimate
   (an SVG ``<title>`` and a small JS tooltip) and highlights its measured edges.
 """
@@ -25,11 +27,13 @@ from typing import Any
 from meanablate.report.fmt import esc as _e
 from meanablate.report.fmt import importance, importance_color, ink_for, interval, num
 
-__all__ = ["TOP_K", "TRUTH", "circuit_svg", "drawn_units"]
+__all__ = ["MAX_ARROWS", "TOP_K", "TRUTH", "circuit_svg", "drawn_edges", "drawn_units"]
 
 TRUTH = "#d4a106"
 TOP_K = 24  # units outside the circuit drawn (by |effect|); the rest are counted
 _ROWS = 12  # nodes per sub-column before a layer wraps
+MAX_ARROWS = 80  # kept edges drawn (by |weight|); the page states how many more there are
+_QKV_DY = {"q": -6.0, "k": 0.0, "v": 6.0}
 _SHORT = {
     "head": "H",
     "mlp": "MLP",
@@ -52,6 +56,22 @@ def drawn_units(units: Sequence[Mapping[str, Any]], top_k: int = TOP_K) -> list[
     rest = sorted((i for i, u in enumerate(units) if not u["in_circuit"]), key=lambda i: -size(i))
     keep = {i for i, u in enumerate(units) if u["in_circuit"]} | set(rest[:top_k])
     return sorted(keep)
+
+
+def drawn_edges(
+    edges: Sequence[Mapping[str, Any]] | None, max_arrows: int = MAX_ARROWS
+) -> list[int]:
+    """Indices of the edges the graph draws: those in the circuit, at most ``max_arrows``
+    (the largest finite ``|weight|``), in the input order."""
+    if not edges:
+        return []
+    kept = [i for i, e in enumerate(edges) if e.get("in_circuit", True)]
+
+    def size(i: int) -> float:
+        w = edges[i]["weight"]
+        return abs(w) if math.isfinite(w) else -1.0
+
+    return sorted(sorted(kept, key=lambda i: -size(i))[:max_arrows])
 
 
 def _unit_tip(unit: Mapping[str, Any], minimality: Mapping[str, Any] | None) -> str:
@@ -95,7 +115,7 @@ def circuit_svg(results: Mapping[str, Any], *, top_k: int = TOP_K) -> str:
     units = results["units"]
     hib = bool(results["metric"]["higher_is_better"])
     shown = drawn_units(units, top_k)
-    edges_in = results.get("edges")
+    edges_in = [results["edges"][i] for i in drawn_edges(results.get("edges"))]
     ids = {u["name"]: f"u{i}" for i, u in enumerate(units)}
     if edges_in:  # endpoints of measured edges are drawn too
         extra = {ids[e[k]] for e in edges_in for k in ("source", "target") if e[k] in ids}
@@ -173,6 +193,7 @@ def circuit_svg(results: Mapping[str, Any], *, top_k: int = TOP_K) -> str:
             (x1, y1), (x2, y2) = pos[s], pos[t]
             x1 += 30 if s == "input" else r
             x2 -= 32 if t == "output" else r + 3
+            y2 += _QKV_DY.get(e.get("input") or "k", 0.0) if t != "output" else 0.0
             w = e["weight"]
             frac = abs(w) / wmax if math.isfinite(w) else 0.0
             dx = max((x2 - x1) * 0.45, 16.0)
@@ -183,7 +204,8 @@ def circuit_svg(results: Mapping[str, Any], *, top_k: int = TOP_K) -> str:
                 f'{x2:.1f},{y2:.1f}" fill="none" stroke="#555" '
                 f'stroke-width="{0.8 + 4.2 * frac:.2f}" '
                 f'stroke-opacity="{0.35 + 0.6 * frac:.2f}"{dash} marker-end="url(#arrow)">'
-                f"<title>{_e(e['source'])} → {_e(e['target'])}: measured weight "
+                f"<title>{_e(e.get('name') or e['source'] + ' → ' + e['target'])}"
+                f"{' (' + _e(e['input']) + ' input)' if e.get('input') else ''}: measured weight "
                 f"{_e(num(w, signed=True))}</title></path>"
             )
     out.append("</g>")

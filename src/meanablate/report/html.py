@@ -78,6 +78,23 @@ def _figures(
     ]
 
 
+def _edges_caveat(results: Mapping[str, Any]) -> str:
+    from meanablate.report.graph import drawn_edges
+
+    edges = results["edges"]
+    kept = sum(1 for e in edges if e.get("in_circuit", True))
+    drawn = len(drawn_edges(edges))
+    listed_out = len(edges) - kept
+    unlisted = results.get("edges_left_out") or 0
+    text = f"The arrows are {drawn} of the circuit's {kept} measured edges"
+    text += " (the strongest)" if drawn < kept else ""
+    if listed_out or unlisted:
+        text += f"; {listed_out + unlisted} measured edges outside the circuit are not drawn" + (
+            f" ({listed_out} of them listed in results.json)" if listed_out else ""
+        )
+    return text + "."
+
+
 def _caveats(results: Mapping[str, Any]) -> list[str]:
     units, scores = results["units"], results["scores"]
     out = []
@@ -86,6 +103,8 @@ def _caveats(results: Mapping[str, Any]) -> list[str]:
             "Connections between units were not measured (no edge discovery was run): the "
             "graph shows the kept units in layer order, without arrows."
         )
+    else:
+        out.append(_edges_caveat(results))
     source = results.get("effect_source") or "sweep"
     if source == "attribution":
         out.append(
@@ -112,9 +131,15 @@ def _caveats(results: Mapping[str, Any]) -> list[str]:
     circuit = results["circuit"]
     if circuit.get("certificate_text"):
         out.append(f"Minimality certificate — {circuit['certificate_text']}.")
-    notes = circuit.get("notes")
-    if isinstance(notes, list) and notes:
-        out.extend(f"{n}." for n in notes if isinstance(n, str))
+    # the circuit's notes explain its faithfulness; the scores' notes also explain
+    # completeness and minimality outside [0, 1] (the same faithfulness note only once)
+    notes: list[str] = []
+    for group in (circuit.get("notes"), scores.get("notes")):
+        for n in group if isinstance(group, list) else []:
+            if isinstance(n, str) and n not in notes:
+                notes.append(n)
+    if notes:
+        out.extend(f"{n}." for n in notes)
         return out
     faith = scores["faithfulness"]
     if isinstance(faith, (int, float)) and math.isfinite(faith) and not 0 <= faith <= 1:
@@ -143,6 +168,12 @@ def _tiles(results: Mapping[str, Any]) -> list[dict[str, Any]]:
          "detail": "units kept"},
         {"key": "completeness", "value": _num(scores["completeness"]), "small": "", "detail": ""},
     ]  # fmt: skip
+    edges = results.get("edges") or []
+    if any("in_circuit" in e for e in edges):  # an edge run: its size is in edges
+        kept = sum(1 for e in edges if e.get("in_circuit", True))
+        n_edges = len(edges) + (results.get("edges_left_out") or 0)
+        detail = f"edges kept ({len(circuit['units'])} of {len(units)} units)"
+        tiles[1].update(value=str(kept), small=f"/ {n_edges}", detail=detail)
     certificate = circuit.get("certificate")
     if certificate is not None:
         tiles.append({"key": "certificate", "value": str(certificate), "small": "",

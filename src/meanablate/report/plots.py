@@ -314,6 +314,12 @@ def plot_faithfulness(results: Mapping[str, Any], path: str | os.PathLike[str]) 
     curve = results.get("curve")
     n_units = len(results["units"])
     size = len(results["circuit"]["units"])
+    word = "units"
+    edges = results.get("edges") or []
+    if any("in_circuit" in e for e in edges):  # an edge run: its curve counts edges
+        word = "edges"
+        size = sum(1 for e in edges if e.get("in_circuit", True))
+        n_units = len(edges) + (results.get("edges_left_out") or 0)
     faith = results["scores"]["faithfulness"]
     ci = results["scores"]["faithfulness_ci"]
     xmax = max(n_units, size, 1)
@@ -345,12 +351,12 @@ def plot_faithfulness(results: Mapping[str, Any], path: str | os.PathLike[str]) 
             mec="#222222",
             ecolor="#e63946",
             capsize=4,
-            label=f"circuit ({size} units): {faith:.3f}",
+            label=f"circuit ({size} {word}): {faith:.3f}",
             zorder=4,
         )
     ax.set_xlim(-0.3, xmax + 0.3)
     return _finish(
-        fig, ax, path, ("circuit size (units kept)", "faithfulness"),
+        fig, ax, path, (f"circuit size ({word} kept)", "faithfulness"),
         f"Faithfulness vs circuit size — {_title(results)}",
     )  # fmt: skip
 

@@ -88,7 +88,15 @@ Top level
     (str), ``weight`` (float, signed; drawn as the arrow's width and colour). Endpoints are
     unit names; ``"input"`` and ``"output"`` (or any name that is not a unit) stand for the
     model's input (as a source) and output (as a target). ``null``: the report draws a default
-    graph from the kept units.
+    graph from the kept units. Optional per edge: ``name`` (str: the edge's name in the
+    computational graph, e.g. ``"a0.h1->a1.h0<k>"``), ``input`` (``"q"``, ``"k"``, ``"v"`` or
+    null: which input of a head it feeds), ``in_circuit`` (bool, default true: the report draws
+    only these) and ``in_ground_truth`` (bool or null). From edge discovery ``weight`` is the
+    measured score (the metric's change when the edge alone is ablated, or the algorithm's own
+    score, named by ``effect_source``); the list holds every kept edge and the strongest
+    others.
+``edges_left_out`` (optional int >= 0 or null)
+    How many measured edges ``edges`` does not list (the report states the number).
 ``timings`` (object)
     Wall-clock seconds per phase, ``{str: float >= 0}``, e.g. ``{"means": 1.2, "search": 3.4}``.
 
@@ -271,6 +279,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 {"type": "array", "items": {"$ref": "#/$defs/edge"}},
             ]
         },
+        "edges_left_out": {"type": ["integer", "null"], "minimum": 0},
         "timings": {
             "type": "object",
             "additionalProperties": {"type": "number", "minimum": 0},
@@ -312,6 +321,10 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "source": {"type": "string"},
                 "target": {"type": "string"},
                 "weight": _NUM,
+                "name": {"type": "string"},
+                "input": {"enum": ["q", "k", "v", None]},
+                "in_circuit": {"type": "boolean"},
+                "in_ground_truth": {"type": ["boolean", "null"]},
             },
         },
         "rates": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},

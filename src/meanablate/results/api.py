@@ -108,6 +108,7 @@ def report(
     title: str | None = None,
     notes: str | None = None,
     timings: Mapping[str, float] | None = None,
+    edge_data: Any = None,
 ) -> Path:
     """Write a run folder and its ``report.html`` from Python objects; returns the page's path.
 
@@ -118,7 +119,11 @@ def report(
     (:func:`~meanablate.score_circuit`) adds the faithfulness interval, completeness and
     minimality; ``means`` is saved as ``means.safetensors``. Without a circuit, a ``sweep``
     or an ``attribution`` alone gets its scores page (``sweep.json`` / ``attribution.json``).
-    ``n_boot``: bootstrap resamples for each unit's interval (0: none).
+    ``n_boot``: bootstrap resamples for each unit's interval (0: none). An edge circuit
+    (:func:`~meanablate.discover_edges`) needs ``edge_data``, the
+    :class:`~meanablate.discovery.EdgeData` it was found on: the page then draws its measured
+    edges, and the units are the graph's nodes with their ablation effects
+    (:func:`~meanablate.results.edges.edge_results`); ``ground_truth`` is then true edges.
 
     >>> import tempfile, torch, meanablate as ma
     >>> s = ma.Scores(["blocks.0.hook_mlp_out"], torch.tensor([0.5]),
@@ -136,6 +141,35 @@ def report(
         cis = unit_cis(scores.per_example, n_boot, seed)
         write_scores_run(out, scores, cis, config, name=name, exact=sweep if attribution else None)
         return Path(out) / "report.html"
+    from meanablate.results.edges import edge_results, is_edge_circuit
+
+    if is_edge_circuit(circuit):
+        if edge_data is None:
+            raise ValueError(
+                "report of an edge circuit needs edge_data=, the EdgeData it was found on "
+                "(the node effects and circuit scores are measured on it)"
+            )
+        if sweep is not None or attribution is not None:
+            raise ValueError("sweep= / attribution= are node scores; an edge report measures them")
+        cls, n_layers = model_facts(edge_data.model, [])
+        results = edge_results(
+            circuit,
+            edge_data,
+            circuit_scores=circuit_scores,
+            ground_truth=ground_truth,
+            n_boot=n_boot,
+            seed=seed,
+            notes=notes,
+            name=name or type(edge_data.model).__name__,
+            model_class=cls,
+            n_layers=n_layers,
+            config=config,
+            timings=timings,
+            title=title,
+        )
+        return write_run(out, results, means)
+    if edge_data is not None:
+        raise ValueError("edge_data= is for an edge circuit; this circuit's units are sites")
     units = list(circuit.units)
     cls, n_layers = model_facts(model, units)
     cis = unit_cis(sweep.per_example, n_boot, seed) if sweep is not None else None

@@ -124,13 +124,17 @@ def discovery_results(
     notes: str | None = None,
     extra_versions: Mapping[str, str] | None = None,
     higher_is_better: bool | None = None,
+    edges: Sequence[Mapping[str, Any]] | None = None,
+    edges_left_out: int | None = None,
 ) -> dict[str, Any]:
     """A validated ``results.json`` object (see :mod:`meanablate.report.schema`).
 
     ``circuit``: a :class:`~meanablate.Circuit`; ``sweep`` / ``attribution``: the
     :class:`~meanablate.Scores` of every unit (exact effects / estimates); ``cis``: one
     interval per unit of the sweep; ``circuit_scores``: :func:`~meanablate.score_circuit`'s
-    result (faithfulness interval, completeness, minimality).
+    result (faithfulness interval, completeness, minimality). ``edges`` / ``edges_left_out``:
+    the measured edges drawn on the graph (see :func:`meanablate.results.edges.edge_results`,
+    which fills them from an edge circuit).
     """
     import meanablate as ma
     from meanablate.metrics import get_metric
@@ -207,6 +211,7 @@ def discovery_results(
         "certificate",
         "certificate_text",
         "mean_kind",
+        "keep_positions",
         "abs_threshold",
         "behaviour",
         "behaviour_ci",
@@ -251,7 +256,8 @@ def discovery_results(
             "roc": roc,
         },
         "curve": dict(curve) if curve else None,
-        "edges": None,
+        "edges": [dict(e) for e in edges] if edges is not None else None,
+        "edges_left_out": edges_left_out,
         "timings": {k: max(0.0, float(v)) for k, v in timings.items()},
         "unit_scores": None if circuit.unit_scores is None else scores_to_dict(circuit.unit_scores),
         "title": title,
