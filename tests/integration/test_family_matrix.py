@@ -325,8 +325,24 @@ def _replace(x: Tensor, fill: Tensor, sel: Sel) -> Tensor:
     return new
 
 
-def _ref_logits(name: str, units: list[str], method: str, batch: dict) -> Tensor:
-    model, batches, source, _ = _setup(name)
+def _corrupted(name: str, batch: dict) -> dict:
+    """The clean batch with its ids swapped for ``batch['corrupt']`` (the same padding)."""
+    out = {k: v for k, v in batch.items() if k != "corrupt"}
+    out[CASES[name].ids_key] = batch["corrupt"]
+    return out
+
+
+def _with_corrupt(name: str, batches: list[dict]) -> list[dict]:
+    """Each batch paired with another's ids as its counterfactual, padded alike."""
+    key = CASES[name].ids_key
+    return [dict(b, corrupt=batches[(i + 1) % len(batches)][key]) for i, b in enumerate(batches)]
+
+
+def _ref_logits(
+    name: str, units: list[str], method: str, batch: dict, source: dict | None = None
+) -> Tensor:
+    model, batches, default_source, _ = _setup(name)
+    source = default_source if source is None else source
     # every fill is read from the clean model, before any replacement is attached
     fills: list[Callable[[Tensor], Tensor]] = []
     for unit in units:
@@ -413,19 +429,30 @@ def test_ablation_effect_equals_plain_hooks(name: str, method: str) -> None:
     assert moved > 1e-3  # the ablations change the output: the comparison can fail
 
 
-@pytest.mark.parametrize("method", ["mean", "zero"])
+@pytest.mark.parametrize("method", ["mean", "zero", "resample"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_sweep_and_set_metric_equal_plain_hooks(name: str, method: str) -> None:
     model, batches, _, means = _setup(name)
     units = list(CASES[name].units)
+    if method == "resample":  # each example's own corrupted twin supplies the values
+        batches, means = _with_corrupt(name, batches), None
+        sources = [_corrupted(name, b) for b in batches]
+        moved = max(
+            float((_ref_logits(name, [u], method, b, s) - _run(model, name, b)).abs().max())
+            for u in units
+            for b, s in zip(batches, sources)
+        )
+        assert moved > 1e-3  # the corrupted values differ: the comparison can fail
+    else:
+        sources = [None] * len(batches)
     cleans = [_run(model, name, b) for b in batches]
     for metric in METRICS:
         want = torch.stack(
             [
                 torch.cat(
                     [
-                        _ref_effect(metric, _ref_logits(name, [u], method, b), c, b)
-                        for b, c in zip(batches, cleans)
+                        _ref_effect(metric, _ref_logits(name, [u], method, b, s), c, b)
+                        for b, c, s in zip(batches, cleans, sources)
                     ]
                 )
                 for u in units
@@ -439,8 +466,8 @@ def test_sweep_and_set_metric_equal_plain_hooks(name: str, method: str) -> None:
         for chosen in [[u] for u in units] + [units[:2], units[1:]]:
             ref = torch.cat(
                 [
-                    _ref_metric(metric, _ref_logits(name, chosen, method, b), c, b)
-                    for b, c in zip(batches, cleans)
+                    _ref_metric(metric, _ref_logits(name, chosen, method, b, s), c, b)
+                    for b, c, s in zip(batches, cleans, sources)
                 ]
             )
             _check(metric, scorer(chosen), ref)
@@ -600,3 +627,53 @@ def test_continuous_sweeps_take_the_linear_write_of_heads_and_post_ln_neurons(
         if name != "neox":
             # the projection (and MLP half, norm) run as the block runs them: same bits
             assert torch.equal(fast.per_example, full.per_example)
+
+
+@pytest.mark.parametrize("fault", ["shape", "padding", "mask_shape"])
+def test_a_misaligned_corrupt_field_is_a_clear_error(fault: str) -> None:
+    """A counterfactual that does not line up with its clean batch is refused by every
+    resample path (sweep fast and not, SetMetric, discover), naming the field and shapes."""
+    model, batches, _, _ = _setup("gpt2")
+    bad = _with_corrupt("gpt2", batches)
+    amask = bad[1]["attention_mask"]
+    if fault == "shape":  # one position short
+        bad[1]["corrupt"] = bad[1]["corrupt"][:, :-1]
+        want = r"batch\['corrupt'\] has shape \(4, 5\), batch\['input_ids'\] has \(4, 6\)"
+    elif fault == "padding":  # the same shape, padded on the other side
+        bad[1]["corrupt_attention_mask"] = amask.flip(-1)
+        want = (
+            r"batch\['corrupt_attention_mask'\] \(shape \(4, 6\), .*\) differs from "
+            r"batch\['attention_mask'\] \(shape \(4, 6\)"
+        )
+    else:
+        bad[1]["corrupt_attention_mask"] = amask[:, :-1]
+        want = (
+            r"batch\['corrupt_attention_mask'\] \(shape \(4, 5\), .*\) differs from "
+            r"batch\['attention_mask'\] \(shape \(4, 6\)"
+        )
+    units = list(CASES["gpt2"].units)[:2]
+    calls = {
+        "sweep": lambda: ma.sweep(model, bad, units, None, metric="kl", method="resample"),
+        "sweep(fast=False)": lambda: ma.sweep(
+            model, bad, units, None, metric="kl", method="resample", fast=False
+        ),
+        "SetMetric": lambda: SetMetric(model, bad, units, None, "kl", method="resample")(units),
+        "discover": lambda: ma.discover(
+            model,
+            bad,
+            None,
+            units=units,
+            metric="kl",
+            method="resample",
+            threshold=0.01,
+            force=True,
+        ),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=want):
+            call()
+        assert not _any_hooks(model), what
+
+
+def _any_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -89,27 +89,40 @@ def check_corrupt(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
             "a counterfactual source needs batch['corrupt']: corrupted token ids "
             f"[batch, pos] aligned with batch['tokens'] (have {have})"
         )
-    tokens = batch["tokens"] if "tokens" in batch else batch.get("input_ids")
+    key = "tokens" if "tokens" in batch else "input_ids"
+    tokens = batch.get(key)
     if tokens is None:
         raise ValueError(f"a batch needs 'tokens' (or 'input_ids'), have {sorted(batch)}")
     corrupt = batch["corrupt"]
     if not isinstance(corrupt, Tensor) or corrupt.shape != tokens.shape:
         shape = tuple(corrupt.shape) if isinstance(corrupt, Tensor) else type(corrupt).__name__
         raise ValueError(
-            f"batch['corrupt'] has shape {shape}, batch['tokens'] has {tuple(tokens.shape)}: "
+            f"batch['corrupt'] has shape {shape}, batch[{key!r}] has {tuple(tokens.shape)}: "
             "each clean example needs a corrupted one of the same length (pad both alike)"
         )
     mask = batch.get("attention_mask")
     cmask = batch.get("corrupt_attention_mask", mask)
     if (mask is None) != (cmask is None) or (
-        mask is not None and not torch.equal(mask.bool(), cmask.bool())
+        mask is not None
+        and (mask.shape != cmask.shape or not torch.equal(mask.bool(), cmask.bool()))
     ):
         raise ValueError(
-            "batch['corrupt_attention_mask'] differs from batch['attention_mask']: the clean "
-            "and corrupted inputs must pad the same positions (align them, e.g. pad both "
-            "to the same length on the same side)"
+            f"batch['corrupt_attention_mask'] ({_describe_mask(cmask)}) differs from "
+            f"batch['attention_mask'] ({_describe_mask(mask)}): the clean and corrupted "
+            "inputs must pad the same positions (align them, e.g. pad both to the same "
+            "length on the same side)"
         )
     return corrupt, cmask
+
+
+def _describe_mask(mask: Any) -> str:
+    """A mask's shape and real tokens per example, for error messages."""
+    if mask is None:
+        return "absent"
+    if not isinstance(mask, Tensor):
+        return type(mask).__name__
+    lengths = mask.bool().sum(-1).tolist() if mask.ndim >= 1 else mask.tolist()
+    return f"shape {tuple(mask.shape)}, real tokens per example {lengths}"
 
 
 def resample_batch(batch: Any, method: str) -> dict[str, Any] | None:
