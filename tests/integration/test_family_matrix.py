@@ -677,3 +677,28 @@ def test_a_misaligned_corrupt_field_is_a_clear_error(fault: str) -> None:
 
 def _any_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_sequential_neox_heads_finish_their_block_like_the_hooked_forward(monkeypatch) -> None:
+    """``use_parallel_residual=False``: the heads' change enters the stream the MLP reads
+    (not only the block output), so the route re-runs the MLP half: the same bits."""
+    from meanablate.discovery import layerskip
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=24,
+        max_position_embeddings=P, vocab_size=VOCAB, initializer_range=0.3,
+        use_parallel_residual=False,
+    )  # fmt: skip
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    batches = [_batch(CASES["neox"], 1), _batch(CASES["neox"], 2)]
+    units = [f"gpt_neox.layers.{layer}.attention.dense@input[heads=2]" for layer in (0, 1)]
+    means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), batches)
+    used = []
+    original = layerskip.run_linear
+    monkeypatch.setattr(layerskip, "run_linear", lambda *a: used.append(1) or original(*a))
+    fast = ma.sweep(model, batches, units, means, metric="loss")
+    assert len(used) == len(units) * len(batches)
+    full = ma.sweep(model, batches, units, means, metric="loss", fast=False)
+    assert torch.equal(fast.per_example, full.per_example)
+    assert full.per_example.abs().max() > 1e-3
