@@ -209,6 +209,12 @@ CASES = {
                 ("all",),
             ),
             "bert.encoder.layer.1@input[pos=2]": ("bert.encoder.layer.1", "in", ("pos", 2)),
+            # written linearly before layer 0's output LayerNorm: the sweep's "norm" path
+            "bert.encoder.layer.0.intermediate[neurons=5]": (
+                "bert.encoder.layer.0.intermediate",
+                "out",
+                ("neuron", 5),
+            ),
         },
     ),
     "generic": Case(
@@ -525,7 +531,10 @@ def test_sweeps_resume_from_the_units_block(name: str, monkeypatch) -> None:
     n_embeddings = calls["embedding"]
     calls["embedding"] = 0
     full = ma.sweep(model, batches, units, means, metric="kl", fast=False)
-    assert torch.equal(fast.per_example, full.per_example)
+    if name == "bert":  # its last layer's neuron takes the pre-LN linear write
+        torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(fast.per_example, full.per_example)
     per_run = calls["embedding"] // (len(batches) * (1 + len(units)))
     assert per_run >= 1 and n_embeddings == per_run * len(batches)
 
@@ -563,6 +572,61 @@ def test_continuous_sweeps_take_the_neurons_linear_write(name: str, monkeypatch)
         else:
             torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
             assert full.per_example.abs().max() > 1e-3
+
+
+LINEAR_UNITS = [
+    ("gpt2", "transformer.h.0.attn.c_proj@input[heads=1]"),
+    ("llama", "model.layers.0.self_attn.o_proj@input[heads=3]"),
+    ("neox", "gpt_neox.layers.0.attention.dense@input[heads=2]"),  # parallel: "post"
+    ("bert", "bert.encoder.layer.0.attention.output.dense@input[heads=1]"),
+    ("bert", "bert.encoder.layer.0.intermediate[neurons=5]"),  # pre-LN delta, then layer 1
+    ("bert", "bert.encoder.layer.1.intermediate[neurons=3]"),  # pre-LN delta, last layer
+]
+
+
+@pytest.mark.parametrize(("name", "unit"), LINEAR_UNITS)
+def test_continuous_sweeps_take_the_linear_write_of_heads_and_post_ln_neurons(
+    name: str, unit: str, monkeypatch
+) -> None:
+    """Heads finish their block from the re-projected ablated input (the MLP half only,
+    no attention); BERT neurons enter before the output LayerNorm; NeoX's parallel heads
+    add to the block output. Continuous metrics only; accuracy keeps the hooked route."""
+    from meanablate.discovery import layerskip
+
+    model, batches, _, means = _setup(name)
+    used = []
+    original = layerskip.run_linear
+    monkeypatch.setattr(layerskip, "run_linear", lambda *a: used.append(1) or original(*a))
+    # the block's attention must not re-run for a unit on the linear route (counted at
+    # the class: a hook on the model would turn the resumed runs off)
+    attn_calls = []
+    block = family_of(model).blocks()[1][0]
+    attn = next(m for n, m in block.named_children() if n in ("attn", "self_attn", "attention"))
+    inner = getattr(attn, "self", attn)  # BERT: attention.self holds q/k/v
+    attn_forward = type(inner).forward
+
+    def counting(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        attn_calls.append(self is inner)
+        return attn_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(inner), "forward", counting)
+    for metric in METRICS:
+        used.clear()
+        attn_calls.clear()
+        fast = ma.sweep(model, batches, [unit], means, metric=metric)
+        n_clean = len(attn_calls)
+        full = ma.sweep(model, batches, [unit], means, metric=metric, fast=False)
+        assert len(used) == (0 if metric == "accuracy" else len(batches))
+        if metric == "accuracy":
+            assert torch.equal(fast.per_example, full.per_example)
+            continue
+        torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
+        assert full.per_example.abs().max() > 1e-3
+        if ".0." in unit:  # block 0's attention ran in the clean runs only
+            assert sum(attn_calls[:n_clean]) == len(batches)
+        if name != "neox":
+            # the projection (and MLP half, norm) run as the block runs them: same bits
+            assert torch.equal(fast.per_example, full.per_example)
 
 
 @pytest.mark.parametrize("fault", ["shape", "padding", "mask_shape"])
@@ -613,3 +677,28 @@ def test_a_misaligned_corrupt_field_is_a_clear_error(fault: str) -> None:
 
 def _any_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_sequential_neox_heads_finish_their_block_like_the_hooked_forward(monkeypatch) -> None:
+    """``use_parallel_residual=False``: the heads' change enters the stream the MLP reads
+    (not only the block output), so the route re-runs the MLP half: the same bits."""
+    from meanablate.discovery import layerskip
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=24,
+        max_position_embeddings=P, vocab_size=VOCAB, initializer_range=0.3,
+        use_parallel_residual=False,
+    )  # fmt: skip
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    batches = [_batch(CASES["neox"], 1), _batch(CASES["neox"], 2)]
+    units = [f"gpt_neox.layers.{layer}.attention.dense@input[heads=2]" for layer in (0, 1)]
+    means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), batches)
+    used = []
+    original = layerskip.run_linear
+    monkeypatch.setattr(layerskip, "run_linear", lambda *a: used.append(1) or original(*a))
+    fast = ma.sweep(model, batches, units, means, metric="loss")
+    assert len(used) == len(units) * len(batches)
+    full = ma.sweep(model, batches, units, means, metric="loss", fast=False)
+    assert torch.equal(fast.per_example, full.per_example)
+    assert full.per_example.abs().max() > 1e-3

@@ -24,7 +24,18 @@ from torch import Tensor, nn
 from meanablate.families import Family, LinearWrite
 from meanablate.sites import Site
 
-__all__ = ["BlockCalls", "block_of", "linear_site", "record_block_calls", "run_from", "run_linear"]
+__all__ = [
+    "BlockCalls",
+    "ablated_heads",
+    "ablated_neurons",
+    "block_of",
+    "linear_site",
+    "record_block_calls",
+    "resume_layer",
+    "run_from",
+    "run_linear",
+    "write_delta",
+]
 
 
 def block_of(path: str, prefix: str, n_blocks: int) -> int | None:
@@ -99,18 +110,77 @@ def run_from(family: Family, calls: BlockCalls, layer: int, hidden: Tensor | Non
 
 
 def linear_site(family: Family, site: Site) -> LinearWrite | None:
-    """How a neurons-only ``site`` writes linearly into the stream after its block, when
-    a later block exists to resume from (``None``: run the unit's block itself). Check
+    """How a neurons-only or heads-only ``site`` writes linearly into the stream, when
+    the run can resume there (``None``: run the unit's block itself).
+
+    ``"post"`` writes resume from the next block's recorded input, so a later block must
+    exist; ``"mid"``/``"norm"`` writes resume from the stream the family names
+    (:meth:`Family.stream_key`, recorded in the clean run). Check
     ``calls.resumable_from(write.layer + 1)`` once the calls are recorded."""
-    if site.neurons is None or site.positions is not None or site.heads is not None:
+    if site.positions is not None or (site.neurons is None) == (site.heads is None):
         return None
     write = family.linear_write(site)
     found = family.blocks()
-    if write is None or found is None or write.enters != "post" or write.weight.ndim != 2:
+    if write is None or found is None:
         return None
-    if write.layer + 1 >= len(found[1]):  # the last block's output is not recorded
+    if write.weight.ndim != (2 if site.neurons is not None else 3):
+        return None
+    if site.heads is not None and site.n_heads != write.weight.shape[0]:
+        return None  # a head view other than the projection's: run the block
+    if write.enters == "post":
+        if write.layer + 1 >= len(found[1]):  # the last block's output is not recorded
+            return None
+    elif site.heads is not None:
+        if type(family).finish_heads is Family.finish_heads:
+            return None
+    elif family.stream_key(write) is None:
         return None
     return write
+
+
+def resume_layer(write: LinearWrite) -> int:
+    """The first block whose recorded call :func:`run_linear` reads: the unit's own (a
+    head finishing its block from the block's input) or the next."""
+    return write.layer if write.weight.ndim == 3 and write.enters != "post" else write.layer + 1
+
+
+def write_delta(site: Site, write: LinearWrite, act: Tensor, fill: Tensor) -> Tensor:
+    """``(fill - act) @ W`` over ``site``'s units: ``[batch, pos, d_model]``.
+
+    Neurons: ``act [batch, pos, d_mlp]``, ``W [d_mlp, d_model]``. Heads: ``act`` the flat
+    ``[batch, pos, n_heads * d_head]`` projection input, ``W [n_heads, d_head, d_model]``;
+    ``fill`` as :func:`~meanablate.intervene._fill_for` gives it (scalar, or ending in
+    ``[n_heads, d_head]`` for heads)."""
+    w = write.weight.to(act.dtype)
+    if site.neurons is not None:
+        idx = list(site.neurons)
+        f = fill if fill.ndim == 0 else fill[..., idx]
+        return (f - act[..., idx]) @ w[idx]
+    heads = list(site.heads or ())
+    n, d = w.shape[0], w.shape[1]
+    view = act.reshape(*act.shape[:-1], n, d)[..., heads, :]
+    f = fill if fill.ndim == 0 else fill[..., heads, :]
+    diff = (f - view).reshape(*act.shape[:-1], len(heads) * d)
+    return diff @ w[heads].reshape(len(heads) * d, w.shape[-1])
+
+
+def ablated_heads(site: Site, act: Tensor, fill: Tensor) -> Tensor:
+    """The flat head activation ``act`` ``[batch, pos, n_heads * d_head]`` with
+    ``site``'s heads set to ``fill`` (as :func:`~meanablate.intervene._fill_for` gives it)."""
+    n = site.n_heads
+    assert n is not None
+    view = act.reshape(*act.shape[:-1], n, act.shape[-1] // n).clone()
+    heads = list(site.heads or ())
+    view[..., heads, :] = fill if fill.ndim == 0 else fill[..., heads, :]
+    return view.reshape(act.shape)
+
+
+def ablated_neurons(site: Site, act: Tensor, fill: Tensor) -> Tensor:
+    """``act`` ``[batch, pos, d_mlp]`` with ``site``'s neurons set to ``fill``."""
+    idx = list(site.neurons or ())
+    out = act.clone()
+    out[..., idx] = fill if fill.ndim == 0 else fill[..., idx]
+    return out
 
 
 def run_linear(
@@ -120,18 +190,41 @@ def run_linear(
     write: LinearWrite,
     act: Tensor,
     fill: Tensor,
+    stream: Tensor | None = None,
 ) -> Tensor:
-    """The output with ``site``'s neurons set to ``fill``, from the next block on.
+    """The output with ``site``'s units set to ``fill``, resumed where they write.
 
-    The neurons reach the stream only through ``write.weight`` (``[d_mlp, d_model]``), so
-    block ``L``'s output moves by exactly ``(fill - act)[..., neurons] @ W[neurons]``;
-    blocks ``L+1..`` then run from the clean output plus that change. Equal to the hooked
-    forward up to float rounding (continuous metrics only: a discrete one reruns block
-    ``L`` through the hook, bit for bit).
+    The units reach the stream only through ``write.weight``, so nothing before it in
+    block ``L`` (the attention, for a neuron or a head) needs to re-run:
+
+    - ``"post"`` (GPT-2/Llama/NeoX neurons, NeoX's parallel heads): blocks ``L+1..`` run
+      from the next block's recorded input plus ``(fill - act) @ W``
+      (:func:`write_delta`): equal to the hooked forward up to float rounding.
+    - heads entering ``"mid"``/``"norm"``: the output projection re-runs on the ablated
+      activation, then the rest of block ``L`` as the block computes it
+      (:meth:`Family.finish_heads`: residual add, the MLP half) from its recorded input.
+    - neurons entering ``"norm"`` (post-LN encoders): the output dense re-runs on the
+      ablated activation and the layer norm on its sum with ``stream``, the clean run's
+      value at :meth:`Family.stream_key` (:meth:`Family.finish_block`).
+
+    The last two take the hooked forward's own steps on its own inputs (the same bits on
+    CPU). Still, only continuous metrics route here: a discrete one reruns block ``L``
+    through the hook, the one definition of exact.
     """
-    idx = list(site.neurons or ())
-    f = fill if fill.ndim == 0 else fill[..., idx]
-    delta = (f - act[..., idx]) @ write.weight[idx].to(act.dtype)
-    call = calls.calls[write.layer + 1]
-    assert call is not None
-    return run_from(family, calls, write.layer + 1, hidden=call[0][0] + delta)
+    if write.weight.ndim == 3 and write.enters != "post":
+        # Heads: the projection re-runs on the ablated input (a d_model x d_model product,
+        # cheap next to the attention it replaces), so the rest of the block sees the
+        # hooked forward's own sums rather than clean + delta.
+        z = ablated_heads(site, act, fill)
+        call = calls.calls[write.layer]
+        assert call is not None
+        hidden = family.finish_heads(write, z, call[0][0])
+        return run_from(family, calls, write.layer + 1, hidden=hidden)
+    if write.enters == "post":
+        delta = write_delta(site, write, act, fill)
+        call = calls.calls[write.layer + 1]
+        assert call is not None
+        return run_from(family, calls, write.layer + 1, hidden=call[0][0] + delta)
+    assert stream is not None
+    hidden = family.finish_block(write, ablated_neurons(site, act, fill), stream)
+    return run_from(family, calls, write.layer + 1, hidden=hidden)

@@ -255,8 +255,9 @@ def _hooked_effects(
     """
     family = family_of(model)
     skip = skip_layers and not fastpath.any_hooks(model)
-    # Continuous metrics may take the neurons' linear write into the next block; discrete
-    # ones rerun the unit's block through its hook, as the hooked forward does.
+    # Continuous metrics may take a unit's linear write (neurons, heads) into the stream
+    # it enters; discrete ones rerun the unit's block through its hook, as the hooked
+    # forward does.
     linear = skip and not m.discrete and method in ("mean", "zero")
     sites = {u: check_sites(model, u)[0] for u in units}
     with layerskip.record_block_calls(family) if skip else nullcontext() as calls:
@@ -264,11 +265,14 @@ def _hooked_effects(
         if calls is not None and linear:
             writes = {u: layerskip.linear_site(family, s) for u, s in sites.items()}
             writes = {u: w for u, w in writes.items() if w is not None}
-        keys = sorted({sites[u].key for u in writes})
+        streams = {u: family.stream_key(w) for u, w in writes.items()}
+        keys = sorted({sites[u].key for u in writes} | {k for k in streams.values() if k})
         with capture(model, keys) as acts:
             clean = output_tensor(run_model(model, batch))
     if calls is not None:
-        writes = {u: w for u, w in writes.items() if calls.resumable_from(w.layer + 1)}
+        writes = {
+            u: w for u, w in writes.items() if calls.resumable_from(layerskip.resume_layer(w))
+        }
     effect_of = m.bind(batch, clean)
     n_blocks = len(calls.calls) if calls is not None else 0
     prefix = family.blocks()[0] if calls is not None else ""  # type: ignore[index]
@@ -277,7 +281,8 @@ def _hooked_effects(
         if u in writes:
             site, act = sites[u], acts[sites[u].key]
             fill = _fill_for(site, act, means, method, None)
-            out = layerskip.run_linear(family, calls, site, writes[u], act, fill)  # type: ignore[arg-type]
+            stream = acts[streams[u]] if streams[u] else None
+            out = layerskip.run_linear(family, calls, site, writes[u], act, fill, stream)  # type: ignore[arg-type]
             effects[u] = effect_of(out)
             if bar is not None:
                 bar.update(1)

@@ -137,6 +137,25 @@ class Family:
         """How ``site``'s units write into the residual stream (``None``: not linearly)."""
         return None
 
+    def stream_key(self, write: LinearWrite) -> str | None:
+        """The activation key (``module@input``) that :meth:`finish_block` needs for a
+        ``"mid"`` or ``"norm"`` neuron write, recorded in the clean run (``None``: not
+        known)."""
+        return None
+
+    def finish_block(self, write: LinearWrite, z: Tensor, stream: Tensor) -> Tensor:
+        """Block ``write.layer``'s output from the units' ablated activation ``z`` and the
+        clean run's tensor at :meth:`stream_key`: the block's remaining modules, called as
+        its forward calls them (so equal to the hooked forward's bits)."""
+        raise NotImplementedError
+
+    def finish_heads(self, write: LinearWrite, z: Tensor, block_input: Tensor) -> Tensor:
+        """Block ``write.layer``'s output from the heads' ablated activation ``z`` (the
+        output projection's input, ``[batch, pos, n_heads * d_head]``) and the block's
+        recorded input: the projection, the residual add and the MLP half, each as the
+        block's own forward computes it (so equal to the hooked forward's bits)."""
+        raise NotImplementedError
+
     def tail(self, hidden: Tensor) -> Tensor:
         """Final norm + unembedding: the last block's output -> the model's logits."""
         raise NotImplementedError

@@ -177,12 +177,38 @@ class HFFamily(Family):
         after the block (``None``: not written linearly there)."""
         return None
 
+    def head_weight(self, layer: int) -> Tensor | None:
+        """``[n_heads * d_head, d_model]``: the attention output projection of ``layer``
+        as ``y = x @ W`` (``None``: the heads are not written linearly)."""
+        return None
+
+    # Where each kind of unit's delta enters (see LinearWrite); subclasses override.
+    neuron_enters: ClassVar[str] = "post"
+
+    def head_enters(self) -> str | None:
+        """``"mid"`` (the stream between attention and MLP), ``"post"`` (parallel
+        attention and MLP: the block output) or ``"norm"`` (post-LN)."""
+        return "mid"
+
     def linear_write(self, site: Site) -> LinearWrite | None:
         info = self.unit_info(site)
-        if info.kind != "neuron" or info.layer is None:
+        if info.layer is None:
             return None
-        weight = self.neuron_weight(info.layer)
-        return None if weight is None else LinearWrite(weight, info.layer, "post")
+        if info.kind == "neuron":
+            weight = self.neuron_weight(info.layer)
+            enters = self.neuron_enters
+        elif info.kind == "head":
+            weight, enters = self.head_weight(info.layer), self.head_enters()
+            if weight is not None:  # [n_heads, d_head, d_model], as LinearWrite says
+                weight = weight.reshape(self.n_heads, self.d_head, weight.shape[-1])
+        else:
+            return None
+        if weight is None or enters is None:
+            return None
+        return LinearWrite(weight, info.layer, enters)  # type: ignore[arg-type]
+
+    def _module(self, template: str, layer: int) -> nn.Module:
+        return self.model.get_submodule(self.site_of(template, layer))
 
     # -- resuming ------------------------------------------------------------------------
     def _root_head(self) -> tuple[bool, str | None]:
@@ -202,6 +228,8 @@ class HFFamily(Family):
         # that starts empty only returns the keys and values it is given, so running
         # without one is the same computation (transformers does the same under
         # gradient checkpointing). A cache that held earlier tokens cannot be dropped.
+        # Lengths count the first layer's entries: 0 at the first block (nothing cached
+        # yet: without this, block 0 never resumed), this forward's tokens after it.
         hidden = args[0] if args else None  # the stream must come positionally
         if not isinstance(hidden, Tensor):
             return None
@@ -209,7 +237,7 @@ class HFFamily(Family):
         def drop(value: Any) -> Any:
             if not _is_cache(value):
                 return value
-            if value.get_seq_length() != hidden.shape[1]:  # type: ignore[union-attr]
+            if value.get_seq_length() not in (0, hidden.shape[1]):  # type: ignore[union-attr]
                 raise _UnsafeError
             return None
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from meanablate.families import register
+from torch import Tensor
+
+from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
 
 __all__ = ["HFBert"]
@@ -36,3 +38,36 @@ class HFBert(HFFamily):
         if getattr(self.config, "chunk_size_feed_forward", 0):
             return False
         return super().can_resume()
+
+    # Post-LN: both kinds of unit write through a dense layer whose output is added to
+    # the sublayer's input *before* its LayerNorm, so the delta enters there ("norm").
+    neuron_enters = "norm"
+
+    def head_enters(self) -> str | None:
+        # A decoder with cross-attention runs it between the two halves: not re-run here.
+        return None if getattr(self.config, "add_cross_attention", False) else "norm"
+
+    def neuron_weight(self, layer: int) -> Tensor:
+        return self._module("encoder.layer.{L}.output.dense", layer).weight.T
+
+    def head_weight(self, layer: int) -> Tensor:
+        return self._module("encoder.layer.{L}.attention.output.dense", layer).weight.T
+
+    def stream_key(self, write: LinearWrite) -> str | None:
+        # a neuron: BertOutput(x, input_tensor) = LayerNorm(dropout(dense(x)) +
+        # input_tensor), input_tensor the attention output (the intermediate's input)
+        if write.enters != "norm" or write.weight.ndim != 2:
+            return None
+        return self.site_of("encoder.layer.{L}.intermediate@input", write.layer)
+
+    def finish_block(self, write: LinearWrite, z: Tensor, stream: Tensor) -> Tensor:
+        # dense re-runs on the ablated neurons (not clean + delta): the pre-LN sum is then
+        # the hooked forward's own, bit for bit, at the cost of one [d_mlp, d_model] product
+        return self._module("encoder.layer.{L}.output", write.layer)(z, stream)
+
+    def finish_heads(self, write: LinearWrite, z: Tensor, block_input: Tensor) -> Tensor:
+        # BertLayer: attention_output = BertSelfOutput(z, h) (dense, dropout, LayerNorm of
+        # the sum), then feed_forward_chunk (can_resume excludes chunking)
+        layer = self._module("encoder.layer.{L}", write.layer)
+        attention_output = layer.attention.output(z, block_input)
+        return layer.output(layer.intermediate(attention_output), attention_output)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from meanablate.families import register
+from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
 
 __all__ = ["HFGPT2"]
@@ -49,4 +49,19 @@ class HFGPT2(HFFamily):
     def neuron_weight(self, layer: int) -> Tensor:
         # block output = resid_mid + dropout(c_proj(act)); c_proj is a Conv1D, whose
         # weight is [in, out] = [d_mlp, d_model] (dropout: identity in eval mode)
-        return self.model.get_submodule(self.site_of("h.{L}.mlp.c_proj", layer)).weight
+        return self._module("h.{L}.mlp.c_proj", layer).weight
+
+    def head_weight(self, layer: int) -> Tensor:
+        return self._module("h.{L}.attn.c_proj", layer).weight  # Conv1D: [in, out]
+
+    def head_enters(self) -> str | None:
+        # With cross-attention, ln_2 reads the stream after it: the heads' delta would
+        # pass through the cross-attention, which is not re-run here.
+        return None if getattr(self.config, "add_cross_attention", False) else "mid"
+
+    def finish_heads(self, write: LinearWrite, z: Tensor, block_input: Tensor) -> Tensor:
+        # GPT2Block: h = attn_output + residual; then residual = h; h = residual + mlp(ln_2(h))
+        attn = self._module("h.{L}.attn", write.layer)
+        mid = attn.resid_dropout(attn.c_proj(z)) + block_input
+        mlp = self._module("h.{L}.mlp", write.layer)
+        return mid + mlp(self._module("h.{L}.ln_2", write.layer)(mid))

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from meanablate.families import register
+from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
 
 __all__ = ["HFLlama"]
@@ -78,3 +78,12 @@ class HFLlama(HFFamily):
         # block output = resid_mid + down_proj(act); nn.Linear's weight is [out, in]
         path = self.site_of(self.neurons_site, layer).removesuffix("@input")
         return self.model.get_submodule(path).weight.T
+
+    def head_weight(self, layer: int) -> Tensor:
+        return self._module("layers.{L}.self_attn.o_proj", layer).weight.T
+
+    def finish_heads(self, write: LinearWrite, z: Tensor, block_input: Tensor) -> Tensor:
+        # LlamaDecoderLayer: h = residual + o_proj(z); h = h + mlp(post_attention_layernorm(h))
+        mid = block_input + self._module("layers.{L}.self_attn.o_proj", write.layer)(z)
+        norm = self._module("layers.{L}.post_attention_layernorm", write.layer)
+        return mid + self._module("layers.{L}.mlp", write.layer)(norm(mid))
