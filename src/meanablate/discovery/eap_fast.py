@@ -10,13 +10,14 @@ per-head products are formed once, by a custom backward at q, k and v
 (:class:`_SharedProjection`) that keeps them and passes their sum on, where autograd would
 form the sum itself; the layer norm's centring is never applied to a
 ``[batch, pos, d_model]`` gradient but folded into the contraction with the sources'
-changes (:func:`_pairs_impl`). This avoids materialising a separate stream per head input,
+changes (:func:`_pairs_impl`). Each head's output is recorded at ``hook_result`` (the
+forward then forms it per head). This avoids materialising a separate stream per head input,
 which the masked forward needs only away from the clean run (EAP-IG). The tests check it
 against the masked forward's probes and finite differences.
 
 Cost on the benchmark model (bench_edges.py: 4 layers, d_model 256, batch 32 x 32, one
-thread): ~3.2 forward-equivalents, of which the forward and backward ~2.4 and the
-products ~0.7 (the contractions ~0.3, the head outputs ~0.1).
+thread): ~3.0-3.1 forward-equivalents, of which the forward and backward (with the
+per-head products) ~2.4 and the contractions with the sources ~0.6.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def clean_pair_scores(data: Any, item: Any, metric: Any) -> Tensor:
     grad_keys.append(f"blocks.{n_layers - 1}.hook_resid_post")
     keep_keys = ["hook_embed", "hook_pos_embed"]
     for layer in range(n_layers):
-        keep_keys += [f"blocks.{layer}.attn.hook_z"]
+        # each head's output, which the forward then forms per head and sums
+        keep_keys += [f"blocks.{layer}.attn.hook_result"]
         if graph.has_mlp:
             keep_keys.append(f"blocks.{layer}.hook_mlp_out")
         if has_ln:
@@ -258,11 +260,8 @@ def _pairs_impl(data: Any, item: Any, acts: dict, grads: dict) -> Tensor:
     delta[0] = ablated[0] - (acts["hook_embed"] + acts["hook_pos_embed"])
     i = 1
     for layer in range(n_layers):
-        attn = model.blocks[layer].attn
-        z = acts[f"blocks.{layer}.attn.hook_z"].permute(2, 0, 1, 3).reshape(n_h, b * p, -1)
-        part = delta[i : i + n_h]
-        torch.bmm(z, attn.W_O, out=part.view(n_h, b * p, d))  # each head's output
-        part.neg_().add_(ablated[i : i + n_h])
+        result = acts[f"blocks.{layer}.attn.hook_result"].permute(2, 0, 1, 3)
+        torch.sub(ablated[i : i + n_h], result, out=delta[i : i + n_h])
         i += n_h
         if graph.has_mlp:
             torch.sub(ablated[i], acts[f"blocks.{layer}.hook_mlp_out"], out=delta[i])
