@@ -8,6 +8,9 @@ flowing from one block to the next — and finishes with the family's tail (fina
 unembedding). Calling the blocks as modules fires every hook on them, ``ablate``'s
 included. Nothing is replaced on the user's modules.
 
+Where a unit writes linearly (:func:`linear_site`, continuous metrics only), less
+runs: :func:`run_linear` skips the rest of the unit's block up to its write.
+
 Only families that declare it safe (:meth:`Family.can_resume`: the model's forward is
 exactly embed, blocks in order, tail) resume; any other model runs its full forward.
 """

@@ -133,7 +133,12 @@ def sweep(
     For continuous ones the stream resumes from ``resid + (fill - act) @ W``, the last
     layer runs only where the metric reads, and ``stack`` ablations share one forward
     (``"auto"``: 1 on CPU, calibrated on GPU): the same numbers up to float rounding.
-    Other models and sites run one hooked forward per unit.
+    On Hugging Face families the hooked forward resumes from the unit's block; for
+    continuous metrics, heads finish their block from the re-projected ablated input
+    (no attention re-run), BERT neurons re-run only ``output.dense`` and the layer norm,
+    and GPT-2/Llama/NeoX neurons start the next block from ``resid + (fill - act) @ W``
+    (:mod:`~meanablate.discovery.layerskip`). Other models and sites run one hooked
+    forward per unit.
 
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
