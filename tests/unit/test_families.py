@@ -236,3 +236,27 @@ def test_llama_style_classes_are_recognised_by_structure() -> None:
     assert (
         ma.transformer_units(model, "heads")[0] == "model.layers.0.self_attn.o_proj@input[heads=0]"
     )
+
+
+def test_a_cache_holding_earlier_tokens_is_never_dropped() -> None:
+    # A repeated block call may drop a key/value cache only if it held nothing before this
+    # forward: empty at block 0, exactly this forward's tokens at a later block. A cache
+    # holding as many *earlier* tokens as the input (4 and 4 here) must not pass at block 0.
+    from transformers import DynamicCache
+
+    family = family_of(MODELS["hf_gpt2"])
+    hidden = torch.zeros(1, 4, 16)
+
+    def cache(n_tokens: int) -> DynamicCache:
+        c = DynamicCache()
+        if n_tokens:
+            kv = torch.zeros(1, 4, n_tokens, 8)
+            c.update(kv, kv, 0)
+        return c
+
+    assert family.resume_call((hidden,), {"past_key_values": cache(0)}, block=0) is not None
+    assert family.resume_call((hidden,), {"past_key_values": cache(4)}, block=0) is None
+    assert family.resume_call((hidden,), {"past_key_values": cache(4)}, block=1) is not None
+    assert family.resume_call((hidden,), {"past_key_values": cache(8)}, block=1) is None
+    kept = family.resume_call((hidden,), {"past_key_values": cache(0)}, block=0)
+    assert kept is not None and kept[1]["past_key_values"] is None

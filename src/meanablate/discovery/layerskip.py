@@ -85,7 +85,7 @@ def record_block_calls(family: Family) -> Iterator[BlockCalls | None]:
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
             record.counts[i] += 1
-            record.calls[i] = family.resume_call(tuple(args), dict(kwargs))
+            record.calls[i] = family.resume_call(tuple(args), dict(kwargs), block=i)
 
         planned.append((block, "forward_pre_kwargs", pre))
     with attached(planned):  # atomic against Ctrl-C (see meanablate.hooks.attached)

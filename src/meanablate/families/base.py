@@ -119,9 +119,12 @@ class Family:
         :meth:`tail` gives exactly what the model's own forward gives (known families)."""
         return False
 
-    def resume_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    def resume_call(
+        self, args: tuple, kwargs: dict[str, Any], *, block: int | None = None
+    ) -> tuple[tuple, dict] | None:
         """A block's recorded call made safe to repeat (e.g. a key/value cache that the
-        clean run filled dropped), or ``None`` when it cannot be repeated."""
+        clean run filled dropped), or ``None`` when it cannot be repeated. ``block``: the
+        index of the block being called (recorded calls always give it)."""
         return args, kwargs
 
     def block_output(self, out: Any) -> Tensor:

@@ -223,21 +223,29 @@ class HFFamily(Family):
         known, _ = self._root_head()
         return known and not self.model.training
 
-    def resume_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    def resume_call(
+        self, args: tuple, kwargs: dict[str, Any], *, block: int | None = None
+    ) -> tuple[tuple, dict] | None:
         # The clean run filled a key/value cache; a repeat would append to it. A cache
         # that starts empty only returns the keys and values it is given, so running
         # without one is the same computation (transformers does the same under
         # gradient checkpointing). A cache that held earlier tokens cannot be dropped.
-        # Lengths count the first layer's entries: 0 at the first block (nothing cached
-        # yet: without this, block 0 never resumed), this forward's tokens after it.
+        # Lengths count the first layer's entries when the block is called: 0 at block 0
+        # (nothing cached yet), this forward's tokens at every later block. Anything else
+        # means earlier tokens (a cache holding exactly as many earlier tokens as this
+        # input would pass a check that ignored the block index). Unknown block: only a
+        # cache that is empty or holds just this forward's tokens.
         hidden = args[0] if args else None  # the stream must come positionally
         if not isinstance(hidden, Tensor):
             return None
+        allowed = (
+            (0, hidden.shape[1]) if block is None else ((0,) if block == 0 else (hidden.shape[1],))
+        )
 
         def drop(value: Any) -> Any:
             if not _is_cache(value):
                 return value
-            if value.get_seq_length() not in (0, hidden.shape[1]):  # type: ignore[union-attr]
+            if value.get_seq_length() not in allowed:  # type: ignore[union-attr]
                 raise _UnsafeError
             return None
 

@@ -298,7 +298,9 @@ class TLBridge(Family):
         cap = getattr(inner, "output_logits_soft_cap", None)
         return cap is None or cap <= 0
 
-    def resume_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    def resume_call(
+        self, args: tuple, kwargs: dict[str, Any], *, block: int | None = None
+    ) -> tuple[tuple, dict] | None:
         """The recorded call, repeatable: the stream positional, and a key/value cache
         dropped where it holds nothing yet (the bridge's attention components leave the
         HF cache empty; a cache holding earlier tokens makes the call unrepeatable)."""
@@ -311,7 +313,7 @@ class TLBridge(Family):
         new_args = tuple(_drop_empty_cache(a) for a in args)
         new_kwargs = {k: _drop_empty_cache(v) for k, v in kwargs.items()}
         # the rest (a cache the HF forward filled in step with the blocks) by the HF rule
-        return family.resume_call(new_args, new_kwargs)
+        return family.resume_call(new_args, new_kwargs, block=block)
 
     def tail(self, hidden: Tensor) -> Tensor:
         """Final norm + unembedding of the last block's output: the wrapped HF family's
