@@ -122,6 +122,13 @@ def faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
 def _ratio_ci(
     num: np.ndarray, den: np.ndarray, n_boot: int, level: float, seed: int
 ) -> tuple[float, float]:
+    """Paired percentile interval of ``mean(num) / mean(den)`` over examples.
+
+    Kept by hand rather than ``scipy.stats.bootstrap`` (which :func:`bootstrap_ci` uses):
+    a resample whose denominator is 0 has no ratio and must be left out, which scipy's
+    statistic cannot do (it would return inf/NaN bounds), and BCa's jackknife is
+    undefined as soon as one leave-one-out denominator is 0.
+    """
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, num.size, size=(n_boot, num.size))
     d = den[idx].mean(1)
