@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._display import Shown
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
 from meanablate.core import replace_where
@@ -284,8 +285,8 @@ def _rng_kwarg(seed: int) -> dict[str, Any]:
     return {name: np.random.default_rng(seed)}
 
 
-@dataclass(frozen=True)
-class Effect:
+@dataclass(frozen=True, repr=False)
+class Effect(Shown):
     """The effect of an ablation on a metric, with its spread over examples.
 
     ``value``: mean per-example effect; ``per_example [batch]``; ``ci``: bootstrap
@@ -304,22 +305,6 @@ class Effect:
     clean: float
     ablated: float
     metric: str
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """A pandas DataFrame (the ``pandas`` extra): one row per example, its effect."""
-        from meanablate.results.views import frame
-
-        return frame(self)
 
 
 def ablation_effect(

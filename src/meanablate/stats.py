@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from meanablate._display import Shown
 from meanablate._unwrap import unwrap
 from meanablate.data.normalize import as_batches
 from meanablate.errors import MissingSiteError
@@ -191,8 +192,8 @@ def _pad0(t: Tensor, n: int) -> Tensor:
     return torch.cat([t, pad])
 
 
-@dataclass
-class Means:
+@dataclass(repr=False)
+class Means(Shown):
     """Dataset means per site key (float64), with the token counts behind them.
 
     ``tensors[key]`` has the activation's shape without batch — ``[d]``, ``[head, d_head]``
@@ -210,22 +211,6 @@ class Means:
     counts: dict[str, Tensor]
     per_position: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """A pandas DataFrame (the ``pandas`` extra): one row per site (shape, tokens, mean abs)."""
-        from meanablate.results.views import frame
-
-        return frame(self)
 
     def __getitem__(self, key: str | Site) -> Tensor:
         k = key.key if isinstance(key, Site) else key

@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meanablate._display import Shown
 from meanablate.discovery.evaluate import faithfulness
 from meanablate.discovery.scores import Scores, auroc, roc_curve
 
 __all__ = ["Circuit"]
 
 
-@dataclass
-class Circuit:
+@dataclass(repr=False)
+class Circuit(Shown):
     """The units kept, their scores, and the metric for full / circuit / empty models.
 
     ``scores``: per unit, the evidence the algorithm used (ACDC: the metric change when
@@ -104,25 +105,6 @@ class Circuit:
         if unit not in self.scores:
             raise KeyError(f"no unit {unit!r} among the circuit's {len(self.units)} units")
         return self.scores[unit]
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """One row per unit (index ``unit``): layer, kind, kept, score (and effect).
-
-        Needs pandas (``pip install 'meanablate[pandas]'``).
-        """
-        from meanablate.results.views import frame
-
-        return frame(self)
 
     def save(self, path: str | os.PathLike[str], **context: Any) -> Path:
         """Write a ``results.json`` (a folder: ``folder/results.json``), atomically.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from meanablate._display import Shown
 from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
 from meanablate.data.normalize import as_batches
@@ -138,8 +139,8 @@ def _ratio_ci(
     return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
 
-@dataclass(frozen=True)
-class CircuitScores:
+@dataclass(frozen=True, repr=False)
+class CircuitScores(Shown):
     """Faithfulness (with a bootstrap interval), completeness and minimality of a circuit."""
 
     metric_full: float
@@ -151,22 +152,6 @@ class CircuitScores:
     completeness: float
     minimality: Mapping[str, float]
     notes: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """A pandas DataFrame (the ``pandas`` extra): one row per kept unit, its minimality."""
-        from meanablate.results.views import frame
-
-        return frame(self)
 
 
 def score_notes(

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from meanablate._display import Shown
 from meanablate.intervene import bootstrap_ci
 
 __all__ = ["Scores", "auroc", "roc_curve", "spearman"]
 
 
 @dataclass(repr=False, eq=False)
-class Scores:
+class Scores(Shown):
     """Per-unit effects from a sweep or an attribution (the shared result type).
 
     ``units [n]`` site strings; ``values [n]`` mean effect over examples;
@@ -88,25 +89,6 @@ class Scores:
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable
-
-    def __repr__(self) -> str:
-        from meanablate.results.views import text
-
-        return text(self)
-
-    def _repr_html_(self) -> str:
-        from meanablate.results.views import html
-
-        return html(self)
-
-    def to_dataframe(self) -> Any:
-        """One row per unit (index ``unit``): layer, kind, value, abs_value, rank, exact.
-
-        Needs pandas (``pip install 'meanablate[pandas]'``).
-        """
-        from meanablate.results.views import frame
-
-        return frame(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of these scores (the CLI's ``sweep.json`` format, per-example
