@@ -34,6 +34,7 @@ def _attribution_metric(metric: str) -> str:
 def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned:
     """Calibrate and estimate what ``command`` will run on ``inputs`` after the means."""
     import meanablate as ma
+    from meanablate.cli.pipeline import discover_options
     from meanablate.estimates import EstimateWarning
 
     args = (inputs.model, inputs.batches, inputs.units, means)
@@ -57,12 +58,7 @@ def plan_run(command: str, cfg: Resolved, inputs: Inputs, means: Any) -> Planned
             metric=inputs.metric,
             method=method,
             algorithm=f"discover:{algorithm}",
-            # as the pipeline passes them
-            threshold=cfg["threshold"] if algorithm == "acdc" else None,
-            abs_threshold=cfg["abs_threshold"] if algorithm == "acdc" else None,
-            target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
-            force=bool(cfg["force_discovery"] or cfg["force"]),
-            max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
+            **discover_options(cfg),
         )
         return Planned(total + found, sweep)
 

@@ -144,6 +144,20 @@ def _minimality(
     return out
 
 
+def discover_options(cfg: Resolved) -> dict[str, Any]:
+    """The keyword arguments of ``discover`` that the run's options set: one place for the
+    run and its estimate, so both search the same way (and refuse the same inputs)."""
+    acdc = cfg["algorithm"] == "acdc"
+    abs_threshold = cfg["abs_threshold"] if acdc else None
+    return {
+        "threshold": cfg["threshold"] if acdc and abs_threshold is None else None,
+        "abs_threshold": abs_threshold,
+        "target_faithfulness": None if acdc else cfg["target_faithfulness"],
+        "force": bool(cfg["force_discovery"] or cfg["force"]),
+        "max_exhaustive": cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
+    }
+
+
 def run_discovery(
     cfg: Resolved,
     inputs: Inputs,
@@ -202,8 +216,8 @@ def run_discovery(
         timings["attribution"] = time.perf_counter() - t
 
     algorithm = cfg["algorithm"]
-    abs_threshold = cfg["abs_threshold"] if algorithm == "acdc" else None
-    threshold = cfg["threshold"] if algorithm == "acdc" and abs_threshold is None else None
+    options = discover_options(cfg)
+    threshold, abs_threshold = options["threshold"], options["abs_threshold"]
     log(
         f"discover: {algorithm}"
         + (f", threshold {threshold:g} of |m(full) - m(empty)|" if threshold is not None else "")
@@ -217,13 +231,9 @@ def run_discovery(
         units=units,
         metric=metric,
         algorithm=algorithm,
-        threshold=threshold,
-        abs_threshold=abs_threshold,
-        target_faithfulness=None if algorithm == "acdc" else cfg["target_faithfulness"],
         method=method,
         progress=progress,
-        force=bool(cfg["force_discovery"] or cfg["force"]),
-        max_exhaustive=cfg["max_exhaustive"] if cfg["max_exhaustive"] is not None else 4096,
+        **options,
     )
     timings["search"] = circuit.seconds
 
