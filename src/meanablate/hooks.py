@@ -190,12 +190,18 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
 
 @contextmanager
 def capture(
-    model: nn.Module, keys: list[str], *, detach: bool = True
+    model: nn.Module, keys: list[str], *, detach: bool = True, once: bool = False
 ) -> Iterator[dict[str, Tensor]]:
     """Record the activations at ``keys`` during forward passes inside the block.
 
     Yields a dict filled as the model runs (the last forward's activation per key); the
-    hooks leave when the block ends.
+    hooks leave when the block ends. With ``detach`` (the default) each activation is
+    copied when it is seen: a model that later adds into it in place (Falcon's
+    ``mlp_output += attention_output``) would otherwise change what was recorded.
+    ``once``: a site that runs more than once in one forward of ``model`` (a module
+    shared between layers, as in ALBERT, or called per chunk) is a ``ValueError``
+    instead of keeping its last call — for callers that need the one activation of a
+    forward (a resample source, a cached clean run).
 
     >>> import torch, meanablate as ma
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
@@ -205,15 +211,30 @@ def capture(
     torch.Size([2, 5, 4])
     """
     store: dict[str, Tensor] = {}
+    seen: set[str] = set()  # keys recorded in the current forward of ``model``
 
     def recorder(key: str) -> ActivationFn:
         def record(act: Tensor) -> None:
-            store[key] = act.detach() if detach else act
+            if once:
+                if key in seen:
+                    raise ValueError(
+                        f"site {key} ran more than once in one forward pass (a module "
+                        "shared between layers, or called per chunk), so it has no single "
+                        "activation per forward to resample from; use a site that runs "
+                        "once per forward (e.g. a module inside one layer), or "
+                        "method='mean'/'zero' (which replace every call)"
+                    )
+                seen.add(key)
+            store[key] = act.detach().clone() if detach else act
             return None
 
         return record
 
-    with hooked(model, {k: recorder(k) for k in keys}):
+    def new_forward(_m: nn.Module, _args: tuple) -> None:
+        seen.clear()
+
+    starts = [(unwrap(model), "forward_pre", new_forward)] if once else []
+    with attached(starts), hooked(model, {k: recorder(k) for k in keys}):  # type: ignore[arg-type]
         yield store
 
 
@@ -237,9 +258,13 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     """
     model = unwrap(model)
     if isinstance(batch, Tensor):
+        _check_ids(model, "batch", batch)
         return model(batch)
     if not isinstance(batch, Mapping):
         raise TypeError(f"a batch is a tensor or a dict of tensors, got {type(batch).__name__}")
+    for name in ("input_ids", "tokens"):
+        if isinstance(batch.get(name), Tensor):
+            _check_ids(model, f"batch[{name!r}]", batch[name], named=True)
     accepted, var_kw = _accepted_kwargs(model)
     items = {k: v for k, v in batch.items() if k not in TASK_KEYS}
     # Token ids go by the name the forward declares (renamed before filtering, so that a
@@ -259,6 +284,42 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
             f"{type(model).__name__}.forward (accepts {sorted(accepted)})"
         )
     return model(**kwargs)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model embeds (``None``: not known)."""
+    get = getattr(model, "get_input_embeddings", None)  # Hugging Face
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # some HF classes raise NotImplementedError here
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return int(emb.num_embeddings)
+    cfg = getattr(model, "cfg", None)  # ours, TransformerLens
+    vocab = getattr(cfg, "d_vocab", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def _check_ids(model: nn.Module, what: str, ids: Tensor, *, named: bool = False) -> None:
+    """Token ids checked before the forward: an empty batch, float ids, or an id outside
+    the embedding would otherwise fail deep inside the model (or not at all)."""
+    if ids.ndim and ids.shape[0] == 0:
+        raise ValueError(f"{what} has shape {tuple(ids.shape)}: a batch needs at least one example")
+    if ids.is_floating_point() or ids.is_complex():
+        if named:
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        return  # a float tensor batch is a model input of its own (features, images)
+    if ids.dtype == torch.bool or ids.numel() == 0:
+        return
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"{what} holds token ids in [{lo}, {hi}], but the model embeds ids 0..{vocab - 1} "
+            f"(a vocabulary of {vocab}); check the tokenizer matches the model"
+        )
 
 
 def output_tensor(out: Any) -> Tensor:
