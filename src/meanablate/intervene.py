@@ -77,6 +77,12 @@ def _fill_for(
         return src.to(act.dtype).reshape(vshape)
     assert means is not None
     mean = means[site.key]
+    if not bool(torch.isfinite(mean).all()):  # would turn the whole output into NaN
+        bad = int((~torch.isfinite(mean)).sum())
+        raise ValueError(
+            f"site {site.key}: its mean holds {bad} NaN or infinite value(s) of "
+            f"{mean.numel()}; recompute it with compute_means (padding is left out there)"
+        )
     # The mean must be the activation without batch (and without position, unless the
     # means are per position) exactly: a [d_head] mean for a [head, d_head] site would
     # broadcast one head's mean to every head.

@@ -230,3 +230,15 @@ def test_token_ids_are_checked_against_the_vocabulary() -> None:
         ma.run_ablated(model, {"tokens": torch.zeros(1, 3)}, "blocks.0.hook_mlp_out", method="zero")
     with pytest.raises(ValueError, match=r"shape \(0, 3\): a batch needs at least one example"):
         ma.compute_means(model, ["blocks.0.hook_mlp_out"], [torch.zeros(0, 3, dtype=torch.long)])
+
+
+def test_a_nan_mean_is_an_error_naming_the_site() -> None:
+    cfg = TransformerConfig(
+        n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, d_vocab=11, n_ctx=6
+    )
+    model = HookedTransformer(cfg).eval()
+    tokens = [torch.randint(0, 11, (2, 4))]
+    means = ma.compute_means(model, ["blocks.0.hook_mlp_out"], tokens)
+    means.tensors["blocks.0.hook_mlp_out"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"blocks.0.hook_mlp_out: its mean holds 1 NaN"):
+        ma.sweep(model, tokens, ["blocks.0.hook_mlp_out"], means, metric="kl")
