@@ -347,3 +347,116 @@ def test_heldout_family_equals_plain_hooks(name: str, method: str) -> None:
             [_ref_metric(metric, z, c, b) for z, c, b in zip(both_logits, cleans, batches)]
         )
         _check(metric, scorer(both), ref, f"SetMetric {metric}")
+
+
+def _ref_attribution(name: str, unit: str, metric: str, batch: dict) -> Tensor:
+    """``(mean - act) · dmetric/dact`` over the unit's entries, per example, by autograd."""
+    model = _model(name)
+    module, io, sel = _units(name)[unit]
+    leaf: list[Tensor] = []
+
+    def swap(x: Tensor) -> Tensor:
+        leaf.append(x.detach().clone().requires_grad_(True))
+        return leaf[0].clone()  # not the leaf itself: Falcon adds into it in place
+
+    mod = model.get_submodule(module)
+    if io == "in":
+        h = mod.register_forward_pre_hook(lambda _m, a: (swap(a[0]), *a[1:]))
+    else:
+
+        def post(_m: nn.Module, _a: Any, out: Any) -> Any:
+            return (swap(out[0]), *out[1:]) if isinstance(out, tuple) else swap(out)
+
+        h = mod.register_forward_hook(post)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            value = _ref_metric(metric, logits.logits, logits.logits.detach(), batch)
+            (grad,) = torch.autograd.grad(value.sum(), leaf[0])
+    finally:
+        h.remove()
+    act = leaf[0].detach()
+    mean = _ref_mean(name, module, io).to(act.dtype).expand_as(act)
+    diff = (_replace(act, mean, sel) - act).double() * grad.double()
+    return diff.flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("name", ["gptj", "falcon", "qwen3", "roberta", "mistral"])
+def test_attribution_equals_autograd_through_plain_hooks(name: str) -> None:
+    if not _available(name):
+        pytest.skip("not in transformers")
+    model, batches = _model(name), _batches(name)
+    units = list(_units(name))
+    means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), batches)
+    for metric in ("logit_diff", "loss"):
+        got = ma.attribute(model, batches, units, means, metric=metric)
+        want = torch.stack(
+            [torch.cat([_ref_attribution(name, u, metric, b) for b in batches]) for u in units]
+        )
+        assert float(want.abs().max()) > 1e-4
+        torch.testing.assert_close(got.per_example, want, rtol=1e-5, atol=1e-6)
+
+
+def _ref_resample_logits(name: str, unit: str, batch: dict, source: dict) -> Tensor:
+    model = _model(name)
+    module, io, sel = _units(name)[unit]
+    src = _grab(model, module, io, source)
+    mod = model.get_submodule(module)
+    if io == "in":
+        h = mod.register_forward_pre_hook(lambda _m, a: (_replace(a[0], src, sel), *a[1:]))
+    else:
+
+        def post(_m: nn.Module, _a: Any, out: Any) -> Any:
+            x = out[0] if isinstance(out, tuple) else out
+            new = _replace(x, src, sel)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        h = mod.register_forward_hook(post)
+    try:
+        return _run(model, batch)
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("name", ["gptj", "falcon", "bloom", "opt", "roberta", "qwen2"])
+def test_resample_equals_plain_hooks(name: str) -> None:
+    if not _available(name):
+        pytest.skip("not in transformers")
+    model, batches = _model(name), _batches(name)
+    units = list(_units(name))
+    # each batch's counterfactual: the other batch's ids, with this batch's padding
+    paired = [dict(b, corrupt=batches[1 - i]["input_ids"]) for i, b in enumerate(batches)]
+    sources = [dict(b, input_ids=batches[1 - i]["input_ids"]) for i, b in enumerate(batches)]
+    cleans = [_run(model, b) for b in batches]
+    for metric in ("kl", "accuracy"):
+        want = torch.stack(
+            [
+                torch.cat(
+                    [
+                        _ref_effect(metric, _ref_resample_logits(name, u, b, s), c, b)
+                        for b, s, c in zip(batches, sources, cleans)
+                    ]
+                )
+                for u in units
+            ]
+        )
+        got = ma.sweep(model, paired, units, None, metric=metric, method="resample")
+        _check(metric, got.per_example, want, f"resample sweep {metric}")
+        if metric == "kl":
+            assert float(want.min()) > 0  # every unit moves the output
+
+
+@pytest.mark.parametrize("name", ["gptj", "falcon", "mistral"])
+def test_nnsight_wrapped_heldout_model_gives_the_same_numbers(name: str) -> None:
+    nnsight = pytest.importorskip("nnsight")
+    if not _available(name):
+        pytest.skip("not in transformers")
+    model, batches = _model(name), _batches(name)
+    units = list(_units(name))
+    keys = sorted({ma.parse_site(u).key for u in units})
+    raw = ma.sweep(model, batches, units, ma.compute_means(model, keys, batches), metric="kl")
+    wrapped = nnsight.NNsight(model)
+    means = ma.compute_means(wrapped, keys, batches)
+    got = ma.sweep(wrapped, batches, units, means, metric="kl")
+    assert torch.equal(got.per_example, raw.per_example)
+    assert float(raw.per_example.abs().max()) > 0
