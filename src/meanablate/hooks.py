@@ -262,9 +262,12 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
         return model(batch)
     if not isinstance(batch, Mapping):
         raise TypeError(f"a batch is a tensor or a dict of tensors, got {type(batch).__name__}")
+    ids = None
     for name in ("input_ids", "tokens"):
         if isinstance(batch.get(name), Tensor):
-            _check_ids(model, f"batch[{name!r}]", batch[name], named=True)
+            ids = batch[name]
+            _check_ids(model, f"batch[{name!r}]", ids, named=True)
+    _check_mask(batch.get("attention_mask"), ids)
     accepted, var_kw = _accepted_kwargs(model)
     items = {k: v for k, v in batch.items() if k not in TASK_KEYS}
     # Token ids go by the name the forward declares (renamed before filtering, so that a
@@ -319,6 +322,24 @@ def _check_ids(model: nn.Module, what: str, ids: Tensor, *, named: bool = False)
         raise ValueError(
             f"{what} holds token ids in [{lo}, {hi}], but the model embeds ids 0..{vocab - 1} "
             f"(a vocabulary of {vocab}); check the tokenizer matches the model"
+        )
+
+
+def _check_mask(mask: Any, ids: Tensor | None) -> None:
+    """A ``[batch, pos]`` attention mask: the ids' shape, 0 (padding) and 1 only. (A 4-d
+    mask is the model's own business.)"""
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return
+    if ids is not None and ids.ndim == 2 and tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"batch['attention_mask'] has shape {tuple(mask.shape)}, but the token ids are "
+            f"{tuple(ids.shape)}; it needs one entry per token"
+        )
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        values = sorted({float(v) for v in mask.unique()[:6].tolist()})
+        raise ValueError(
+            f"batch['attention_mask'] must hold only 0 (padding) and 1 (a real token), "
+            f"got values {values}"
         )
 
 
