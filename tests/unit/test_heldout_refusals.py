@@ -248,3 +248,22 @@ def test_a_nan_mean_is_an_error_naming_the_site() -> None:
     means.tensors["blocks.0.hook_mlp_out"][3] = float("nan")
     with pytest.raises(ValueError, match=r"blocks.0.hook_mlp_out: its mean holds 1 NaN"):
         ma.sweep(model, tokens, ["blocks.0.hook_mlp_out"], means, metric="kl")
+
+
+def test_a_compiled_model_is_ablated_through_its_eager_module() -> None:
+    """A graph compiled before our hooks existed never calls them (an effect of 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    with torch.no_grad():
+        got = ma.run_ablated(compiled, x, "1", method="zero")
+        want = model[2](torch.zeros(5, 8))
+    torch.testing.assert_close(got, want)
+    units = [f"1[neurons={i}]" for i in range(8)]
+    raw = ma.sweep(model, [x], units, None, method="zero", metric="l2")
+    assert float(raw.values.max()) > 0
+    assert torch.equal(
+        ma.sweep(compiled, [x], units, None, method="zero", metric="l2").values, raw.values
+    )
