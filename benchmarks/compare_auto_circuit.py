@@ -12,10 +12,23 @@ Setup of the separate environment (once; CPU torch from the project's constraint
     # TransformerLens 2.18 pins numpy<2, which today's pyarrow and datasets refuse:
     /work/acvenv/bin/pip install "pyarrow<19" "datasets<4"
 
-Run (from the repository root)::
+Run (from the repository root; ``--ours-python`` defaults to the running interpreter, and
+``src/`` is put on its path)::
 
-    python benchmarks/compare_auto_circuit.py \
-        --ac-python /work/acvenv/bin/python --ours-python .venv/bin/python
+    python benchmarks/compare_auto_circuit.py --ac-python /work/acvenv/bin/python \
+        [--source mean|zero] [--repeats 3] [--save results.json]
+
+Measured 2026-11-30 on the 2-core machine (CPU seconds, one torch thread, best of 3,
+progress bars off), mean ablation: identical logits (max |diff| 0); the 77 single-edge KL
+effects agree to 1.3e-8; the same edges kept at every threshold. auto-circuit: 15.9 s
+(token circuit, 462 edges, AUROC 0.998), 3.7 s (the same on 11 inputs, its own task's
+batch), 2.19 s (77 edges, AUROC 1.0); meanablate 0.26 s (77 edges, AUROC 1.0), 8.4x
+faster on the same graph. auto-circuit's 0.998 comes from its ground truth, not its
+search: for the token circuit the truth lists positions 1, 2, 4, 5 only, but under mean
+ablation both true edges matter at the middle position 3 too, so 2 of its 454 negatives
+tie with the 8 positives: 1 - 1/454 = 0.9978. ``--source zero`` (one repeat): both keep
+the same 8 edges at every threshold (in auto-circuit's hash order and in ours), the effects
+agree to 1.1e-8; auto-circuit 2.23 s on 77 edges, meanablate 0.69 s.
 
 What is compared (both on the exhaustive 243 inputs, KL(clean || ablated) averaged over
 the scored positions 1..5, per-position mean ablation, thresholds 1e-6 .. 1e-3):
@@ -34,6 +47,14 @@ the scored positions 1..5, per-position mean ablation, thresholds 1e-6 .. 1e-3):
   each tool's tracr ground truth: auto-circuit's score (the smallest threshold at which an
   edge was pruned, inf if never) and its own ROC code; ours per threshold and with the
   same "smallest pruning threshold" score.
+
+``--source zero`` runs the same comparison with zero ablation, where ten edges matter
+(mean ablation leaves only two: every input has length 5, so the length computation is
+constant under per-position means). auto-circuit's ACDC visits edges sorted by
+destination layer only; within a layer the order is a Python set's, which changes with
+``PYTHONHASHSEED`` (the script fixes it to 0 unless exported). Its kept edges are also
+computed with its edge set re-ordered into ours (Conmy et al.'s reverse topological
+order), where the two ACDCs must keep the same edges.
 
 auto-circuit's ACDC always patches with the resample ablation of the batch's *corrupt*
 prompts (``src_ablations(model, corrupt_batch)``). For mean ablation this script hands it
@@ -95,8 +116,27 @@ def _ours_name(ac_name: str) -> str:
     return f"{node(src)}->{node(dst)}"
 
 
+def _conmy_order(name: str) -> tuple:
+    """Sort key (descending) of our ACDC order: destinations from the logits back (a
+    head's q, k, v inputs in that order before reversal), then the latest source first."""
+
+    def node(n: str) -> tuple[int, int, int]:
+        if n == "input":
+            return (-1, 0, 0)
+        if n == "logits":
+            return (1 << 30, 2, 0)
+        if n.startswith("m"):
+            return (int(n[1:]), 1, 0)
+        layer, head = n[1:].split(".h")
+        return (int(layer), 0, int(head))
+
+    src, dst = name.split("->")
+    qkv = "qkv".index(dst[-2]) if dst.endswith(">") else 0
+    return (*node(dst.split("<")[0]), qkv, *node(src))
+
+
 # -- auto-circuit (run under the separate environment) --------------------------------
-def side_auto_circuit(repeats: int) -> dict[str, Any]:
+def side_auto_circuit(repeats: int, source: str) -> dict[str, Any]:
     import copy
     import importlib
     import inspect
@@ -113,8 +153,10 @@ def side_auto_circuit(repeats: int) -> dict[str, Any]:
     from auto_circuit.utils.ablation_activations import src_ablations
     from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
     from auto_circuit.utils.tensor_ops import multibatch_kl_div
+    from ordered_set import OrderedSet
 
     t.set_num_threads(1)
+    kind = AblationType.ZERO if source == "zero" else AblationType.BATCH_TOKENWISE_MEAN
     acdc_mod = importlib.import_module("auto_circuit.prune_algos.ACDC")
     src = inspect.getsource(acdc_mod.acdc_prune_scores)
     first, second = (
@@ -158,7 +200,7 @@ def side_auto_circuit(repeats: int) -> dict[str, Any]:
         def mean_for_corrupt(model: Any, sample: Any, ablation_type: Any = None) -> Any:
             calls[0] += 1  # ACDC asks for the corrupt batch first, then the clean one
             if calls[0] % 2 == 1:
-                return orig(model, sample, AblationType.BATCH_TOKENWISE_MEAN)
+                return orig(model, sample, kind)
             return orig(model, sample, ablation_type or AblationType.RESAMPLE)
 
         acdc_mod.src_ablations = mean_for_corrupt
@@ -167,7 +209,7 @@ def side_auto_circuit(repeats: int) -> dict[str, Any]:
         finally:
             acdc_mod.src_ablations = orig
 
-    out: dict[str, Any] = {"logits": logits[..., :].tolist(), "runs": {}}
+    out: dict[str, Any] = {"logits": logits.tolist(), "runs": {}, "source": source}
     exps = [round(math.log10(x)) for x in THRESHOLDS]
     runs = (("token circuit", 6, 243), ("token circuit, 11 inputs", 6, 11))
     for label, seq_len, n in (*runs, ("all positions", None, 243)):
@@ -197,7 +239,7 @@ def side_auto_circuit(repeats: int) -> dict[str, Any]:
         }
         if seq_len is None:  # single-edge KL effects on the 77-edge graph
             batch = next(iter(dl))
-            patch = src_ablations(pm, batch.clean, AblationType.BATCH_TOKENWISE_MEAN)
+            patch = src_ablations(pm, batch.clean, kind)
             with t.inference_mode():
                 ref = t.log_softmax(pm(batch.clean)[pm.out_slice].double(), -1)
                 effects = {}
@@ -207,11 +249,24 @@ def side_auto_circuit(repeats: int) -> dict[str, Any]:
                     effects[_ours_name(e.name)] = float(multibatch_kl_div(lp, ref))
                 set_all_masks(pm, 0.0)
             out["effects"] = effects
+            # auto-circuit visits edges sorted by destination layer only; within a layer
+            # the order is a set's (it changes with PYTHONHASHSEED). Given our order, its
+            # ACDC must keep exactly our edges.
+            by_name = {_ours_name(e.name): e for e in pm.edges}
+            pm.edges = OrderedSet(
+                by_name[n] for n in sorted(by_name, key=_conmy_order, reverse=True)
+            )
+            out["kept_in_our_order"] = {}
+            for x, ex in zip(THRESHOLDS, exps):
+                s1 = acdc(pm, dl, [ex])
+                out["kept_in_our_order"][str(x)] = sorted(
+                    _ours_name(e.name) for e in pm.edges if math.isinf(float(e.prune_score(s1)))
+                )
     return out
 
 
 # -- meanablate (run under the project's environment) ---------------------------------
-def side_ours(repeats: int) -> dict[str, Any]:
+def side_ours(repeats: int, source: str) -> dict[str, Any]:
     import torch
 
     from meanablate.discovery import (
@@ -232,9 +287,12 @@ def side_ours(repeats: int) -> dict[str, Any]:
     expect = [[ids["BOS"], *(ids[v] for v in r)] for r in itertools.product("abc", repeat=5)]
     assert tokens.tolist() == expect, "exhaustive_batches is not in itertools.product order"
     truth = edge_ground_truth(org)
+    src = "zero" if source == "zero" else "mean-positional"
+    order = [e.name for e in EdgeData(org.model, batches[:1], src).graph.reverse_topological()]
+    assert order == sorted(order, key=_conmy_order, reverse=True), "our ACDC order changed"
 
     def run() -> list:
-        data = EdgeData(org.model, batches, "mean-positional")
+        data = EdgeData(org.model, batches, src)
         return [discover_edges(org.model, data, metric="kl", abs_threshold=x) for x in THRESHOLDS]
 
     cpu, wall, circuits = _best(run, repeats)
@@ -246,7 +304,7 @@ def side_ours(repeats: int) -> dict[str, Any]:
             pruned_at[n] = min(pruned_at[n], x)
     with torch.inference_mode():
         logits = org.model(tokens)
-    effects = edge_sweep(org.model, EdgeData(org.model, batches, "mean-positional"), metric="kl")
+    effects = edge_sweep(org.model, EdgeData(org.model, batches, src), metric="kl")
     return {
         "logits": logits.tolist(),
         "runs": {
@@ -267,11 +325,17 @@ def side_ours(repeats: int) -> dict[str, Any]:
 
 
 # -- side by side ---------------------------------------------------------------------
-def _run_side(python: str, side: str, repeats: int, pythonpath: str | None) -> dict[str, Any]:
+def _run_side(
+    python: str, side: str, repeats: int, source: str, pythonpath: str | None
+) -> dict[str, Any]:
+    # auto-circuit's ACDC order within a layer follows set iteration, i.e. str hashes:
+    # a fixed seed makes its run repeatable (override by exporting PYTHONHASHSEED)
     env = dict(os.environ, TQDM_DISABLE="1")
+    env.setdefault("PYTHONHASHSEED", "0")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     cmd = [python, str(Path(__file__).resolve()), "--side", side, "--repeats", str(repeats)]
+    cmd += ["--source", source]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{side} side failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
@@ -284,7 +348,8 @@ def report(ac: dict[str, Any], ours: dict[str, Any]) -> None:
     # auto-circuit's ids: 1, 2, 3 -> 0, 1, 2 and BOS -> 3; ours: BOS 0, a 1, b 2, c 3.
     diff = np.abs(np.array(ac["logits"]) - np.array(ours["logits"])).max()
     print(f"logits on the 243 inputs (tokens mapped 1->a, 2->b, 3->c): max |diff| {diff:.2e}")
-    print("\nACDC over edges, tracr-reverse, 243 inputs, KL, per-position mean, 4 thresholds")
+    what = "zero" if ac.get("source") == "zero" else "per-position mean"
+    print(f"\nACDC over edges, tracr-reverse, 243 inputs, KL, {what} ablation, 4 thresholds")
     print(f"{'tool / graph':44} {'edges':>5} {'cpu s':>7} {'wall s':>7} {'AUROC':>6}  kept")
     rows = [("auto-circuit 1.0.1 / " + k, v) for k, v in ac["runs"].items()]
     rows += [("meanablate / " + k, v) for k, v in ours["runs"].items()]
@@ -302,6 +367,10 @@ def report(ac: dict[str, Any], ours: dict[str, Any]) -> None:
         ka, ko = a["kept"][str(x)], o["kept"][str(x)]
         same = "same" if ka == ko else f"differ: auto-circuit {ka}, meanablate {ko}"
         print(f"  kept at {x:g} (77 edges): {same}")
+    for x in THRESHOLDS:
+        ka, ko = ac["kept_in_our_order"][str(x)], o["kept"][str(x)]
+        same = "same" if ka == ko else f"differ: auto-circuit {ka}, meanablate {ko}"
+        print(f"  kept at {x:g}, auto-circuit visiting edges in our order: {same}")
     ea, eo = ac["effects"], ours["effects"]
     assert set(ea) == set(eo), f"edge sets differ: {sorted(set(ea) ^ set(eo))}"
     worst = max(ea, key=lambda n: abs(ea[n] - eo[n]))
@@ -328,20 +397,26 @@ def main() -> None:
     parser.add_argument("--ac-python", default="/work/acvenv/bin/python")
     parser.add_argument("--ours-python", default=sys.executable)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--source",
+        choices=("mean", "zero"),
+        default="mean",
+        help="ablation: per-position mean over the 243 inputs (the issue's), or zero",
+    )
     parser.add_argument("--save", type=Path, help="write both sides' raw results (JSON) here")
     parser.add_argument("--load", type=Path, help="only print the report of a --save file")
     args = parser.parse_args()
     if args.side == "auto-circuit":
-        print(json.dumps(side_auto_circuit(args.repeats)))
+        print(json.dumps(side_auto_circuit(args.repeats, args.source)))
     elif args.side == "ours":
-        print(json.dumps(side_ours(args.repeats)))
+        print(json.dumps(side_ours(args.repeats, args.source)))
     elif args.load:
         saved = json.loads(args.load.read_text())
         report(saved["auto-circuit"], saved["ours"])
     else:
         src = str(ROOT / "src")
-        ac = _run_side(args.ac_python, "auto-circuit", args.repeats, None)
-        ours = _run_side(args.ours_python, "ours", args.repeats, src)
+        ac = _run_side(args.ac_python, "auto-circuit", args.repeats, args.source, None)
+        ours = _run_side(args.ours_python, "ours", args.repeats, args.source, src)
         if args.save:
             args.save.write_text(json.dumps({"auto-circuit": ac, "ours": ours}))
         report(ac, ours)
