@@ -22,8 +22,8 @@ Measured 2026-11-30 on the 2-core machine (CPU seconds, one torch thread, best o
 progress bars off), mean ablation: identical logits (max |diff| 0); the 77 single-edge KL
 effects agree to 1.3e-8; the same edges kept at every threshold. auto-circuit: 15.9 s
 (token circuit, 462 edges, AUROC 0.998), 3.7 s (the same on 11 inputs, its own task's
-batch), 2.19 s (77 edges, AUROC 1.0); meanablate 0.26 s (77 edges, AUROC 1.0), 8.4x
-faster on the same graph. auto-circuit's 0.998 comes from its ground truth, not its
+batch), 2.19 s (77 edges, AUROC 1.0); meanablate 0.23-0.26 s (77 edges, AUROC 1.0), 8.4-9.3x
+faster on the same graph (two runs). auto-circuit's 0.998 comes from its ground truth, not its
 search: for the token circuit the truth lists positions 1, 2, 4, 5 only, but under mean
 ablation both true edges matter at the middle position 3 too, so 2 of its 454 negatives
 tie with the 8 positives: 1 - 1/454 = 0.9978. ``--source zero`` (one repeat): both keep
