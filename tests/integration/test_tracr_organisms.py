@@ -237,12 +237,13 @@ def tracr_models_compiled():
     sys.modules.setdefault(spec.name, script)  # its dataclasses need the module registered
     spec.loader.exec_module(script)
     compiled = {}
-    for task, cfg in script.TASKS.items():
+    for task in TASKS:
+        cfg = script.ORGANISMS[task]
         compiled[task] = compiling.compile_rasp_to_model(
             script.build_program(task),
             vocab=set(cfg["vocab"]),
             max_seq_len=cfg["max_seq_len"],
-            causal=cfg["causal"],
+            causal=cfg.get("causal", False),
             compiler_bos="BOS",
             compiler_pad="compiler_pad",
             mlp_exactness=script.MLP_EXACTNESS,
