@@ -88,9 +88,7 @@ def hand_kl(logits, clean, scored) -> float:
             zq = [float(v) for v in logits[i, pos]]
             lse_p = math.log(sum(math.exp(v) for v in zp))
             lse_q = math.log(sum(math.exp(v) for v in zq))
-            kl = sum(
-                math.exp(a - lse_p) * ((a - lse_p) - (b - lse_q)) for a, b in zip(zp, zq)
-            )
+            kl = sum(math.exp(a - lse_p) * ((a - lse_p) - (b - lse_q)) for a, b in zip(zp, zq))
             values.append(kl)
         per_example.append(sum(values) / len(values))
     return sum(per_example) / len(per_example)
