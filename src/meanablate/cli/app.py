@@ -353,16 +353,13 @@ def tracr(
     ] = 20_000,
     target_faithfulness: Annotated[
         float,
-        typer.Option(
-            "--target-faithfulness", help="what a minimal circuit must reach, in (0, 1]"
-        ),
+        typer.Option("--target-faithfulness", help="what a minimal circuit must reach, in (0, 1]"),
     ] = 0.95,
     metric: Annotated[
         str | None,
         typer.Option(
             "--metric",
-            help="the organism's metric: kl (categorical default), accuracy, loss; mse "
-            "(numerical)",
+            help="the organism's metric: kl (categorical default), accuracy, loss; mse (numerical)",
         ),
     ] = None,
     quiet: Quiet = None,

@@ -8,8 +8,9 @@ take the targets from tracr's own RASP interpreter (``rasp.evaluate``) and check
 compiled model against them on every input; pick the metric (``kl`` — KL divergence of the
 ablated output distribution from the clean model's at the scored positions, as ACDC uses
 on tracr — for categorical outputs by default, ``accuracy`` and ``loss`` available;
-``mse`` for numerical ones); list the units (every head and MLP); and compute the ground truth by brute force: for each mean
-kind (:data:`~meanablate.stats.MEAN_KINDS`), every subset of units is kept with the rest
+``mse`` for numerical ones); list the units (every head and MLP); and compute the
+ground truth by brute force, for that metric: for each mean kind
+(:data:`~meanablate.stats.MEAN_KINDS`), every subset of units is kept with the rest
 mean-ablated, and the smallest subsets whose faithfulness reaches ``target_faithfulness``
 are the minimal circuits. The card records all of it.
 
