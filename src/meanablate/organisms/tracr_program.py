@@ -424,8 +424,21 @@ def save(org: Organism, directory: str | Path, stem: str | None = None) -> tuple
 
 
 def card_json(card: Mapping[str, Any]) -> str:
-    """The card as :func:`save` writes it (JSON, indent 1, final newline)."""
-    return json.dumps(card, indent=1) + "\n"
+    """The card as :func:`save` writes it: JSON, indent 1, final newline; the data set
+    (``examples``) one input per line (an indented number per line would triple the file).
+    """
+    if "examples" not in card:
+        return json.dumps(card, indent=1) + "\n"
+    mark = '"examples": "<rows>"'
+    head = json.dumps({**card, "examples": "<rows>"}, indent=1)
+    if head.count(mark) != 1:  # pragma: no cover - a text field holding the marker
+        return json.dumps(card, indent=1) + "\n"
+    fields = []
+    for key, rows in card["examples"].items():
+        lines = ",\n".join("   " + json.dumps(row, separators=(",", ":")) for row in rows)
+        fields.append(f"  {json.dumps(key)}: [\n{lines}\n  ]")
+    examples = '"examples": {\n' + ",\n".join(fields) + "\n }"
+    return head.replace(mark, examples) + "\n"
 
 
 def load(path: str | Path) -> Organism:
