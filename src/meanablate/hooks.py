@@ -338,7 +338,7 @@ def _check_mask(mask: Any, ids: Tensor | None) -> None:
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         values = sorted({float(v) for v in mask.unique()[:6].tolist()})
         raise ValueError(
-            f"batch['attention_mask'] must hold only 0 (padding) and 1 (a real token), "
+            f"batch: attention_mask must hold only 0 (padding) and 1 (a real token), "
             f"got values {values}"
         )
 

@@ -229,7 +229,7 @@ def test_token_ids_are_checked_against_the_vocabulary() -> None:
     with pytest.raises(TypeError, match=r"integer token ids, got dtype torch\.float32"):
         ma.run_ablated(model, {"tokens": torch.zeros(1, 3)}, "blocks.0.hook_mlp_out", method="zero")
     batch = {"tokens": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1.0, 0.5, 1]])}
-    with pytest.raises(ValueError, match=r"attention_mask'\] must hold only 0.*\[0\.5, 1\.0\]"):
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0.*\[0\.5, 1\.0\]"):
         ma.run_ablated(model, batch, "blocks.0.hook_mlp_out", method="zero")
     batch["attention_mask"] = torch.ones(1, 2)
     with pytest.raises(ValueError, match=r"shape \(1, 2\), but the token ids are \(1, 3\)"):
