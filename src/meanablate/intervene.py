@@ -204,17 +204,22 @@ def ablate(
     seen: dict[str, Any] = {"runs": 0, "lead": None}
 
     def watched(key: str, fn: Any) -> Any:
-        check_pos = any(s.positions is not None for s in groups[key]) and not is_pattern_key(key)
+        # pos= indexes dim 1, and heads= without n_heads reads [batch, pos, head, d_head]:
+        # both need dim 1 to be the position axis ([batch, head, pos, d_head] is not)
+        check_pos = not is_pattern_key(key) and any(
+            s.positions is not None or (s.heads is not None and s.n_heads is None)
+            for s in groups[key]
+        )
 
         def run(act: Tensor) -> Tensor:
             fired.add(key)
             lead = seen["lead"]
             if check_pos and lead is not None and tuple(act.shape[:2]) != lead:
                 raise ValueError(
-                    f"site {key}: pos= indexes dim 1 of the activation, but its shape "
-                    f"{tuple(act.shape)} does not start with the input's [batch, pos] = "
-                    f"{lead} (a sequence-first or flattened layout); ablate positions at "
-                    "a site shaped [batch, pos, ...]"
+                    f"site {key}: pos= and heads= read the activation as [batch, pos, ...], "
+                    f"but its shape {tuple(act.shape)} does not start with the input's "
+                    f"[batch, pos] = {lead} (a sequence-first, head-first or flattened "
+                    "layout); ablate at a site shaped [batch, pos, ...]"
                 )
             return fn(act)
 
@@ -246,7 +251,10 @@ def _input_lead(args: tuple, kwargs: dict) -> tuple[int, int] | None:
         if isinstance(value, Tensor) and value.ndim >= 2:
             return (int(value.shape[0]), int(value.shape[1]))
     first = args[0] if args else None
-    if isinstance(first, Tensor) and first.ndim in (2, 3):  # [batch, pos] or [batch, pos, d]
+    if not isinstance(first, Tensor):
+        return None
+    # [batch, pos] token ids, or [batch, pos, d] features ([batch, d] has no positions)
+    if (first.ndim == 2 and not first.is_floating_point()) or first.ndim == 3:
         return (int(first.shape[0]), int(first.shape[1]))
     return None
 

@@ -172,7 +172,7 @@ def test_sequence_first_layouts_refuse_positions() -> None:
     # over every token, the layout does not matter
     means = ma.compute_means(model, ["enc.layers.0.linear1"], ids)
     assert means["enc.layers.0.linear1"].shape == (32,)
-    with pytest.raises(ValueError, match=r"pos= indexes dim 1.*\(6, 4, 16\).*\(4, 6\)"):
+    with pytest.raises(ValueError, match=r"pos= and heads= read .*\(6, 4, 16\).*\(4, 6\)"):
         ma.run_ablated(model, ids[0], "enc.layers.1@input[pos=2]", method="zero")
 
 
@@ -267,3 +267,26 @@ def test_a_compiled_model_is_ablated_through_its_eager_module() -> None:
     assert torch.equal(
         ma.sweep(compiled, [x], units, None, method="zero", metric="l2").values, raw.values
     )
+
+
+class HeadFirst(nn.Module):
+    """Exposes per-head values as ``[batch, head, pos, d_head]`` (not TransformerLens's
+    ``[batch, pos, head, d_head]``): ``heads=`` would index the positions there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.split = nn.Identity()
+        self.out = nn.Linear(8, 10)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        b, p = input_ids.shape
+        x = self.split(self.emb(input_ids).view(b, p, 2, 4).transpose(1, 2))
+        return self.out(x.transpose(1, 2).reshape(b, p, 8))
+
+
+def test_heads_on_a_head_first_activation_are_refused() -> None:
+    model = HeadFirst().eval()
+    ids = torch.randint(0, 10, (3, 5))
+    with pytest.raises(ValueError, match=r"split: pos= and heads= read .*\(3, 2, 5, 4\)"):
+        ma.run_ablated(model, ids, "split[heads=1]", method="zero")
