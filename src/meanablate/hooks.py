@@ -300,7 +300,8 @@ def _vocab_size(model: nn.Module) -> int | None:
         return int(emb.num_embeddings)
     cfg = getattr(model, "cfg", None)  # ours, TransformerLens
     vocab = getattr(cfg, "d_vocab", None)
-    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+    ok = isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0  # TL: -1 = unset
+    return vocab if ok else None
 
 
 def _check_ids(model: nn.Module, what: str, ids: Tensor, *, named: bool = False) -> None:
