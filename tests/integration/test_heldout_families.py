@@ -460,3 +460,55 @@ def test_nnsight_wrapped_heldout_model_gives_the_same_numbers(name: str) -> None
     got = ma.sweep(wrapped, batches, units, means, metric="kl")
     assert torch.equal(got.per_example, raw.per_example)
     assert float(raw.per_example.abs().max()) > 0
+
+
+def test_t5_encoder_without_logits_equals_plain_hooks() -> None:
+    """An encoder with no LM head: the metric reads ``last_hidden_state`` (``l2``)."""
+    if not hasattr(transformers, "T5EncoderModel"):
+        pytest.skip("not in transformers")
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB, num_layers=2, d_model=16, num_heads=NH, d_kv=4, d_ff=24
+    )
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(cfg).eval()
+    batches = [
+        {k: v for k, v in _batch(s, True).items() if k in ("input_ids", "attention_mask")}
+        for s in (1, 2)
+    ]
+    unit = f"encoder.block.0.layer.0.SelfAttention.o@input[heads=1;n_heads={NH}]"
+    key = ma.parse_site(unit).key
+    means = ma.compute_means(model, [key], batches)
+    mod = model.get_submodule(key.removesuffix("@input"))
+    acts: list[Tensor] = []
+    h = mod.register_forward_pre_hook(lambda _m, a: acts.append(a[0].detach().clone()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    h.remove()
+    keep = [b["attention_mask"].bool() for b in batches]
+    mean = torch.cat([a[k] for a, k in zip(acts, keep)]).double().mean(0)
+    torch.testing.assert_close(means[key], mean)
+
+    def ablated(b: dict) -> Tensor:
+        def pre(_m: nn.Module, a: tuple) -> tuple:
+            return (_replace(a[0], mean.float().expand_as(a[0]), ("head", 1)),)
+
+        h = mod.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                return model(**b).last_hidden_state
+        finally:
+            h.remove()
+
+    with torch.no_grad():
+        want = torch.cat(
+            [
+                ((ablated(b) - model(**b).last_hidden_state).double().pow(2).sum(-1) * k)
+                .sum(1)
+                .sqrt()
+                for b, k in zip(batches, keep)
+            ]
+        )
+    assert float(want.min()) > 0
+    got = ma.sweep(model, batches, [unit], means, metric="l2")
+    torch.testing.assert_close(got.per_example[0], want, rtol=1e-6, atol=1e-7)
