@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.eap_fast import clean_pair_scores
+from meanablate.discovery.edge_forward import OursEdges
 from meanablate.discovery.edges import EdgeData
 from meanablate.discovery.fastpath import any_hooks
 from meanablate.discovery.scores import Scores
@@ -49,7 +50,8 @@ def eap(
     the estimate is of ``metric(ablated) - metric(clean)``. Comparing metrics (``kl``,
     ``l2``) have zero gradient at the clean run: use :func:`eap_ig` for them.
     ``fast``: take the gradients from the model's own forward and backward
-    (:mod:`~meanablate.discovery.eap_fast`; the same numbers, about half the time).
+    (:mod:`~meanablate.discovery.eap_fast`; the same numbers, about half the time; our
+    transformer and its exact copies only, other families use the masked forward).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
@@ -111,7 +113,12 @@ def _attribute(
     src = torch.tensor([e.src_index for e in graph.edges])
     dst = torch.tensor([e.dst_index for e in graph.edges])
     cols: list[Tensor] = []
-    use_fast = fast and alphas == [0.0] and not any_hooks(data.model)
+    use_fast = (
+        fast
+        and alphas == [0.0]
+        and isinstance(data.family, OursEdges)
+        and not any_hooks(data.model)
+    )
     for item in data.items:
         if use_fast:
             cols.append(clean_pair_scores(data, item, m)[src, dst].double().cpu())

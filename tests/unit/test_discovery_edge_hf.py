@@ -1,0 +1,264 @@
+"""Edges on Hugging Face Llama-style and GPT-NeoX decoders (and bridges over them)
+against a hand-written reference, the models' own forwards, and finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_edge_reference import reference_forward, scaled, values  # noqa: E402
+from meanablate import ablate, compute_means  # noqa: E402
+from meanablate.discovery.edge_forward import edge_family  # noqa: E402
+from meanablate.discovery.edge_sweep import edge_sweep  # noqa: E402
+from meanablate.discovery.edges import EdgeData, edge_mask, run_edges  # noqa: E402
+from meanablate.discovery.source import Source  # noqa: E402
+from meanablate.metrics import get_metric  # noqa: E402
+
+torch.set_num_threads(1)
+V = 50
+
+
+def llama(seed: int = 0, kv: int = 2, **kw):
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        num_hidden_layers=2,
+        vocab_size=V,
+        max_position_embeddings=32,
+        **kw,
+    )
+    torch.manual_seed(seed)
+    return scaled(transformers.LlamaForCausalLM(cfg), seed)
+
+
+def neox(seed: int = 0, parallel: bool = True, **kw):
+    cfg = transformers.GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=V,
+        max_position_embeddings=32,
+        use_parallel_residual=parallel,
+        rotary_pct=0.5,
+        **kw,
+    )
+    torch.manual_seed(seed)
+    return scaled(transformers.GPTNeoXForCausalLM(cfg), seed)
+
+
+MODELS = {
+    "llama-gqa": lambda s: llama(s),
+    "llama-mha": lambda s: llama(s, kv=4),
+    "qwen2-bias": lambda s: scaled(
+        transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                hidden_size=32,
+                intermediate_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                vocab_size=V,
+                max_position_embeddings=32,
+            )
+        ),
+        s,
+    ),
+    "mistral-window": lambda s: scaled(
+        transformers.MistralForCausalLM(
+            transformers.MistralConfig(
+                hidden_size=32,
+                intermediate_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                num_hidden_layers=2,
+                vocab_size=V,
+                max_position_embeddings=32,
+                sliding_window=3,
+            )
+        ),
+        s,
+    ),
+    "neox-parallel": lambda s: neox(s),
+    "neox-sequential": lambda s: neox(s, parallel=False),
+}
+
+
+def batch(seed: int, pad: str | None, b: int = 3, p: int = 6) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    out = {
+        "tokens": torch.randint(0, V, (b, p), generator=gen),
+        "corrupt": torch.randint(0, V, (b, p), generator=gen),
+    }
+    target = torch.randint(0, V, (b, p), generator=gen)
+    if pad:
+        mask = torch.ones(b, p, dtype=torch.long)
+        if pad == "left":
+            mask[1, :2] = 0
+        else:
+            mask[1, -2:] = 0
+        out["attention_mask"] = mask
+        target[mask == 0] = -100
+    out["target"] = target
+    return out
+
+
+def _real(b: dict) -> torch.Tensor:
+    m = b.get("attention_mask")
+    return torch.ones(b["tokens"].shape, dtype=torch.bool) if m is None else m.bool()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+def test_no_edges_ablated_equals_the_model_and_the_reference(name, pad):
+    model = MODELS[name](0)
+    b = batch(1, pad)
+    mask = b.get("attention_mask")
+    with torch.no_grad():
+        want = model(input_ids=b["tokens"], attention_mask=mask).logits
+        ref, _ = reference_forward(model, b["tokens"], mask, {}, set())
+    got = run_edges(model, b, [])
+    real = _real(b)
+    assert torch.allclose(ref[real], want[real], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "kind,pad", [("zero", None), ("mean", "left"), ("counterfactual", "right")]
+)
+def test_edge_ablation_equals_the_reference(name, kind, pad):
+    model = MODELS[name](2)
+    b = batch(3, pad)
+    graph = edge_family(model).graph()
+    gen = torch.Generator().manual_seed(4)
+    pick = torch.rand(len(graph), generator=gen) < 0.25
+    edges = [e for e, p in zip(graph.edges, pick.tolist()) if p]
+    assert any(e.qkv == "k" for e in edges) and any(e.qkv == "q" for e in edges)
+    source = Source("counterfactual") if kind == "counterfactual" else kind
+    got = run_edges(model, b, [e.name for e in edges], source)
+    cut = {(e.src, e.dst_full) for e in edges}
+    mask = b.get("attention_mask")
+    with torch.no_grad():
+        want, _ = reference_forward(model, b["tokens"], mask, values(model, b, kind), cut)
+        clean = model(input_ids=b["tokens"], attention_mask=mask).logits
+    real = _real(b)
+    assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert (got[real] - clean[real]).abs().max() > 1e-2  # the ablation did something
+
+
+def test_one_kv_input_edge_changes_only_its_query_head():
+    # GQA: heads 0 and 1 share kv head 0; an edge into a0.h0<k> must leave a0.h1 alone.
+    model = llama(5)
+    b = batch(5, None)
+    fam = edge_family(model)
+    graph = fam.graph()
+    data = EdgeData(model, [b], "zero")
+    it = data.items[0]
+    clean = fam.run(graph, it.tokens, None, keep_outs=True).outs
+    mask = edge_mask(graph, ["input->a0.h0<k>"])
+    cut = fam.run(graph, it.tokens, None, it.ablated, mask, keep_outs=True).outs
+    i0, i1 = graph.src_index("a0.h0"), graph.src_index("a0.h1")
+    assert (cut[i0] - clean[i0]).abs().max() > 1e-3
+    assert torch.equal(cut[i1], clean[i1])
+
+
+def test_neox_parallel_graph_has_no_same_layer_head_to_mlp_edges():
+    par, seq = edge_family(neox(0)).graph(), edge_family(neox(0, parallel=False)).graph()
+    assert par.parallel and not seq.parallel
+    assert not [e for e in par.edges if e.dst == "m1" and e.src.startswith("a1.")]
+    assert [e for e in seq.edges if e.dst == "m1" and e.src.startswith("a1.")]
+    assert len(seq) - len(par) == 2 * 4
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_node_circuit_equals_edges_between_kept_nodes(name, kind):
+    model = MODELS[name](6)
+    b = batch(7, "left")
+    fam = edge_family(model)
+    graph = fam.graph()
+    kept = ["a0.h0", "a0.h3", "m0", "a1.h1", "a1.h2"]
+    dropped = [n.name for n in graph.srcs if n.name not in kept and n.name != "input"]
+    between = set(graph.between(kept))
+    got = run_edges(model, b, [e for e in graph.names if e not in between], kind, means_from=[b])
+    neo = hasattr(model, "gpt_neox")
+    sites = []
+    for node in dropped:
+        layer = int(node[1:].split(".")[0])
+        pre = f"gpt_neox.layers.{layer}" if neo else f"model.layers.{layer}"
+        if node.startswith("m"):
+            sites.append(f"{pre}.mlp")
+        else:
+            proj = "attention.dense" if neo else "self_attn.o_proj"
+            sites.append(f"{pre}.{proj}@input[heads={node.split('.h')[1]}]")
+    data = [{"input_ids": b["tokens"], "attention_mask": b["attention_mask"]}]
+    kw = {"means": compute_means(model, sites, data)} if kind == "mean" else {}
+    with torch.no_grad(), ablate(model, sites, method=kind, **kw):
+        want = model(input_ids=b["tokens"], attention_mask=b["attention_mask"]).logits
+    real = _real(b)
+    assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel", "neox-sequential"])
+def test_eap_equals_finite_differences_of_the_edge_mask(name):
+    from meanablate.discovery.eap import eap
+
+    model = MODELS[name](8).double()
+    b = batch(9, "right")
+    data = EdgeData(model, [b], "mean")
+    got = eap(model, data, metric="loss")
+    m = get_metric("loss")
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data.graph), generator=gen)[:25].tolist()
+    it = data.items[0]
+    for i in idx:
+        mask = torch.zeros(len(data.graph), dtype=torch.float64)
+        mask[i] = eps
+        hi = m(data.logits(it, mask), it.batch, it.clean)
+        lo = m(data.logits(it, -mask), it.batch, it.clean)
+        want = (hi - lo) / (2 * eps)
+        assert torch.allclose(got.per_example[i], want, atol=1e-6, rtol=1e-5), data.graph.names[i]
+    assert got.per_example.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel"])
+def test_edge_sweep_equals_one_edge_at_a_time(name):
+    model = MODELS[name](10)
+    b = batch(11, "left", b=2, p=5)
+    data = EdgeData(model, [b], Source("counterfactual"))
+    got = edge_sweep(model, data, metric="kl")
+    m = get_metric("kl")
+    it = data.items[0]
+    want = torch.stack(
+        [
+            m.effect(data.logits(it, edge_mask(data.graph, [n])), it.batch, it.clean).double()
+            for n in data.graph.names
+        ]
+    )
+    assert got.units == data.graph.names
+    assert torch.allclose(got.per_example, want, atol=1e-5, rtol=1e-4)
+    assert want.abs().max() > 1e-3
+
+
+def test_bert_is_refused_with_the_reason():
+    cfg = transformers.BertConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        intermediate_size=24,
+        vocab_size=V,
+    )
+    with pytest.raises(ValueError, match="post-LN"):
+        edge_family(transformers.BertForMaskedLM(cfg).eval())
+
+
+def test_unsupported_rope_and_a_wrong_forward_are_refused():
+    model = llama(0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        edge_family(model)
