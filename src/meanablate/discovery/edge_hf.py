@@ -202,7 +202,7 @@ class LlamaEdges(_HFEdges):
     ...     num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, vocab_size=11)
     >>> fam = LlamaEdges(transformers.LlamaForCausalLM(cfg).eval())
     >>> len(fam.graph()), fam.graph().names[0]
-    (79, 'input->a0.h0<q>')
+    (23, 'input->a0.h0<q>')
     """
 
     kind = "Llama-style model"
@@ -289,7 +289,7 @@ class NeoXEdges(_HFEdges):
     ...     num_attention_heads=2, num_hidden_layers=1, vocab_size=11)
     >>> fam = NeoXEdges(transformers.GPTNeoXForCausalLM(cfg).eval())
     >>> fam.parallel, len(fam.graph())
-    (True, 16)
+    (True, 11)
     """
 
     kind = "GPT-NeoX model"
