@@ -262,3 +262,85 @@ def test_unsupported_rope_and_a_wrong_forward_are_refused():
     model = llama(0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope_type='dynamic'"):
         edge_family(model)
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: sorted(vars(m)) for n, m in model.named_modules()},
+        {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+    )
+
+
+def _same(model, snap) -> None:
+    state, dicts, hooks = _snapshot(model)
+    assert state.keys() == snap[0].keys()
+    assert all(torch.equal(state[k], snap[0][k]) for k in state)
+    assert dicts == snap[1]  # no attribute added or replaced (e.g. a patched forward)
+    assert hooks == snap[2]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel"])
+def test_every_edge_algorithm_runs_and_leaves_the_model_as_it_was(name):
+    from meanablate.discovery.eap import eap, eap_ig
+    from meanablate.discovery.edge_prune import discover_edges
+    from meanablate.discovery.mib import mib_curve, score_edge_circuit, to_mib_json
+    from meanablate.discovery.path_patching import path_patching
+
+    model = MODELS[name](12)
+    b = batch(13, "left", b=2, p=5)
+    snap = _snapshot(model)
+    data = EdgeData(model, [b], "mean")
+    _same(model, snap)
+    runs = {
+        "sweep": lambda: edge_sweep(model, data, metric="kl", edges=data.graph.names[:8]),
+        "eap": lambda: eap(model, data, metric="loss"),
+        "eap_ig": lambda: eap_ig(model, data, metric="kl", steps=2),
+        "acdc": lambda: discover_edges(model, data, metric="kl", abs_threshold=1e-3),
+        "attribute_verify": lambda: discover_edges(
+            model, data, metric="kl", algorithm="attribute_verify", target_faithfulness=0.5
+        ),
+        "path": lambda: path_patching(
+            model, [b], ["a0.h1"], ["a1.h2<k>"], Source("counterfactual"), metric="kl"
+        ),
+        "mib": lambda: mib_curve(data, out["eap"], "kl", percentages=(0.0, 0.1, 0.5, 1.0)),
+        "score": lambda: score_edge_circuit(data, out["acdc"].kept, "kl"),
+    }
+    out = {}
+    for key, fn in runs.items():
+        out[key] = fn()
+        _same(model, snap)
+    assert 0 < len(out["acdc"].kept) < len(data.graph)
+    assert out["mib"].faithfulness[-1] == pytest.approx(1.0)
+    mib = to_mib_json(data.graph, out["eap"])
+    assert mib["cfg"]["parallel_attn_mlp"] is data.graph.parallel
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel"])
+def test_path_patching_with_everything_frozen_equals_ablating_those_edges(name):
+    from meanablate.discovery.path_patching import path_patching
+
+    model = MODELS[name](14)
+    b = batch(15, None, b=2, p=5)
+    src = Source("counterfactual")
+    # receivers that read no other receiver: pass 2 forces only what edges would change
+    # (in the parallel NeoX graph the layer-1 MLP does not read layer 1's heads)
+    receivers = ["a1.h2", "m1"] if name.startswith("neox") else ["a1.h2"]
+    got = path_patching(model, [b], ["a0.h1"], receivers, src, metric="kl", freeze="all")
+    data = EdgeData(model, [b], src)
+    edges = [e.name for e in data.graph.edges_from("a0.h1") if e.dst in receivers]
+    want = data.metric_of(edges, "kl")
+    assert torch.allclose(got.per_example[0], want, atol=1e-6)
+    assert want.abs().max() > 1e-4
+
+
+def test_an_nnsight_wrapped_llama_gives_the_same_edges():
+    nnsight = pytest.importorskip("nnsight")
+    model = llama(16)
+    b = batch(17, "right")
+    edges = edge_family(model).graph().names[::9]
+    got = run_edges(nnsight.NNsight(model), b, edges, "zero")
+    assert torch.equal(got, run_edges(model, b, edges, "zero"))
