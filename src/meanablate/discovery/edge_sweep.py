@@ -156,21 +156,22 @@ def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, 
 
 
 def _sweep_item_resumed(data: EdgeData, item: Any, by_dst: dict, m: Metric, rows: dict) -> None:
-    """Any family: each edge's run resumes at its destination's layer from the clean
-    run's saved stream (the family's own edge forward, one edge in the mask)."""
+    """Any family: each edge's run resumes at its destination's layer from the clean run's
+    saved stream, with only that destination's input changed (its clean input plus the
+    edge's change; everything upstream of it is clean)."""
     fam, graph = data.family, data.graph
     states: list = []
-    run = fam.run(graph, item.tokens, item.mask, states=states)
+    run = fam.run(graph, item.tokens, item.mask, keep_outs=True, record_inputs=True, states=states)
+    outs, inputs = run.outs, run.inputs
+    assert outs is not None and inputs is not None
     positions, sub = restrict_positions(item.batch, run.logits)
     clean = run.logits if positions is None else run.logits[:, positions]
     effect_of = m.bind(sub, clean)
-    mask = torch.zeros(len(graph), dtype=item.ablated.dtype, device=item.tokens.device)
     for d, group in by_dst.items():
         start = states[graph.dst_layer[d]]
         for e in group:
-            mask[e.index] = 1
-            logits = fam.run(graph, item.tokens, item.mask, item.ablated, mask, start=start).logits
-            mask[e.index] = 0
+            x = inputs[graph.dsts[d]] + (item.ablated[e.src_index] - outs[e.src_index])
+            logits = fam.run(graph, item.tokens, item.mask, in_override={d: x}, start=start).logits
             logits = logits if positions is None else logits[:, positions]
             rows[e.index].append(effect_of(logits).double().cpu())
 
