@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -344,3 +346,30 @@ def test_an_nnsight_wrapped_llama_gives_the_same_edges():
     edges = edge_family(model).graph().names[::9]
     got = run_edges(nnsight.NNsight(model), b, edges, "zero")
     assert torch.equal(got, run_edges(model, b, edges, "zero"))
+
+
+_MODELS_12 = {"llama": llama(12), "neox": neox(12)}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    which=st.sampled_from(sorted(_MODELS_12)),
+    seed=st.integers(0, 2**16),
+    frac=st.floats(0.0, 1.0),
+    pad=st.sampled_from([None, "left", "right"]),
+    kind=st.sampled_from(["zero", "mean", "counterfactual"]),
+)
+def test_random_edge_sets_equal_the_reference(which, seed, frac, pad, kind):
+    model = _MODELS_12[which]
+    b = batch(seed, pad, b=2, p=5)
+    graph = edge_family(model).graph()
+    gen = torch.Generator().manual_seed(seed)
+    edges = [e for e in graph.edges if float(torch.rand(1, generator=gen)) < frac]
+    source = Source("counterfactual") if kind == "counterfactual" else kind
+    got = run_edges(model, b, [e.name for e in edges], source)
+    cut = {(e.src, e.dst_full) for e in edges}
+    mask = b.get("attention_mask")
+    with torch.no_grad():
+        want, _ = reference_forward(model, b["tokens"], mask, values(model, b, kind), cut)
+    real = _real(b)
+    assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
