@@ -373,3 +373,21 @@ def test_random_edge_sets_equal_the_reference(which, seed, frac, pad, kind):
         want, _ = reference_forward(model, b["tokens"], mask, values(model, b, kind), cut)
     real = _real(b)
     assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_run_in_their_dtype(dtype):
+    model = llama(18).to(dtype)
+    b = batch(19, "left")
+    got = run_edges(model, b, [])
+    with torch.no_grad():
+        want = model(input_ids=b["tokens"], attention_mask=b["attention_mask"]).logits
+        ref = llama(18)(input_ids=b["tokens"], attention_mask=b["attention_mask"]).logits
+    real = _real(b)
+    assert got.dtype == dtype
+    tol = 16 * torch.finfo(dtype).eps * (float(want.abs().max()) + 1)
+    assert (got[real] - want[real]).abs().max() <= tol
+    # and no further from the float32 model than the Hugging Face forward in that dtype is
+    err_ours = (got[real].float() - ref[real]).abs().max()
+    err_hf = (want[real].float() - ref[real]).abs().max()
+    assert err_ours <= 2 * err_hf + 1e-3
