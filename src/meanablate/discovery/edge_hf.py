@@ -41,7 +41,15 @@ __all__ = ["LlamaEdges", "NeoXEdges", "hf_decoder_edges", "is_hf_decoder"]
 
 LLAMA_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 NEOX_CLASSES = ("GPTNeoXForCausalLM",)
-_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", None)
+# softmax attention with a causal + padding mask, each (the check then confirms it)
+_ATTN_IMPLEMENTATIONS = (
+    "eager",
+    "sdpa",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    None,
+)
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -94,7 +102,8 @@ class _HFEdges(StreamEdges):
         c = self.config
         impl = getattr(c, "_attn_implementation", None)
         if impl not in _ATTN_IMPLEMENTATIONS:
-            _refuse(self.kind, f"attention implementation {impl!r} (accepted: eager, sdpa)")
+            accepted = ", ".join(str(a) for a in _ATTN_IMPLEMENTATIONS[:-1])
+            _refuse(self.kind, f"attention implementation {impl!r} (accepted: {accepted})")
         rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope not in _ROPE_TYPES:
             _refuse(self.kind, f"rope_type={rope!r} (accepted: {', '.join(_ROPE_TYPES)})")
