@@ -88,14 +88,22 @@ def reference_forward(
     bias = torch.zeros(c.hidden_size, dtype=out["input"].dtype)
     pos = torch.arange(p)[None]
     cos, sin = base.rotary_emb(out["input"], pos)
-    allowed = torch.ones(p, p, dtype=torch.bool).tril()
-    sw = getattr(c, "sliding_window", None) if kind == "llama" else None
-    if sw:
-        i = torch.arange(p)
-        allowed = allowed & (i[:, None] - i[None, :] < sw)
-    allowed = allowed[None, None].expand(b, 1, p, p)
-    if mask is not None:
-        allowed = allowed & mask.bool()[:, None, None, :]
+
+    def allowed_in(layer: int) -> Tensor:
+        """Keys each query may read: causal, the sliding window where the layer has one
+        (every layer, or those ``layer_types`` marks), real tokens only."""
+        allowed = torch.ones(p, p, dtype=torch.bool).tril()
+        sw = getattr(c, "sliding_window", None) if kind == "llama" else None
+        types = getattr(c, "layer_types", None)
+        if types is not None and types[layer] != "sliding_attention":
+            sw = None
+        if sw and getattr(c, "use_sliding_window", True):
+            i = torch.arange(p)
+            allowed = allowed & (i[:, None] - i[None, :] < sw)
+        allowed = allowed[None, None].expand(b, 1, p, p)
+        if mask is not None:
+            allowed = allowed & mask.bool()[:, None, None, :]
+        return allowed
 
     def input_of(dst: str, srcs: dict[str, Tensor], extra: Tensor) -> Tensor:
         total = extra + torch.zeros(b, p, c.hidden_size, dtype=extra.dtype)
@@ -109,6 +117,7 @@ def reference_forward(
         o_proj = attn.dense if kind == "neox" else attn.o_proj
         before = dict(out)
         bias_before = bias.clone()
+        allowed = allowed_in(layer)
         for h in range(n_h):
             name = f"a{layer}.h{h}"
             qkv = [

@@ -46,8 +46,7 @@ def neox(seed: int = 0, parallel: bool = True, **kw):
         vocab_size=V,
         max_position_embeddings=32,
         use_parallel_residual=parallel,
-        rotary_pct=0.5,
-        **kw,
+        **{"rotary_pct": 0.5, **kw},
     )
     torch.manual_seed(seed)
     return scaled(transformers.GPTNeoXForCausalLM(cfg), seed)
@@ -85,7 +84,40 @@ MODELS = {
         ),
         s,
     ),
+    "llama-biases-head-dim": lambda s: llama(s, attention_bias=True, mlp_bias=True, head_dim=12),
+    "llama3-rope-tied": lambda s: llama(
+        s,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 4,
+            "rope_theta": 500000.0,
+        },
+    ),
+    "qwen2-window-layer1": lambda s: scaled(
+        transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                hidden_size=32,
+                intermediate_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                vocab_size=V,
+                max_position_embeddings=32,
+                use_sliding_window=True,
+                sliding_window=3,
+                max_window_layers=1,
+            )
+        ),
+        s,
+    ),
     "neox-parallel": lambda s: neox(s),
+    "neox-no-bias-full-rotary": lambda s: neox(
+        s, parallel=False, attention_bias=False, rotary_pct=1.0
+    ),
     "neox-sequential": lambda s: neox(s, parallel=False),
 }
 
