@@ -288,8 +288,17 @@ def test_bert_is_refused_with_the_reason():
         intermediate_size=24,
         vocab_size=V,
     )
+    bert = transformers.BertForMaskedLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"BertForMaskedLM: BERT is post-LN.*not the sum"):
+        edge_family(bert)
+    builder = pytest.importorskip("transformer_lens.model_bridge.sources")
+    import copy
+
+    bridge = builder.build_bridge_from_module(
+        copy.deepcopy(bert), "BertForMaskedLM", hf_config=bert.config, model_name="bert-local"
+    )
     with pytest.raises(ValueError, match="post-LN"):
-        edge_family(transformers.BertForMaskedLM(cfg).eval())
+        edge_family(bridge.eval())
 
 
 def test_unsupported_rope_and_a_wrong_forward_are_refused():
