@@ -45,4 +45,9 @@ def test_edges_command_on_a_llama_with_corrupted_inputs(tmp_path, monkeypatch):
     mib = json.loads((out / "mib_circuit.json").read_text())
     assert mib["cfg"]["parallel_attn_mlp"] is False
     assert (out / "circuit.dot").read_text().count("->") == len(res["circuit"])
+    results = json.loads((out / "results.json").read_text())
+    units = results["circuit"]["units"]  # the model's own sites, in layer order
+    assert units and all(u.startswith("model.layers.") for u in units)
+    assert {u["kind"] for u in results["units"]} == {"head", "mlp"}
+    assert "model.layers.0.self_attn.o_proj@input[heads=0]" in {u["name"] for u in results["units"]}
     sys.modules.pop("tinyllama_build", None)

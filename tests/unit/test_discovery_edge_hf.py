@@ -220,16 +220,10 @@ def test_node_circuit_equals_edges_between_kept_nodes(name, kind):
     dropped = [n.name for n in graph.srcs if n.name not in kept and n.name != "input"]
     between = set(graph.between(kept))
     got = run_edges(model, b, [e for e in graph.names if e not in between], kind, means_from=[b])
-    neo = hasattr(model, "gpt_neox")
-    sites = []
-    for node in dropped:
-        layer = int(node[1:].split(".")[0])
-        pre = f"gpt_neox.layers.{layer}" if neo else f"model.layers.{layer}"
-        if node.startswith("m"):
-            sites.append(f"{pre}.mlp")
-        else:
-            proj = "attention.dense" if neo else "self_attn.o_proj"
-            sites.append(f"{pre}.{proj}@input[heads={node.split('.h')[1]}]")
+    # the graph's node units are the model's own sites, which ablate() takes as they are
+    sites = [graph.unit(node) for node in dropped]
+    pre = "gpt_neox.layers.0" if hasattr(model, "gpt_neox") else "model.layers.0"
+    assert sites[0].startswith(pre) and sites[0].endswith("@input[heads=1]")
     data = [{"input_ids": b["tokens"], "attention_mask": b["attention_mask"]}]
     kw = {"means": compute_means(model, sites, data)} if kind == "mean" else {}
     with torch.no_grad(), ablate(model, sites, method=kind, **kw):

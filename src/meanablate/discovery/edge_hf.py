@@ -122,7 +122,15 @@ class _HFEdges(StreamEdges):
     # -- the pieces of the edge forward ------------------------------------------------
     def graph(self, *, split_qkv: bool = True) -> Graph:
         c = self.cfg
-        return build_graph(c.n_layers, c.n_heads, True, split_qkv=split_qkv, parallel=self.parallel)
+        g = build_graph(c.n_layers, c.n_heads, True, split_qkv=split_qkv, parallel=self.parallel)
+        if self.model is self.hf:  # a bridge's node units are its own hook names (default)
+            base, proj = self._sites
+            g.unit_names = {}
+            for layer in range(c.n_layers):
+                for h in range(c.n_heads):
+                    g.unit_names[f"a{layer}.h{h}"] = f"{base}.{layer}.{proj}@input[heads={h}]"
+                g.unit_names[f"m{layer}"] = f"{base}.{layer}.mlp"
+        return g
 
     def embed(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self._embed.weight)
@@ -218,6 +226,7 @@ class LlamaEdges(_HFEdges):
     """
 
     kind = "Llama-style model"
+    _sites = ("model.layers", "self_attn.o_proj")  # node units: the model's own sites
 
     def _setup(self) -> None:
         c = self.config
@@ -305,6 +314,7 @@ class NeoXEdges(_HFEdges):
     """
 
     kind = "GPT-NeoX model"
+    _sites = ("gpt_neox.layers", "attention.dense")
 
     def _setup(self) -> None:
         c = self.config

@@ -80,6 +80,7 @@ class Graph:
     edges: list[Edge]
     _by_name: dict[str, Edge] = field(default_factory=dict, repr=False)
     parallel: bool = False
+    unit_names: dict[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {e.name: e for e in self.edges}
@@ -118,6 +119,13 @@ class Graph:
         if isinstance(names, str):
             raise TypeError(f"expected a list of edge names, got the string {names!r}")
         return [self.edge(n).index for n in names]
+
+    def unit(self, node: str) -> str | None:
+        """The site string of ``node`` as a node-level unit of this graph's model
+        (``None`` for ``input`` and ``logits``)."""
+        if self.unit_names and node in self.unit_names:
+            return self.unit_names[node]
+        return node_unit(node)
 
     def has_src(self, name: str) -> bool:
         return any(n.name == name for n in self.srcs)
