@@ -158,4 +158,24 @@ def _pair_scores(data: EdgeData, item: Any, m: Metric, alpha: float) -> Tensor:
     g = torch.cat(grads, dim=2)  # [batch, pos, n_dst, d_model]
     assert run.outs is not None
     delta = item.ablated - run.outs.detach()  # [n_src, batch, pos, d_model]
-    return torch.einsum("nbpd,bptd->ntb", delta, g)
+    # each layer's destinations only with the sources that can feed them (about half the
+    # pairs); the other pairs are no edges and stay 0
+    out = delta.new_zeros(delta.shape[0], g.shape[2], delta.shape[1])
+    for d0, d1, n in _dst_blocks(graph):
+        out[:n, d0:d1] = torch.einsum("nbpd,bptd->ntb", delta[:n], g[:, :, d0:d1])
+    return out
+
+
+def _dst_blocks(graph: Any) -> list[tuple[int, int, int]]:
+    """``(first, end, n_src)`` per run of destinations in one layer: the destinations
+    ``first .. end`` read only sources ``0 .. n_src``."""
+    blocks: list[tuple[int, int, int]] = []
+    need: dict[int, int] = {}
+    for e in graph.edges:
+        need[e.dst_index] = max(need.get(e.dst_index, 0), e.src_index + 1)
+    start = 0
+    for d in range(1, len(graph.dsts) + 1):
+        if d == len(graph.dsts) or graph.dst_layer[d] != graph.dst_layer[start]:
+            blocks.append((start, d, max(need.get(i, 0) for i in range(start, d))))
+            start = d
+    return blocks
