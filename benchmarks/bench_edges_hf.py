@@ -12,11 +12,11 @@ Prints, per model:
 
 Times are CPU seconds of this process (one thread), best of ``--repeats``.
 
-Measured (2 shared cores, one thread): Llama 479 edges, NeoX 463 edges; the edge forward
-1.35x / 1.2x the model's own forward (every head reads its own normalised q/k/v inputs);
-EAP 4.2-6 forward-equivalents (the masked forward with probes: forward + backward ~4.2,
-the contraction ~1.2; our transformer has a faster clean-run path, ~3); the exact sweep
-1.21x the sum of one resumed edge forward per edge.
+Measured (2 shared cores, one thread, noisy): Llama 479 edges, NeoX 463 edges; the edge
+forward 1.3-1.45x the model's own forward (every head reads its own normalised q/k/v
+inputs); EAP 4.5-6 forward-equivalents (the masked forward with probes: forward + backward
+~3.9, the contraction ~0.6; our transformer has a faster clean-run path, ~3); the exact
+sweep 1.16-1.21x the sum of one resumed edge forward per edge.
 
 Run: ``python benchmarks/bench_edges_hf.py [--repeats N]``.
 """
