@@ -161,3 +161,40 @@ def test_edges_on_a_llama_or_neox_bridge_equal_the_hf_model_and_tl_hooks(name):
     a = edge_sweep(br, [batch], Source("counterfactual"), edges=names, metric="kl")
     b = edge_sweep(hf, [batch], Source("counterfactual"), edges=names, metric="kl")
     assert torch.allclose(a.per_example, b.per_example, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "neox"])
+def test_edge_algorithms_leave_a_llama_or_neox_bridge_as_it_was(name):
+    from meanablate.discovery import discover_edges, eap
+
+    _, br = _hf_decoder_bridge(name, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 40, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :1] = 0
+    target = torch.where(mask.bool(), torch.randint(0, 40, (2, 6), generator=gen), -100)
+    batch = {"tokens": ids, "attention_mask": mask, "target": target}
+    with torch.no_grad():  # TransformerLens's own forwards set their bookkeeping first
+        br(ids)
+        br(ids, attention_mask=mask)
+
+    def snapshot():
+        return (
+            {k: v.clone() for k, v in br.state_dict().items()},
+            {n: sorted(vars(m)) for n, m in br.named_modules()},
+            {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in br.named_modules()},
+        )
+
+    def same(a, b):
+        assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        assert a[1] == b[1] and a[2] == b[2]
+
+    before = snapshot()
+    data = EdgeData(br, [batch], "mean")
+    same(snapshot(), before)
+    eap(br, data, metric="loss")
+    same(snapshot(), before)
+    edge_sweep(br, data, metric="kl", edges=data.graph.names[:5])
+    same(snapshot(), before)
+    discover_edges(br, data, metric="kl", abs_threshold=1e-2)
+    same(snapshot(), before)
