@@ -299,6 +299,10 @@ def test_unsupported_rope_and_a_wrong_forward_are_refused():
     model = llama(0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope_type='dynamic'"):
         edge_family(model)
+    model = neox(0, hidden_dropout=0.1).train()
+    with pytest.raises(ValueError, match=r"training mode with dropout.*model\.eval\(\)"):
+        edge_family(model)
+    edge_family(model.eval())
     model = llama(0)
     model.config._attn_implementation_internal = "my_kernel"
     with pytest.raises(ValueError, match=r"attention implementation 'my_kernel'.*sdpa"):

@@ -107,6 +107,13 @@ class _HFEdges(StreamEdges):
         rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope not in _ROPE_TYPES:
             _refuse(self.kind, f"rope_type={rope!r} (accepted: {', '.join(_ROPE_TYPES)})")
+        drop = {k: getattr(c, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout")}
+        if hf.training and any(drop.values()):
+            _refuse(
+                self.kind,
+                f"it is in training mode with dropout ({drop}); the edge forward has no "
+                "dropout: call model.eval() first",
+            )
         self._setup()
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
