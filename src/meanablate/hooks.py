@@ -172,9 +172,15 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
         fn = _framework_view(model, path, module, fn)
         if is_input:
 
-            def pre_hook(_m: nn.Module, args: tuple, _fn: ActivationFn = fn) -> tuple:
+            def pre_hook(
+                _m: nn.Module, args: tuple, _fn: ActivationFn = fn, _key: str = key
+            ) -> tuple:
                 if not args:
-                    raise TypeError("input hooks need the activation as a positional arg")
+                    raise TypeError(
+                        f"site {_key}: the module was called with keyword arguments only, "
+                        "so it has no positional input to read; hook the output of the "
+                        "module before it instead"
+                    )
                 return (_replace_first(args[0], _fn), *args[1:])
 
             planned.append((module, "forward_pre", pre_hook))

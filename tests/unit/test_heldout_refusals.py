@@ -290,3 +290,19 @@ def test_heads_on_a_head_first_activation_are_refused() -> None:
     ids = torch.randint(0, 10, (3, 5))
     with pytest.raises(ValueError, match=r"split: pos= and heads= read .*\(3, 2, 5, 4\)"):
         ma.run_ablated(model, ids, "split[heads=1]", method="zero")
+
+
+class KwargsOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(input=x)
+
+
+def test_an_input_site_called_with_keywords_only_names_the_site() -> None:
+    model = KwargsOnly().eval()
+    with pytest.raises(TypeError, match=r"site inner@input: .*keyword arguments only"):
+        ma.run_ablated(model, torch.randn(2, 3, 4), "inner@input[neurons=1]", method="zero")
+    assert not model.inner._forward_pre_hooks
