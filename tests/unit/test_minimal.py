@@ -20,13 +20,13 @@ from torch import nn
 
 from meanablate.discovery import discover, faithfulness, transformer_units
 from meanablate.discovery.evaluate import metric_per_example
-from meanablate.errors import NoBehaviourError
 from meanablate.discovery.minimal import (
     check_behaviour,
     exhaustive_search,
     n_smaller_subsets,
     removal_pass,
 )
+from meanablate.errors import NoBehaviourError
 from meanablate.organisms import HookedTransformer, TransformerConfig
 from meanablate.stats import Means, compute_means
 
