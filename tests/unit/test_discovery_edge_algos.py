@@ -355,3 +355,24 @@ def test_fast_eap_equals_the_masked_forward_probes(mlp, norm, split):
     slow = eap(model, data, metric="loss", fast=False)
     assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
     assert fast.per_example.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("metric", ["prob", "custom"])
+def test_fast_eap_other_metrics_and_the_model_left_as_it_was(metric):
+    from meanablate.discovery.eap import eap
+    from meanablate.metrics import Metric, loss
+
+    model, batches = _setup(seed=11, pad=True)
+    model = model.double()
+    model.blocks[0].attn.W_Q.requires_grad_(False)  # a user's frozen weight stays frozen
+    flags = [q.requires_grad for q in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = Metric("custom", lambda lg, b, c: loss(lg, b, c) ** 2) if metric == "custom" else metric
+    data = EdgeData(model, batches, "mean")
+    fast = eap(model, data, metric=m, fast=True)
+    slow = eap(model, data, metric=m, fast=False)
+    assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
+    assert fast.per_example.abs().max() > 1e-4
+    assert [q.requires_grad for q in model.parameters()] == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(mod._forward_hooks for mod in model.modules())
