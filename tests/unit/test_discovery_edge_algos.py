@@ -376,3 +376,24 @@ def test_fast_eap_other_metrics_and_the_model_left_as_it_was(metric):
     assert [q.requires_grad for q in model.parameters()] == flags
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not any(mod._forward_hooks for mod in model.modules())
+
+
+@pytest.mark.parametrize(
+    "mlp,norm,split",
+    [(True, True, True), (False, True, False), (True, False, True), (False, False, True)],
+)
+@pytest.mark.parametrize("source", ["mean", Source("counterfactual")])
+def test_circuit_metric_equals_the_masked_forward(mlp, norm, split, source):
+    from meanablate.discovery.edge_circuit import circuit_metric
+
+    model, batches = _setup(mlp=mlp, norm=norm, seed=12, pad=True)
+    model = model.double()
+    data = EdgeData(model, batches, source, split_qkv=split)
+    gen = torch.Generator().manual_seed(1)
+    loss = get_metric("loss")
+    for frac in (0.0, 0.05, 0.3, 0.8, 1.0):
+        kept = torch.rand(len(data.graph), generator=gen) < frac
+        got = circuit_metric(data, kept, loss)
+        want = data.metric_of((~kept).double(), loss)
+        assert got is not None and torch.allclose(got, want, atol=1e-12, rtol=1e-12)
+    assert circuit_metric(data, kept, get_metric("accuracy")) is None  # discrete: exact path

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.eap import eap, eap_ig
+from meanablate.discovery.edge_circuit import circuit_metric
 from meanablate.discovery.edge_sweep import edge_sweep
 from meanablate.discovery.edges import EdgeData
 from meanablate.discovery.prune import VERIFY_MARGIN, Circuit, _prune_to_target, _verified
@@ -107,7 +108,10 @@ def discover_edges(
         if idx not in memo:
             mask = torch.zeros(len(names))
             mask[list(idx)] = 1
-            memo[idx] = float(data.metric_of(mask, m).mean())
+            # from the nodes the circuit keeps alive (smooth metrics; a fraction of the
+            # masked forward for small circuits), else the masked forward itself
+            fast = circuit_metric(data, mask == 0, m)
+            memo[idx] = float((fast if fast is not None else data.metric_of(mask, m)).mean())
         return memo[idx]
 
     # The full model's output is each batch's clean run: its metric needs no forward.
