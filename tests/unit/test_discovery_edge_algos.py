@@ -397,3 +397,38 @@ def test_circuit_metric_equals_the_masked_forward(mlp, norm, split, source):
         want = data.metric_of((~kept).double(), loss)
         assert got is not None and torch.allclose(got, want, atol=1e-12, rtol=1e-12)
     assert circuit_metric(data, kept, get_metric("accuracy")) is None  # discrete: exact path
+
+
+@pytest.mark.parametrize("seed", [8, 9, 13])
+def test_attribute_verify_keeps_its_promises(seed):
+    from meanablate.discovery.edge_prune import VERIFY_PAST, discover_edges
+
+    model, batches = _setup(seed=seed)
+    kw = {"metric": "loss", "target_faithfulness": 0.8}
+    sweep = discover_edges(model, EdgeData(model, batches, "zero"), algorithm="sweep", **kw)
+    data = EdgeData(model, batches, "zero")
+    av = discover_edges(model, data, algorithm="attribute_verify", **kw)
+    names = av.units
+    exact = dict(zip(names, av.unit_scores.exact.tolist()))
+    # every kept edge measured exactly, the faithfulness reached and evaluated exactly
+    assert av.faithfulness >= 0.8 and all(exact[u] for u in av.kept)
+    mask = edge_mask(data.graph, [u for u in names if u not in set(av.kept)])
+    assert float(data.metric_of(mask, "loss").mean()) == pytest.approx(av.metric_circuit, abs=1e-6)
+    # the verified edges reach VERIFY_PAST past the circuit's lowest-ranked edge by EAP
+    from meanablate.discovery.eap import eap
+
+    order = eap(model, data, metric="loss").ranking()
+    reach = max(order.index(u) + 1 for u in av.kept)
+    assert sum(exact.values()) >= min(len(names), reach + VERIFY_PAST)
+    assert all(exact[u] for u in order[: min(len(names), reach + VERIFY_PAST)])
+    # where the exact ranking's top, as far as the search looked, was all verified, the
+    # circuit is the sweep's
+    looked = max(size for size, _ in sweep.curve)
+    if all(exact[u] for u in sweep.unit_scores.ranking()[:looked]):
+        assert sorted(av.kept) == sorted(sweep.kept)
+    # verifying everything is the sweep itself
+    full = discover_edges(
+        model, EdgeData(model, batches, "zero"), algorithm="attribute_verify",
+        verify_top=len(names), **kw,
+    )  # fmt: skip
+    assert sorted(full.kept) == sorted(sweep.kept)
