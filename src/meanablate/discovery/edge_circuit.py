@@ -48,8 +48,7 @@ def _constants(data: EdgeData, item: Any) -> dict:
         i = 1
         for layer in range(cfg.n_layers):
             attn_in.append(stream.clone())
-            x = stream.unsqueeze(2).expand(b, p, n_h, cfg.d_model)
-            heads.append(fam.attention(layer, x, x, x, item.mask))  # [head, b, p, d]
+            heads.append(_all_heads(data, layer, stream, item.mask))  # [head, b, p, d]
             stream = stream + ablated[i : i + n_h].sum(0) + model.blocks[layer].attn.b_O
             i += n_h
             if has_mlp:
@@ -67,6 +66,19 @@ def _constants(data: EdgeData, item: Any) -> dict:
     }
     data.cache[key] = out
     return out
+
+
+def _all_heads(data: EdgeData, layer: int, x: Tensor, mask: Tensor | None) -> Tensor:
+    """Every head's output ``[head, batch, pos, d_model]`` with all inputs ``x``."""
+    fam = data.family
+    block = fam.model.blocks[layer]
+    attn = block.attn
+    xn = block.ln1(x)
+    q, k, v = (
+        torch.einsum("bpd,hde->bphe", xn, w) + bias
+        for w, bias in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))
+    )
+    return torch.einsum("bphe,hed->hbpd", fam._attend(q, k, v, mask), attn.W_O)
 
 
 def _head(data: EdgeData, layer: int, h: int, xs: list[Tensor], mask: Tensor | None) -> Tensor:
