@@ -22,8 +22,9 @@ metric's gradient at the logits is taken in closed form
 forward's probes and finite differences.
 
 Cost on the benchmark model (bench_edges.py: 4 layers, d_model 256, batch 32 x 32, one
-thread): ~2.5-2.7 forward-equivalents, of which the forward and backward (with the
-per-head products) ~2.0 and the contractions with the sources ~0.5.
+thread, 2 shared cores at load ~7): 2.6-3.0 forward-equivalents, median ~2.8 (was
+3.0-3.45): the forward with autograd ~1.1, the backward with the per-head products ~1.2,
+the contractions with the sources ~0.55.
 """
 
 from __future__ import annotations
