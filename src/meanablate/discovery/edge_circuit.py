@@ -11,7 +11,8 @@ from theirs. A circuit of a few dozen edges costs a fraction of the edge-masked 
 every layer with its own input), and gives the same values to float rounding — so it
 serves smooth metrics; for discrete ones (``accuracy``, custom argmax metrics), whose
 exact ties the last bit decides, :func:`circuit_metric` answers ``None`` and the callers
-run the masked forward itself.
+run the masked forward itself; so it does for families other than our transformer and its
+exact copies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meanablate.discovery.edge_forward import OursEdges
 from meanablate.discovery.edges import EdgeData
 from meanablate.metrics import Metric
 
@@ -111,9 +113,9 @@ def circuit_metric(data: EdgeData, kept: Tensor, m: Metric) -> Tensor | None:
     >>> bool(torch.allclose(fast, data.metric_of(data.graph.names, "loss")))
     True
     """
-    if m.discrete:
-        return None
     graph, fam = data.graph, data.family
+    if m.discrete or not isinstance(fam, OursEdges) or getattr(graph, "parallel", False):
+        return None
     into: dict[int, list[int]] = {}
     for e in graph.edges:
         if bool(kept[e.index]):
