@@ -8,15 +8,19 @@ Prints, per model:
 - the edge forward with nothing ablated / the model's own forward;
 - EAP over all edges in forward-equivalents (EAP time / one forward of the model);
 - the exact edge sweep: time / (sum over edges of one edge forward resumed at the edge's
-  destination layer, each timed alone) — what an edge costs beyond the forward it needs.
+  destination layer, each timed alone) — what an edge costs beyond the forward it needs —
+  for the sweep as it was (each edge reruns its destination's whole layer) and as it is
+  (only the changed head, MLP or unembedding, then the blocks after it; also with
+  ``stack=8``), and per edge in plain Hugging Face forwards. Both sweeps must agree.
 
 Times are CPU seconds of this process (one thread), best of ``--repeats``.
 
-Measured (2 shared cores, one thread, noisy): Llama 479 edges, NeoX 463 edges; the edge
-forward 1.3-1.45x the model's own forward (every head reads its own normalised q/k/v
-inputs); EAP 4.5-6 forward-equivalents (the masked forward with probes: forward + backward
-~3.9, the contraction ~0.6; our transformer has a faster clean-run path, ~3); the exact
-sweep 1.16-1.21x the sum of one resumed edge forward per edge.
+Measured 2026-11-30 (2 shared cores, one thread, noisy): Llama 479 edges, NeoX 463 edges;
+the edge forward 0.95-1.45x the model's own forward (every head reads its own normalised
+q/k/v inputs); EAP 3.4-6 forward-equivalents; exact sweep, whole layer rerun (before):
+ratio 1.17 (Llama) / 1.43 (NeoX), 0.78 / 0.58 HF forwards per edge; only the changed head
+(after): ratio 0.84 / 0.75, 0.56 / 0.31 HF forwards per edge; stack=8 is slower on a CPU
+(1.03 / 0.89).
 
 Run: ``python benchmarks/bench_edges_hf.py [--repeats N]``.
 """

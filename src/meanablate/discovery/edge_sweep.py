@@ -54,7 +54,8 @@ def edge_sweep(
     ``values [n_edges]`` mean effects, ``per_example [n_edges, n_examples]`` (effects as
     in :func:`~meanablate.discovery.sweep.sweep`: the distance for ``kl``/``l2``, the change
     for task metrics). ``stack``: edges into one destination per forward (1, the default,
-    is fastest on a CPU; more can pay on a GPU).
+    is fastest on a CPU; more can pay on a GPU; a family without per-head pieces runs one
+    edge at a time).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
