@@ -190,3 +190,47 @@ def test_sweeps_at_the_read_positions_equal_the_hooked_forward(
         assert used and all(used) and len(used) >= len(batches) * 3
         torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-5, atol=1e-6)
         assert full.per_example.abs().max() > 1e-3  # the ablations matter
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama", "bert"])
+def test_set_metric_resumes_from_the_earliest_block(name: str, side: str, monkeypatch) -> None:
+    """``SetMetric`` (behind ``discover``/``prune``) on a Hugging Face family runs a set
+    from its earliest unit's block (the embeddings run only in the clean runs), and
+    equals ``ablate()`` + the plain forward: bit for bit for accuracy, to float
+    tolerance for continuous metrics (at the read positions only when no unit of the
+    set sits in the last block)."""
+    from meanablate.discovery import SetMetric, metric_per_example
+
+    model = _model(name, "sdpa")
+    batches = _sweep_batches(name, side, "mask")
+    # [block-0 neuron, block-0 head, block-0 MLP, last-block neuron, last block's input
+    # at position 2 (a hook on the block itself, which the positions-only route skips)]
+    units = _units(model) + ma.transformer_units(model, "positions", layers=[1], n_positions=P)[2:3]
+    means = ma.compute_means(model, sorted({ma.parse_site(u).key for u in units}), batches)
+    sets = [units[:1], units[:2], units[1:3], units[2:4], units[3:4], units[::4], units]
+    embeds = [0]
+    embedding = type(model.get_input_embeddings())
+    original = embedding.forward
+
+    def counting(self, x):  # type: ignore[no-untyped-def]
+        embeds[0] += 1
+        return original(self, x)
+
+    for metric in ("kl", "loss", "accuracy"):
+        want = [metric_per_example(model, batches, s, means, metric) for s in sets]
+        monkeypatch.setattr(embedding, "forward", counting)
+        embeds[0] = 0
+        scorer = SetMetric(model, batches, units, means, metric)
+        n_clean = embeds[0]
+        got = [scorer(s) for s in sets]
+        monkeypatch.setattr(embedding, "forward", original)
+        assert scorer.resumed is not None and embeds[0] == n_clean  # no set re-embedded
+        for g, w in zip(got, want):
+            if metric == "accuracy":
+                assert torch.equal(g, w)
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        if metric == "loss":
+            assert max(float((g - want[0]).abs().max()) for g in got) > 1e-3  # sets differ
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
