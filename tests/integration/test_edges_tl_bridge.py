@@ -91,23 +91,110 @@ def test_edges_of_a_head_on_a_gpt2_bridge_equal_zeroing_it_with_tl_hooks():
         assert s[name] == pytest.approx(float(data.metric_of([name], "kl").mean()), abs=1e-6)
 
 
-def test_a_llama_bridge_is_refused_with_the_reason():
+def _hf_decoder_bridge(name: str, seed: int = 0):
     import copy
 
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=1,
-        hidden_size=16,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=20,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    from hf_edge_reference import scaled
+
+    if name == "llama":
+        cfg = transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=40,
+            intermediate_size=48,
+            max_position_embeddings=16,
+        )
+        hf, arch = transformers.LlamaForCausalLM(cfg), "LlamaForCausalLM"
+    else:
+        cfg = transformers.GPTNeoXConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            vocab_size=40,
+            intermediate_size=48,
+            max_position_embeddings=16,
+            rotary_pct=0.5,
+        )
+        hf, arch = transformers.GPTNeoXForCausalLM(cfg), "GPTNeoXForCausalLM"
+    hf = scaled(hf, seed)
     br = build_bridge_from_module(
-        copy.deepcopy(hf), "LlamaForCausalLM", hf_config=hf.config, model_name="llama-local"
+        copy.deepcopy(hf), arch, hf_config=hf.config, model_name=f"{name}-local"
     ).eval()
-    with pytest.raises(ValueError, match=r"GPT-2-like architecture.*normalization_type='RMS'"):
-        run_edges(br, torch.zeros(1, 3, dtype=torch.long), [])
+    return hf, br
+
+
+@pytest.mark.parametrize("name", ["llama", "neox"])
+def test_edges_on_a_llama_or_neox_bridge_equal_the_hf_model_and_tl_hooks(name):
+    hf, br = _hf_decoder_bridge(name)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    batch = {"tokens": ids, "attention_mask": mask, "corrupt": torch.randint(0, 40, (2, 6))}
+    graph = build_graph(2, 4, True, parallel=name == "neox")
+    pick = torch.rand(len(graph), generator=gen) < 0.3
+    edges = [e.name for e, p in zip(graph.edges, pick.tolist()) if p]
+    real = mask.bool()
+    for source in ("zero", "mean", Source("counterfactual")):
+        got = run_edges(br, batch, edges, source)
+        want = run_edges(hf, batch, edges, source)
+        assert torch.allclose(got[real], want[real], atol=1e-5, rtol=1e-4)
+    # every edge out of a0.h1, zeroed, is the head zeroed through TransformerLens's hooks
+    out = [e.name for e in graph.edges_from("a0.h1")]
+
+    def zero_head(z, hook):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    with torch.no_grad():
+        want = br.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)])
+    got = run_edges(br, ids, out, "zero")
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(run_edges(br, ids, out[:1], "zero"), want, atol=1e-4)
+    # the sweep on the bridge equals the HF model's
+    names = edges[:6]
+    a = edge_sweep(br, [batch], Source("counterfactual"), edges=names, metric="kl")
+    b = edge_sweep(hf, [batch], Source("counterfactual"), edges=names, metric="kl")
+    assert torch.allclose(a.per_example, b.per_example, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "neox"])
+def test_edge_algorithms_leave_a_llama_or_neox_bridge_as_it_was(name):
+    from meanablate.discovery import discover_edges, eap
+
+    _, br = _hf_decoder_bridge(name, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 40, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :1] = 0
+    target = torch.where(mask.bool(), torch.randint(0, 40, (2, 6), generator=gen), -100)
+    batch = {"tokens": ids, "attention_mask": mask, "target": target}
+    with torch.no_grad():  # TransformerLens's own forwards set their bookkeeping first
+        br(ids)
+        br(ids, attention_mask=mask)
+
+    def snapshot():
+        return (
+            {k: v.clone() for k, v in br.state_dict().items()},
+            {n: sorted(vars(m)) for n, m in br.named_modules()},
+            {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in br.named_modules()},
+        )
+
+    def same(a, b):
+        assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        assert a[1] == b[1] and a[2] == b[2]
+
+    before = snapshot()
+    data = EdgeData(br, [batch], "mean")
+    same(snapshot(), before)
+    eap(br, data, metric="loss")
+    same(snapshot(), before)
+    edge_sweep(br, data, metric="kl", edges=data.graph.names[:5])
+    same(snapshot(), before)
+    discover_edges(br, data, metric="kl", abs_threshold=1e-2)
+    same(snapshot(), before)

@@ -351,6 +351,17 @@ def tracr(
     max_inputs: Annotated[
         int, typer.Option("--max-inputs", min=1, help="most inputs to enumerate")
     ] = 20_000,
+    target_faithfulness: Annotated[
+        float,
+        typer.Option("--target-faithfulness", help="what a minimal circuit must reach, in (0, 1]"),
+    ] = 0.95,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            help="the organism's metric: kl (categorical default), accuracy, loss; mse (numerical)",
+        ),
+    ] = None,
     quiet: Quiet = None,
     debug: Debug = False,
 ) -> None:
@@ -371,7 +382,8 @@ def tracr(
         session,
         lambda: run_tracr(
             program, vocab, max_seq_len, out=out, name=name, causal=causal, sample=sample,
-            max_inputs=max_inputs, log=session.log,
+            max_inputs=max_inputs, target_faithfulness=target_faithfulness, metric=metric,
+            log=session.log,
         ),
     )  # fmt: skip
 

@@ -80,6 +80,8 @@ def run_tracr(
     sample: int | None,
     max_inputs: int,
     log: Any,
+    target_faithfulness: float = 0.95,
+    metric: str | None = None,
 ) -> Path:
     """Compile, check, write ``out/<name>.safetensors`` and ``.json``; the card's path."""
     from meanablate.organisms import from_tracr, tracr_program
@@ -96,6 +98,8 @@ def run_tracr(
             sample=sample,
             max_inputs=max_inputs,
             name=name or stem.replace("_", "-"),
+            target_faithfulness=target_faithfulness,
+            metric=metric,  # type: ignore[arg-type]  # from_tracr checks it
         )
     except (ValueError, TypeError) as exc:
         raise InputError(f"PROGRAM {spec}: {one_line(exc)}") from exc
@@ -104,7 +108,7 @@ def run_tracr(
     check = card["tracr_check"]
     print(
         f"{org.name}: {len(org.units)} units, {card['dataset']['size']} inputs, "
-        f"agrees with tracr on {check['agree']}/{check['inputs']}"
+        f"agrees with tracr on {check['agree']}/{check['inputs']}; metric {org.metric}"
     )
     for kind, gt in (card.get("ground_truth_by_mean_kind") or {}).items():
         circuits = gt.get("circuits")

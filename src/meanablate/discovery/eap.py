@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery.eap_fast import clean_pair_scores
+from meanablate.discovery.edge_forward import OursEdges
 from meanablate.discovery.edges import EdgeData
 from meanablate.discovery.fastpath import any_hooks
 from meanablate.discovery.scores import Scores
@@ -49,7 +50,8 @@ def eap(
     the estimate is of ``metric(ablated) - metric(clean)``. Comparing metrics (``kl``,
     ``l2``) have zero gradient at the clean run: use :func:`eap_ig` for them.
     ``fast``: take the gradients from the model's own forward and backward
-    (:mod:`~meanablate.discovery.eap_fast`; the same numbers, about half the time).
+    (:mod:`~meanablate.discovery.eap_fast`; the same numbers, about half the time; our
+    transformer and its exact copies only, other families use the masked forward).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
@@ -111,7 +113,12 @@ def _attribute(
     src = torch.tensor([e.src_index for e in graph.edges])
     dst = torch.tensor([e.dst_index for e in graph.edges])
     cols: list[Tensor] = []
-    use_fast = fast and alphas == [0.0] and not any_hooks(data.model)
+    use_fast = (
+        fast
+        and alphas == [0.0]
+        and isinstance(data.family, OursEdges)
+        and not any_hooks(data.model)
+    )
     for item in data.items:
         if use_fast:
             cols.append(clean_pair_scores(data, item, m)[src, dst].double().cpu())
@@ -151,4 +158,24 @@ def _pair_scores(data: EdgeData, item: Any, m: Metric, alpha: float) -> Tensor:
     g = torch.cat(grads, dim=2)  # [batch, pos, n_dst, d_model]
     assert run.outs is not None
     delta = item.ablated - run.outs.detach()  # [n_src, batch, pos, d_model]
-    return torch.einsum("nbpd,bptd->ntb", delta, g)
+    # each layer's destinations only with the sources that can feed them (about half the
+    # pairs); the other pairs are no edges and stay 0
+    out = delta.new_zeros(delta.shape[0], g.shape[2], delta.shape[1])
+    for d0, d1, n in _dst_blocks(graph):
+        out[:n, d0:d1] = torch.einsum("nbpd,bptd->ntb", delta[:n], g[:, :, d0:d1])
+    return out
+
+
+def _dst_blocks(graph: Any) -> list[tuple[int, int, int]]:
+    """``(first, end, n_src)`` per run of destinations in one layer: the destinations
+    ``first .. end`` read only sources ``0 .. n_src``."""
+    blocks: list[tuple[int, int, int]] = []
+    need: dict[int, int] = {}
+    for e in graph.edges:
+        need[e.dst_index] = max(need.get(e.dst_index, 0), e.src_index + 1)
+    start = 0
+    for d in range(1, len(graph.dsts) + 1):
+        if d == len(graph.dsts) or graph.dst_layer[d] != graph.dst_layer[start]:
+            blocks.append((start, d, max(need.get(i, 0) for i in range(start, d))))
+            start = d
+    return blocks

@@ -9,8 +9,9 @@ query / key / value inputs; the attention bias ``b_O`` is a constant of the stre
 no edge carries (ablating a head's node ablates ``hook_z``, which leaves ``b_O`` too).
 
 The one family-specific piece of the edge layer: :func:`edge_family` returns the object
-that knows a model's graph and runs this forward. Other families (Hugging Face,
-TransformerLens bridges) add their own class with the same three methods.
+that knows a model's graph and runs this forward (:class:`StreamEdges`). GPT-2 and
+GPT-2-like bridges run on an exact copy as :class:`OursEdges`; Llama-style and NeoX models
+have their own subclasses (:mod:`~meanablate.discovery.edge_hf`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from meanablate.discovery.graph import Graph, build_graph
 from meanablate.organisms.transformer import HookedTransformer
 
-__all__ = ["EdgeFamily", "EdgeRun", "OursEdges", "edge_family"]
+__all__ = ["EdgeFamily", "EdgeRun", "OursEdges", "StreamEdges", "edge_family"]
 
 
 @dataclass
@@ -54,17 +55,31 @@ class EdgeFamily(Protocol):
     ) -> EdgeRun: ...
 
 
-def edge_family(model: nn.Module) -> OursEdges:
-    """The edge description of ``model``: meanablate's own ``HookedTransformer``, or a
-    Hugging Face GPT-2 or GPT-2-like TransformerLens bridge through an exact copy
-    (:mod:`~meanablate.discovery.edge_families`)."""
+def edge_family(model: nn.Module) -> StreamEdges:
+    """The edge description of ``model``: meanablate's own ``HookedTransformer``; a Hugging
+    Face GPT-2 or GPT-2-like TransformerLens bridge (through an exact copy,
+    :mod:`~meanablate.discovery.edge_families`); a Hugging Face Llama-style (Llama, Mistral,
+    Qwen2) or GPT-NeoX (Pythia) causal LM, or a TransformerLens bridge over one (from the
+    model's own weights, :mod:`~meanablate.discovery.edge_hf`). nnsight wrappers are
+    unwrapped. Each is checked against the model's own forward when made."""
     from meanablate._unwrap import unwrap
     from meanablate.discovery.edge_families import bridge_as_hooked, gpt2_as_hooked, is_hf_gpt2
+    from meanablate.discovery.edge_hf import hf_decoder_edges, is_hf_decoder
     from meanablate.families.tl_bridge import is_bridge
 
     model = unwrap(model)  # an nnsight wrapper: the module it wraps
     bridge = is_bridge(model)
-    if isinstance(model, HookedTransformer) or is_hf_gpt2(model) or bridge:
+    inner = getattr(model, "original_model", None) if bridge else model
+    if isinstance(inner, nn.Module) and _is_post_ln(inner):
+        raise ValueError(
+            f"edges are not available for {type(inner).__name__}: BERT is post-LN (each "
+            "sublayer's output is normalised together with the stream, x = LN(x + f(x))), "
+            "so a destination's input is not the sum of its sources' writes and an edge "
+            "ablation `resid - out_src + ablated_src` has no meaning there. Node-level "
+            "discovery (sweep/attribute/discover over units) works on it."
+        )
+    hf_kind = is_hf_decoder(inner) if isinstance(inner, nn.Module) else None
+    if isinstance(model, HookedTransformer) or is_hf_gpt2(model) or bridge or hf_kind:
         from meanablate.discovery.fastpath import any_hooks
 
         if any_hooks(model):
@@ -77,12 +92,24 @@ def edge_family(model: nn.Module) -> OursEdges:
             )
         if isinstance(model, HookedTransformer):
             return OursEdges(model)
+        if hf_kind:
+            assert inner is not None
+            return hf_decoder_edges(inner, bridge=model if bridge else None)
         return OursEdges(bridge_as_hooked(model) if bridge else gpt2_as_hooked(model))
     raise TypeError(
         f"edges are not described for {type(model).__name__} yet; edge circuits work on "
         "meanablate.organisms.transformer.HookedTransformer (every built-in organism), "
-        "Hugging Face GPT-2 and GPT-2-like TransformerLens bridges. "
+        "Hugging Face GPT-2, Llama-style (LlamaForCausalLM, MistralForCausalLM, "
+        "Qwen2ForCausalLM) and GPT-NeoX (GPTNeoXForCausalLM, Pythia) models, "
+        "TransformerLens 4 bridges over those, and nnsight wrappers of any of them. "
         "Node-level discovery (sweep/attribute/discover over units) works on any model."
+    )
+
+
+def _is_post_ln(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None) in ("bert", "roberta") or any(
+        c.__name__.startswith(("Bert", "Roberta")) for c in type(model).__mro__
     )
 
 
@@ -99,12 +126,158 @@ def _dense_mask(graph: Graph, edge_mask: Tensor | None, device: torch.device) ->
     return dense.index_put((src, dst), edge_mask.to(device))
 
 
-class OursEdges:
+class StreamEdges:
+    """The patched forward shared by every family: a subclass gives ``cfg`` (``n_layers``,
+    ``n_heads``, ``d_model``), ``parallel`` (attention and MLP of a layer both read the
+    block's input) and the pieces ``embed``, ``attention``, ``attn_bias``, ``mlp`` and
+    ``unembed``."""
+
+    cfg: Any
+    parallel: bool = False
+
+    def embed(self, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attention(
+        self, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, key_mask: Tensor | None
+    ) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attn_bias(self, layer: int) -> Tensor | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unembed(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read_rows(self, graph: Graph) -> Tensor | None:
+        """Bool ``[n_dst, d_model]`` of the stream dimensions each destination reads, or
+        ``None`` (every dimension: a norm mixes them)."""
+        return None
+
+    # -- the patched forward -------------------------------------------------------------
+    def run(
+        self,
+        graph: Graph,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        ablated: Tensor | None = None,
+        edge_mask: Tensor | None = None,
+        *,
+        out_override: dict[int, Tensor] | None = None,
+        in_override: dict[int, Tensor] | None = None,
+        keep_outs: bool = False,
+        record_inputs: bool = False,
+        probes: list[Tensor] | None = None,
+        start: tuple[int, list[Tensor], Tensor] | None = None,
+        states: list[tuple[int, list[Tensor], Tensor]] | None = None,
+    ) -> EdgeRun:
+        """Logits with the edges in ``edge_mask`` ablated (``[n_edges]``, float).
+
+        ``ablated``: what an ablated edge carries, ``[n_src, batch | 1, pos | 1, d_model]``.
+        ``out_override``: source index -> output forced for every reader (path patching's
+        frozen and patched senders); ``in_override``: destination index -> its input.
+        ``probes``: a list that receives, per read, a zero tensor ``[batch, pos, width,
+        d_model]`` added to the destinations' inputs, whose gradient is the gradient with
+        respect to those inputs (what EAP multiplies the edge's change by).
+        ``states``: a list that receives ``(layer, outputs so far, stream)`` before every
+        block and the unembedding; ``start``: one of those, to resume from (valid while the
+        mask changes only at destinations in that layer or later — what ACDC needs).
+        """
+        n_h = self.cfg.n_heads
+        dense = _dense_mask(graph, edge_mask, tokens.device)
+        if dense is not None and ablated is None:
+            raise ValueError("an edge mask needs `ablated` (the values ablated edges carry)")
+        if dense is not None and not bool(dense.any()) and not dense.requires_grad:
+            dense = None
+        out_override = out_override or {}
+        in_override = in_override or {}
+        inputs: dict[str, Tensor] = {}
+        outs: list[Tensor] = []
+
+        def emit(t: Tensor) -> Tensor:
+            t = out_override.get(len(outs), t)
+            outs.append(t)
+            return t
+
+        def read(d0: int, width: int, resid: Tensor) -> Tensor:
+            """Inputs of destinations ``d0 .. d0 + width``: ``[batch, pos, width, d_model]``."""
+            x = resid.unsqueeze(2).expand(*resid.shape[:2], width, resid.shape[-1])
+            if dense is not None:
+                n = len(outs)
+                m = dense[:n, d0 : d0 + width]
+                if m.requires_grad or bool(m.any()):
+                    delta = ablated[:n] - torch.stack(outs)  # type: ignore[index]
+                    x = x + torch.einsum("nbpd,nw->bpwd", delta, m.to(delta.dtype))
+            if probes is not None:
+                z = torch.zeros(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
+                probes.append(z)
+                x = x + z
+            forced = [j for j in range(width) if d0 + j in in_override]
+            if forced:
+                x = x.clone(memory_format=torch.contiguous_format)
+                for j in forced:
+                    x[:, :, j] = in_override[d0 + j]
+            if record_inputs:
+                for j in range(width):
+                    inputs[graph.dsts[d0 + j]] = x[:, :, j]
+            return x
+
+        per_head = 3 if graph.split_qkv else 1
+        first = 0
+        if start is None:
+            resid = emit(self.embed(tokens))
+        else:  # resume: the stream and node outputs before block `first`, from `states`
+            first, saved, resid = start
+            outs.extend(saved)
+        d = first * (n_h * per_head + int(graph.has_mlp))
+        for layer in range(first, self.cfg.n_layers):
+            if states is not None:
+                states.append((layer, list(outs), resid))
+            block_in = resid
+            x = read(d, n_h * per_head, resid).reshape(*resid.shape[:2], n_h, per_head, -1)
+            d += n_h * per_head
+            xq, xk, xv = (x[:, :, :, c] for c in ((0, 1, 2) if per_head == 3 else (0, 0, 0)))
+            heads = self.attention(layer, xq, xk, xv, attention_mask)
+            for h in range(n_h):
+                resid = resid + emit(heads[h])
+            bias = self.attn_bias(layer)
+            if bias is not None:
+                resid = resid + bias
+            if graph.has_mlp:
+                # parallel: the MLP reads the block's input (the graph has no edges from
+                # this layer's heads into it)
+                x = read(d, 1, block_in if self.parallel else resid)[:, :, 0]
+                d += 1
+                resid = resid + emit(self.mlp(layer, x))
+        if states is not None:
+            states.append((self.cfg.n_layers, list(outs), resid))
+        x = read(d, 1, resid)[:, :, 0]
+        logits = self.unembed(x)
+        return EdgeRun(
+            logits,
+            torch.stack(outs) if keep_outs else None,
+            inputs if record_inputs else None,
+        )
+
+
+class OursEdges(StreamEdges):
     """Edges of a :class:`HookedTransformer` (pre-LN or no-LN, with or without MLPs)."""
 
     def __init__(self, model: HookedTransformer) -> None:
         self.model = model
         self.cfg = model.cfg
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.model.embed(tokens)
+
+    def attn_bias(self, layer: int) -> Tensor | None:
+        return self.model.blocks[layer].attn.b_O
+
+    def unembed(self, x: Tensor) -> Tensor:
+        return self.model.unembed(x)
 
     def graph(self, *, split_qkv: bool = True) -> Graph:
         c = self.cfg
@@ -175,105 +348,3 @@ class OursEdges:
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         block = self.model.blocks[layer]
         return block.mlp(block.ln2(x))
-
-    # -- the patched forward -------------------------------------------------------------
-    def run(
-        self,
-        graph: Graph,
-        tokens: Tensor,
-        attention_mask: Tensor | None,
-        ablated: Tensor | None = None,
-        edge_mask: Tensor | None = None,
-        *,
-        out_override: dict[int, Tensor] | None = None,
-        in_override: dict[int, Tensor] | None = None,
-        keep_outs: bool = False,
-        record_inputs: bool = False,
-        probes: list[Tensor] | None = None,
-        start: tuple[int, list[Tensor], Tensor] | None = None,
-        states: list[tuple[int, list[Tensor], Tensor]] | None = None,
-    ) -> EdgeRun:
-        """Logits with the edges in ``edge_mask`` ablated (``[n_edges]``, float).
-
-        ``ablated``: what an ablated edge carries, ``[n_src, batch | 1, pos | 1, d_model]``.
-        ``out_override``: source index -> output forced for every reader (path patching's
-        frozen and patched senders); ``in_override``: destination index -> its input.
-        ``probes``: a list that receives, per read, a zero tensor ``[batch, pos, width,
-        d_model]`` added to the destinations' inputs, whose gradient is the gradient with
-        respect to those inputs (what EAP multiplies the edge's change by).
-        ``states``: a list that receives ``(layer, outputs so far, stream)`` before every
-        block and the unembedding; ``start``: one of those, to resume from (valid while the
-        mask changes only at destinations in that layer or later — what ACDC needs).
-        """
-        model = self.model
-        n_h = self.cfg.n_heads
-        dense = _dense_mask(graph, edge_mask, tokens.device)
-        if dense is not None and ablated is None:
-            raise ValueError("an edge mask needs `ablated` (the values ablated edges carry)")
-        if dense is not None and not bool(dense.any()) and not dense.requires_grad:
-            dense = None
-        out_override = out_override or {}
-        in_override = in_override or {}
-        inputs: dict[str, Tensor] = {}
-        outs: list[Tensor] = []
-
-        def emit(t: Tensor) -> Tensor:
-            t = out_override.get(len(outs), t)
-            outs.append(t)
-            return t
-
-        def read(d0: int, width: int, resid: Tensor) -> Tensor:
-            """Inputs of destinations ``d0 .. d0 + width``: ``[batch, pos, width, d_model]``."""
-            x = resid.unsqueeze(2).expand(*resid.shape[:2], width, resid.shape[-1])
-            if dense is not None:
-                n = len(outs)
-                m = dense[:n, d0 : d0 + width]
-                if m.requires_grad or bool(m.any()):
-                    delta = ablated[:n] - torch.stack(outs)  # type: ignore[index]
-                    x = x + torch.einsum("nbpd,nw->bpwd", delta, m.to(delta.dtype))
-            if probes is not None:
-                z = torch.zeros(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
-                probes.append(z)
-                x = x + z
-            forced = [j for j in range(width) if d0 + j in in_override]
-            if forced:
-                x = x.clone(memory_format=torch.contiguous_format)
-                for j in forced:
-                    x[:, :, j] = in_override[d0 + j]
-            if record_inputs:
-                for j in range(width):
-                    inputs[graph.dsts[d0 + j]] = x[:, :, j]
-            return x
-
-        per_head = 3 if graph.split_qkv else 1
-        first = 0
-        if start is None:
-            resid = emit(model.embed(tokens))
-        else:  # resume: the stream and node outputs before block `first`, from `states`
-            first, saved, resid = start
-            outs.extend(saved)
-        d = first * (n_h * per_head + int(graph.has_mlp))
-        for layer in range(first, self.cfg.n_layers):
-            if states is not None:
-                states.append((layer, list(outs), resid))
-            block = model.blocks[layer]
-            x = read(d, n_h * per_head, resid).reshape(*resid.shape[:2], n_h, per_head, -1)
-            d += n_h * per_head
-            xq, xk, xv = (x[:, :, :, c] for c in ((0, 1, 2) if per_head == 3 else (0, 0, 0)))
-            heads = self.attention(layer, xq, xk, xv, attention_mask)
-            for h in range(n_h):
-                resid = resid + emit(heads[h])
-            resid = resid + block.attn.b_O
-            if graph.has_mlp:
-                x = read(d, 1, resid)[:, :, 0]
-                d += 1
-                resid = resid + emit(self.mlp(layer, x))
-        if states is not None:
-            states.append((self.cfg.n_layers, list(outs), resid))
-        x = read(d, 1, resid)[:, :, 0]
-        logits = model.unembed(x)
-        return EdgeRun(
-            logits,
-            torch.stack(outs) if keep_outs else None,
-            inputs if record_inputs else None,
-        )

@@ -6,7 +6,8 @@ query, key or value input changed; one MLP; or the unembedding), its output chan
 added to the clean stream, and only the blocks after it run — with logits only at the
 positions the metric reads. Edges into one destination share stacked forwards.
 This equals :class:`~meanablate.discovery.edges.EdgeData` with the one edge ablated
-(to float error), which the tests check.
+(to float error), which the tests check. Families other than our transformer (and its
+exact copies) resume their own edge forward at the destination's layer, one edge at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from meanablate.discovery import fastpath
+from meanablate.discovery.edge_forward import OursEdges
 from meanablate.discovery.edges import EdgeData
 from meanablate.discovery.graph import Edge, check_edge_names
 from meanablate.discovery.scores import Scores
@@ -82,9 +84,13 @@ def edge_sweep(
     for e in chosen:
         by_dst.setdefault(e.dst_index, []).append(e)
     rows: dict[int, list[Tensor]] = {e.index: [] for e in chosen}
+    ours = isinstance(data.family, OursEdges)
     with torch.inference_mode():
         for item in data.items:
-            _sweep_item(data, item, by_dst, m, stack, rows)
+            if ours:
+                _sweep_item(data, item, by_dst, m, stack, rows)
+            else:
+                _sweep_item_resumed(data, item, by_dst, m, rows)
     per_example = torch.stack([torch.cat(rows[e.index]) for e in chosen])
     return Scores.from_examples(
         [e.name for e in chosen], per_example, m.name, "sweep", time.perf_counter() - t0
@@ -147,6 +153,27 @@ def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, 
                 logits = fastpath.run_downstream(model, resid, start_layer, mask, positions)
             for i, e in enumerate(chunk):
                 rows[e.index].append(effect_of(logits[i * b : (i + 1) * b]).double().cpu())
+
+
+def _sweep_item_resumed(data: EdgeData, item: Any, by_dst: dict, m: Metric, rows: dict) -> None:
+    """Any family: each edge's run resumes at its destination's layer from the clean run's
+    saved stream, with only that destination's input changed (its clean input plus the
+    edge's change; everything upstream of it is clean)."""
+    fam, graph = data.family, data.graph
+    states: list = []
+    run = fam.run(graph, item.tokens, item.mask, keep_outs=True, record_inputs=True, states=states)
+    outs, inputs = run.outs, run.inputs
+    assert outs is not None and inputs is not None
+    positions, sub = restrict_positions(item.batch, run.logits)
+    clean = run.logits if positions is None else run.logits[:, positions]
+    effect_of = m.bind(sub, clean)
+    for d, group in by_dst.items():
+        start = states[graph.dst_layer[d]]
+        for e in group:
+            x = inputs[graph.dsts[d]] + (item.ablated[e.src_index] - outs[e.src_index])
+            logits = fam.run(graph, item.tokens, item.mask, in_override={d: x}, start=start).logits
+            logits = logits if positions is None else logits[:, positions]
+            rows[e.index].append(effect_of(logits).double().cpu())
 
 
 def _first_dst(graph: Any, layer: int) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meanablate.discovery.edge_forward import OursEdges, edge_family
+from meanablate.discovery.edge_forward import StreamEdges, edge_family
 from meanablate.discovery.graph import Graph, check_edge_names
 from meanablate.discovery.source import Source, SourceValues, as_source, base_batch
 from meanablate.hooks import model_device, to_device
@@ -65,7 +65,7 @@ class EdgeData:
         graph: Graph | None = None,
     ) -> None:
         self.model = model
-        self.family: OursEdges = edge_family(model)
+        self.family: StreamEdges = edge_family(model)
         self.graph = graph if graph is not None else self.family.graph(split_qkv=split_qkv)
         self.source = as_source(source)
         device = model_device(model)

@@ -79,6 +79,8 @@ class Graph:
     dst_layer: list[int]
     edges: list[Edge]
     _by_name: dict[str, Edge] = field(default_factory=dict, repr=False)
+    parallel: bool = False
+    unit_names: dict[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {e.name: e for e in self.edges}
@@ -117,6 +119,13 @@ class Graph:
         if isinstance(names, str):
             raise TypeError(f"expected a list of edge names, got the string {names!r}")
         return [self.edge(n).index for n in names]
+
+    def unit(self, node: str) -> str | None:
+        """The site string of ``node`` as a node-level unit of this graph's model
+        (``None`` for ``input`` and ``logits``)."""
+        if self.unit_names and node in self.unit_names:
+            return self.unit_names[node]
+        return node_unit(node)
 
     def has_src(self, name: str) -> bool:
         return any(n.name == name for n in self.srcs)
@@ -177,12 +186,24 @@ def unit_node(unit: str) -> str:
     )
 
 
-def build_graph(n_layers: int, n_heads: int, has_mlp: bool, *, split_qkv: bool = True) -> Graph:
+def build_graph(
+    n_layers: int,
+    n_heads: int,
+    has_mlp: bool,
+    *,
+    split_qkv: bool = True,
+    parallel: bool = False,
+) -> Graph:
     """The graph of a decoder with ``n_layers`` blocks of ``n_heads`` heads (+ an MLP).
+
+    ``parallel``: attention and MLP of a block both read the block's input (GPT-NeoX /
+    Pythia with ``use_parallel_residual``): no edges from a layer's heads into its MLP.
 
     >>> g = build_graph(2, 1, True)
     >>> len(g), g.names[0], g.names[-1]
     (23, 'input->a0.h0<q>', 'm1->logits')
+    >>> len(build_graph(2, 1, True, parallel=True))
+    21
     """
     if n_layers < 1 or n_heads < 1:
         raise ValueError(f"a graph needs n_layers >= 1 and n_heads >= 1, got {n_layers}, {n_heads}")
@@ -191,11 +212,13 @@ def build_graph(n_layers: int, n_heads: int, has_mlp: bool, *, split_qkv: bool =
     dst_layer: list[int] = []
     edges: list[Edge] = []
 
-    def add_dst(name: str, node: str, qkv: str | None, layer: int) -> None:
+    def add_dst(
+        name: str, node: str, qkv: str | None, layer: int, n_src: int | None = None
+    ) -> None:
         di = len(dsts)
         dsts.append(name)
         dst_layer.append(layer)
-        for si, s in enumerate(srcs):
+        for si, s in enumerate(srcs[:n_src]):
             tag = f"<{qkv}>" if qkv else ""
             edges.append(Edge(f"{s.name}->{node}{tag}", s.name, node, qkv, len(edges), si, di))
 
@@ -204,12 +227,15 @@ def build_graph(n_layers: int, n_heads: int, has_mlp: bool, *, split_qkv: bool =
         for h in heads:
             for qkv in ("q", "k", "v") if split_qkv else (None,):
                 add_dst(f"{h}<{qkv}>" if qkv else h, h, qkv, layer)
+        before = len(srcs)
         srcs.extend(Node(h, "head", layer, i) for i, h in enumerate(heads))
         if has_mlp:
-            add_dst(f"m{layer}", f"m{layer}", None, layer)
+            add_dst(f"m{layer}", f"m{layer}", None, layer, before if parallel else None)
             srcs.append(Node(f"m{layer}", "mlp", layer))
     add_dst("logits", "logits", None, n_layers)
-    return Graph(n_layers, n_heads, has_mlp, split_qkv, srcs, dsts, dst_layer, edges)
+    return Graph(
+        n_layers, n_heads, has_mlp, split_qkv, srcs, dsts, dst_layer, edges, parallel=parallel
+    )
 
 
 def graph_of(model: object, *, split_qkv: bool = True) -> Graph:

@@ -185,7 +185,7 @@ def to_mib_json(
         "cfg": {
             "n_layers": graph.n_layers,
             "n_heads": graph.n_heads,
-            "parallel_attn_mlp": False,
+            "parallel_attn_mlp": graph.parallel,
             "d_model": d_model,
         },
         "nodes": {n: {"in_graph": n in nodes_in} for n in node_names},

@@ -10,9 +10,9 @@ under ``ground_truth_by_mean_kind``; ``ground_truth`` is the first minimal circu
 unit order) under the organism's own mean kind (``per_position`` for every shipped tracr
 organism: ``card["mean_kind"]``), and is what ``Organism.ground_truth`` (AUROC) holds.
 
-Used by :func:`~meanablate.organisms.from_tracr` (``tracr-hist``, ``tracr-sort_unique``) and
-by ``scripts/compile_tracr.py`` for ``tracr-reverse``, ``tracr-frac_prevs`` and
-``tracr-sort`` (``batch=``: their exhaustive data set, made from the task definition).
+Used by :func:`~meanablate.organisms.from_tracr`, which builds every shipped tracr
+organism (``scripts/compile_tracr.py``). The metric is the organism's own
+(``org.metric``), so the ground truth is computed for the metric discovery will use.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Organisms compiled by tracr from RASP programs: ``reverse``, ``frac_prevs``, ``sort``.
+"""The tracr organisms ``reverse``, ``frac_prevs``, ``sort`` (and the task-definition
+targets that check them).
 
 tracr (Lindner et al. 2023) compiles a RASP program into transformer weights, so the
-mechanism is known by construction. ``scripts/compile_tracr.py`` compiles the programs,
-copies the weights into :class:`~meanablate.organisms.transformer.HookedTransformer` and
-writes ``data/tracr_<task>.safetensors`` plus the card ``data/tracr_<task>.json``
-(vocabulary, input length, data set, metric, output classes, ground truth). tracr itself
-is not needed here: loading reads the shipped files only.
+mechanism is known by construction. All shipped tracr organisms (these three,
+``tracr-hist``, ``tracr-sort_unique``) are built by
+:func:`~meanablate.organisms.from_tracr` (``scripts/compile_tracr.py``) and shipped as
+``data/tracr_<task>.safetensors`` plus the card ``data/tracr_<task>.json`` (vocabulary,
+input length, data set with every input and tracr's targets, metric, output classes,
+ground truth computed per mean kind); loading reads them with
+:func:`~meanablate.organisms.tracr_program.load_shipped`, without tracr.
 
 Batches (shared by all organisms)
 ---------------------------------
@@ -13,6 +16,9 @@ Every input is ``BOS`` followed by ``n_input_tokens`` vocabulary tokens (fixed l
 BOS is position 0 and never scored). A batch is a dict with ``tokens`` ``[batch, pos]``
 and, for categorical tasks, ``target`` ``[batch, pos]`` (output-class id, ``-100`` where
 unscored) or, for numerical tasks, ``target_value`` ``[batch, pos]`` (NaN where unscored).
+
+:func:`make_targets` computes the targets from the task's definition (reverse, sort,
+running fraction), independently of tracr: the tests check the card's targets with it.
 
 >>> org = load_reverse()
 >>> batch = org.make_batches(4, 4, 0)[0]
@@ -22,10 +28,7 @@ unscored) or, for numerical tasks, ``target_value`` ``[batch, pos]`` (NaN where 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
-from functools import partial
-from importlib import resources
 from typing import Any
 
 import torch
@@ -33,7 +36,6 @@ from torch import Tensor
 
 from meanablate.organisms import registry
 from meanablate.organisms.registry import Batch, Organism
-from meanablate.organisms.transformer import load_model
 
 __all__ = [
     "TASKS",
@@ -68,35 +70,14 @@ def load_sort() -> Organism:
 
 def load_task(task: str) -> Organism:
     """Load the tracr organism for ``task`` (one of :data:`TASKS`) from the package data."""
+    from meanablate.organisms.tracr_program import load_shipped
+
     if task not in TASKS:
         raise ValueError(f"unknown tracr task {task!r}; known: {', '.join(TASKS)}")
-    card = registry.card(f"tracr_{task}.json")
-    with resources.as_file(registry.data_path(f"tracr_{task}.safetensors")) as path:
-        model = load_model(path)
-    return Organism(
-        name=card["name"],
-        model=model,
-        make_batches=partial(make_batches, card),
-        metric=card["metric"],
-        units=list(card["units"]),
-        ground_truth=list(card["ground_truth"]),
-        card=card,
-        description=card["description"],
-        per_position_means=card["mean_ablation"]["mean"] == "per_position",
-    )
+    return load_shipped(f"tracr_{task}")
 
 
 # -- data ---------------------------------------------------------------------------
-def _value_ids(card: Mapping[str, Any]) -> Tensor:
-    ids = card["vocabulary"]["ids"]
-    return torch.tensor([ids[v] for v in card["vocabulary"]["input_values"]], dtype=torch.long)
-
-
-def _with_bos(card: Mapping[str, Any], body: Tensor) -> Tensor:
-    bos = torch.full((body.shape[0], 1), card["vocabulary"]["bos_id"], dtype=torch.long)
-    return torch.cat([bos, body], dim=1)
-
-
 def make_targets(card: Mapping[str, Any], tokens: Tensor) -> Batch:
     """The batch for ``tokens [batch, pos]`` (BOS first): tokens plus the task's targets."""
     task = card["task"]
@@ -128,24 +109,24 @@ def make_targets(card: Mapping[str, Any], tokens: Tensor) -> Batch:
 def make_batches(
     card: Mapping[str, Any], n_examples: int, batch_size: int, seed: int = 0
 ) -> list[Batch]:
-    """``n_examples`` inputs drawn uniformly (with replacement, ``torch.Generator(seed)``)."""
-    if n_examples < 1 or batch_size < 1:
-        raise ValueError("n_examples and batch_size must be >= 1")
-    gen = torch.Generator().manual_seed(int(seed))
-    values = _value_ids(card)
-    picks = torch.randint(len(values), (n_examples, card["n_input_tokens"]), generator=gen)
-    tokens = _with_bos(card, values[picks])
-    return [make_targets(card, t) for t in tokens.split(batch_size)]
+    """``n_examples`` inputs drawn uniformly (with replacement, ``torch.Generator(seed)``):
+    :func:`meanablate.organisms.tracr_program.make_batches`."""
+    from meanablate.organisms import tracr_program
+
+    return tracr_program.make_batches(card, n_examples, batch_size, seed)
 
 
 def exhaustive_batches(card: Mapping[str, Any] | str, batch_size: int = 4096) -> list[Batch]:
-    """Every input of the task (all ``len(vocab) ** n_input_tokens`` sequences), in order."""
+    """Every input of the card's data set (for ``reverse``, ``frac_prevs``, ``sort``: all
+    ``len(vocab) ** n_input_tokens`` sequences, in ``itertools.product`` order), with
+    tracr's targets, in batches of ``batch_size``. ``card``: a card, or a task name."""
+    from meanablate.organisms import tracr_program
+
     if isinstance(card, str):
         card = registry.card(f"tracr_{card}.json")
-    values = _value_ids(card).tolist()
-    rows = list(itertools.product(values, repeat=card["n_input_tokens"]))
-    tokens = _with_bos(card, torch.tensor(rows, dtype=torch.long))
-    return [make_targets(card, t) for t in tokens.split(batch_size)]
+    full = tracr_program.exhaustive_batch(card)
+    n = len(full["tokens"])
+    return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
 
 # -- metrics ------------------------------------------------------------------------

@@ -5,10 +5,12 @@ Steps: compile with tracr (``[tracr]`` extra); copy the weights into our
 :class:`~meanablate.organisms.transformer.HookedTransformer`; enumerate every input
 (``[BOS, t1, ..., tL]``, ``L = max_seq_len``; or the ``inputs`` you give, or a sample);
 take the targets from tracr's own RASP interpreter (``rasp.evaluate``) and check the
-compiled model against them on every input; pick the metric (``loss`` — cross-entropy —
-for categorical outputs, ``accuracy`` also available; ``mse`` for numerical ones); list
-the units (every head and MLP); and compute the ground truth by brute force: for each mean
-kind (:data:`~meanablate.stats.MEAN_KINDS`), every subset of units is kept with the rest
+compiled model against them on every input; pick the metric (``kl`` — KL divergence of the
+ablated output distribution from the clean model's at the scored positions, as ACDC uses
+on tracr — for categorical outputs by default, ``accuracy`` and ``loss`` available;
+``mse`` for numerical ones); list the units (every head and MLP); and compute the
+ground truth by brute force, for that metric: for each mean kind
+(:data:`~meanablate.stats.MEAN_KINDS`), every subset of units is kept with the rest
 mean-ablated, and the smallest subsets whose faithfulness reaches ``target_faithfulness``
 are the minimal circuits. The card records all of it.
 
@@ -29,18 +31,21 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from meanablate.organisms.registry import Batch, Organism
 
-__all__ = ["exhaustive_batch", "from_tracr", "load", "organism_from_card", "save"]
+__all__ = ["card_json", "exhaustive_batch", "from_tracr", "load", "organism_from_card", "save"]
 
 IGNORE_INDEX = -100
 MAX_INPUTS = 20_000
 MAX_BRUTE_UNITS = 14
 DEFAULT_MEAN_KIND = "per_position"
+CATEGORICAL_METRICS = ("kl", "accuracy", "loss")
+NUMERICAL_METRICS = ("mse",)
+TracrMetric = Literal["kl", "accuracy", "loss", "mse"]
 
 
 def from_tracr(
@@ -61,6 +66,7 @@ def from_tracr(
     target_faithfulness: float = 0.95,
     max_brute_units: int = MAX_BRUTE_UNITS,
     accuracy_tolerance: float = 0.01,
+    metric: TracrMetric | None = None,
 ) -> Organism:
     """Compile the RASP ``program`` and return its organism (model, data, metric, units,
     card, computed ground truth).
@@ -71,14 +77,29 @@ def from_tracr(
     ``max_inputs`` of them is refused unless ``sample=N`` picks N at random (``seed``).
     ``target_faithfulness``: what a minimal circuit must reach. Brute force needs at most
     ``max_brute_units`` units (``2 ** units`` subsets); beyond, the card says it was not
-    computed. Raises ``ValueError`` (before writing anything) if tracr cannot compile the
-    program, the inputs are too many, or the compiled model disagrees with tracr.
+    computed.
+
+    ``metric`` (the organism's metric; the ground truth is computed for it): categorical
+    outputs default to ``"kl"``, KL(clean || ablated) of the output distribution, mean over
+    the scored positions. KL rather than accuracy because accuracy is a step function:
+    every subset that keeps the argmax scores the same, so "minimal" is decided by ties,
+    and the faithfulness threshold cannot tell a circuit that barely keeps the answer from
+    one that reproduces the model; KL is continuous, 0 exactly for the full model, and
+    needs no target (ACDC's choice on tracr). ``"accuracy"`` and ``"loss"``
+    (cross-entropy of the target; the shipped ``tracr-*`` organisms use it) remain
+    available. Numerical outputs use ``"mse"`` (the card also defines an accuracy within
+    ``accuracy_tolerance``, for reading, not as the organism's metric).
+
+    Raises ``ValueError`` (before writing anything) for an argument out of range, if tracr
+    cannot compile the program, the inputs are too many to enumerate (pass ``sample=N``),
+    or the compiled model disagrees with tracr.
     """
     vocab_values = sorted(set(vocab), key=lambda v: (str(type(v)), v))
     if not vocab_values:
         raise ValueError("vocab must hold at least one input value")
     if not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
+    _check_ranges(target_faithfulness, max_brute_units, max_inputs, accuracy_tolerance, metric)
     seqs = _inputs(vocab_values, max_seq_len, inputs, sample, seed, max_inputs)
     compiled = _compile(
         program, vocab_values, max_seq_len, causal, compiler_bos, compiler_pad, mlp_exactness
@@ -93,7 +114,7 @@ def from_tracr(
         compiler_pad=compiler_pad,
         mlp_exactness=mlp_exactness,
     )
-    _add_examples(card, compiled, seqs, accuracy_tolerance)
+    _add_examples(card, compiled, seqs, accuracy_tolerance, metric)
     card["dataset"]["sampled"] = sample is not None
     card["dataset"]["exhaustive"] = inputs is None and sample is None
     _check_against_tracr(card, model)
@@ -106,6 +127,24 @@ def from_tracr(
     gt = org.card["ground_truth"]
     org.ground_truth = list(gt) if gt is not None else None
     return org
+
+
+def _check_ranges(
+    target: float, max_units: int, max_inputs: int, tol: float, metric: str | None
+) -> None:
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1:
+        raise ValueError(
+            f"target_faithfulness must be a number in (0, 1] (the fraction of the full "
+            f"model's behaviour a minimal circuit keeps), got {target!r}"
+        )
+    for arg, value in (("max_brute_units", max_units), ("max_inputs", max_inputs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
+        raise ValueError(f"accuracy_tolerance must be a number > 0, got {tol!r}")
+    known = sorted({*CATEGORICAL_METRICS, *NUMERICAL_METRICS})
+    if metric is not None and metric not in known:
+        raise ValueError(f"metric must be one of {known} or None (default), got {metric!r}")
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -206,7 +245,9 @@ def _card_head(
     }
 
 
-def _add_examples(card: dict[str, Any], compiled: Any, seqs: list[tuple], tol: float) -> None:
+def _add_examples(
+    card: dict[str, Any], compiled: Any, seqs: list[tuple], tol: float, metric: str | None
+) -> None:
     from tracr.rasp import rasp
 
     am = compiled.assembled
@@ -244,8 +285,11 @@ def _add_examples(card: dict[str, Any], compiled: Any, seqs: list[tuple], tol: f
             "(W_U one-hot): about 1 for the right class and 0 for the others. The output "
             "classes need not be the input values.",
         }
-        card["metric"] = "loss"
+        card["metric"] = _pick(metric, CATEGORICAL_METRICS, "categorical")
         card["metrics"] = {
+            "kl": "KL(clean || ablated): KL divergence of the ablated model's softmax "
+            "output distribution from the clean (unablated) model's, mean over scored "
+            "positions (0 for the full model)",
             "loss": "mean cross-entropy of logits against target over scored positions",
             "accuracy": "argmax(logits) == target over scored positions",
         }
@@ -258,7 +302,7 @@ def _add_examples(card: dict[str, Any], compiled: Any, seqs: list[tuple], tol: f
             "batch_key": "target_value",
             "note": "logits[..., 0] is the prediction (d_vocab_out = 1).",
         }
-        card["metric"] = "mse"
+        card["metric"] = _pick(metric, NUMERICAL_METRICS, "numerical")
         card["accuracy_tolerance"] = tol
         card["metrics"] = {
             "mse": "mean squared error of logits[..., 0] against target_value",
@@ -268,6 +312,17 @@ def _add_examples(card: dict[str, Any], compiled: Any, seqs: list[tuple], tol: f
             "tokens": rows,
             "target_value": [[None] + [float(v) for v in out] for out in outs],
         }
+
+
+def _pick(metric: str | None, allowed: tuple[str, ...], kind: str) -> str:
+    if metric is None:
+        return allowed[0]
+    if metric not in allowed:
+        raise ValueError(
+            f"metric {metric!r} does not fit this program's {kind} output; use one of "
+            f"{list(allowed)}"
+        )
+    return metric
 
 
 def exhaustive_batch(card: Mapping[str, Any]) -> Batch:
@@ -285,12 +340,26 @@ def exhaustive_batch(card: Mapping[str, Any]) -> Batch:
 def make_batches(
     card: Mapping[str, Any], n_examples: int, batch_size: int, seed: int = 0
 ) -> list[Batch]:
-    """``n_examples`` examples of the data set, uniformly with replacement (``seed``)."""
+    """``n_examples`` examples of the data set, uniformly with replacement (``seed``).
+
+    On an exhaustive data set (every sequence, in ``itertools.product`` order) each
+    position's value is drawn on its own, ``torch.randint(len(vocab), (n, max_seq_len))``,
+    and the example with those values is taken: the same draws, token for token, as a
+    sampler of uniform random sequences (the one ``tracr-reverse``, ``tracr-frac_prevs``
+    and ``tracr-sort`` had before they were built by :func:`from_tracr`). Otherwise
+    (``inputs=`` or ``sample=``) examples are drawn by index.
+    """
     if n_examples < 1 or batch_size < 1:
         raise ValueError("n_examples and batch_size must be >= 1")
     full = exhaustive_batch(card)
     gen = torch.Generator().manual_seed(int(seed))
-    idx = torch.randint(len(full["tokens"]), (n_examples,), generator=gen)
+    if card["dataset"].get("exhaustive"):
+        n_values, length = len(card["vocabulary"]["input_values"]), card["n_input_tokens"]
+        picks = torch.randint(n_values, (n_examples, length), generator=gen)
+        place = n_values ** torch.arange(length - 1, -1, -1)
+        idx = (picks * place).sum(1)
+    else:
+        idx = torch.randint(len(full["tokens"]), (n_examples,), generator=gen)
     picked = {k: v[idx] for k, v in full.items()}
     return [
         {k: v[i : i + batch_size] for k, v in picked.items()}
@@ -350,8 +419,26 @@ def save(org: Organism, directory: str | Path, stem: str | None = None) -> tuple
     weights, card_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
     directory.mkdir(parents=True, exist_ok=True)
     save_model(org.model, weights, extra={"card": card_path.name})
-    card_path.write_text(json.dumps(org.card, indent=1) + "\n")
+    card_path.write_text(card_json(org.card))
     return weights, card_path
+
+
+def card_json(card: Mapping[str, Any]) -> str:
+    """The card as :func:`save` writes it: JSON, indent 1, final newline; the data set
+    (``examples``) one input per line (an indented number per line would triple the file).
+    """
+    if "examples" not in card:
+        return json.dumps(card, indent=1) + "\n"
+    mark = '"examples": "<rows>"'
+    head = json.dumps({**card, "examples": "<rows>"}, indent=1)
+    if head.count(mark) != 1:  # pragma: no cover - a text field holding the marker
+        return json.dumps(card, indent=1) + "\n"
+    fields = []
+    for key, rows in card["examples"].items():
+        lines = ",\n".join("   " + json.dumps(row, separators=(",", ":")) for row in rows)
+        fields.append(f"  {json.dumps(key)}: [\n{lines}\n  ]")
+    examples = '"examples": {\n' + ",\n".join(fields) + "\n }"
+    return head.replace(mark, examples) + "\n"
 
 
 def load(path: str | Path) -> Organism:

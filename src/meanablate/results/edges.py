@@ -34,10 +34,8 @@ def is_edge_circuit(circuit: Any) -> bool:
     return bool(units) and all("->" in u for u in units)
 
 
-def _endpoint(node: str, io: str) -> str:
-    from meanablate.discovery.graph import node_unit
-
-    unit = node_unit(node)
+def _endpoint(graph: Any, node: str, io: str) -> str:
+    unit = graph.unit(node)
     return io if unit is None else unit
 
 
@@ -82,8 +80,8 @@ def edge_records(
         if e.name not in listed:
             continue
         rec: dict[str, Any] = {
-            "source": _endpoint(e.src, "input"),
-            "target": _endpoint(e.dst, "output"),
+            "source": _endpoint(graph, e.src, "input"),
+            "target": _endpoint(graph, e.dst, "output"),
             "weight": float(scores[e.name]),
             "name": e.name,
             "input": e.qkv,
@@ -103,7 +101,6 @@ def node_effects(data: Any, metric: Any) -> Any:
     import time
 
     from meanablate.discovery.edges import edge_mask
-    from meanablate.discovery.graph import node_unit
     from meanablate.discovery.scores import Scores
     from meanablate.metrics import get_metric
 
@@ -124,7 +121,7 @@ def node_effects(data: Any, metric: Any) -> Any:
                     ]
                 )
             )
-    units = [node_unit(n.name) for n in nodes]
+    units = [graph.unit(n.name) for n in nodes]
     per_example = torch.stack(rows) if rows else torch.zeros(0, data.n_examples)
     return Scores.from_examples(units, per_example, m.name, "sweep", time.perf_counter() - t0)
 
@@ -164,7 +161,6 @@ def edge_results(
     True
     """
     from meanablate.discovery.circuit import Circuit
-    from meanablate.discovery.graph import node_unit
     from meanablate.discovery.mib import score_edge_circuit
     from meanablate.results.build import discovery_results, unit_cis
 
@@ -189,7 +185,7 @@ def edge_results(
         hit = set()
         for name in names:
             e = graph.edge(name)
-            hit.update(u for u in (node_unit(e.src), node_unit(e.dst)) if u is not None)
+            hit.update(u for u in (graph.unit(e.src), graph.unit(e.dst)) if u is not None)
         return [u for u in nodes.units if u in hit]
 
     node_circuit = Circuit(
