@@ -137,8 +137,10 @@ def sweep(
     continuous metrics, heads finish their block from the re-projected ablated input
     (no attention re-run), BERT neurons re-run only ``output.dense`` and the layer norm,
     and GPT-2/Llama/NeoX neurons start the next block from ``resid + (fill - act) @ W``
-    (:mod:`~meanablate.discovery.layerskip`). Other models and sites run one hooked
-    forward per unit.
+    (:mod:`~meanablate.discovery.layerskip`); a continuous metric that reads some
+    positions only (the last token, a ``metric_mask``, masked-LM targets) gets the last
+    block's queries, MLP half and the tail there only (``Family.block_at``). Other models
+    and sites run one hooked forward per unit.
 
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
