@@ -78,7 +78,8 @@ def check_units_fit(model: nn.Module, units: Sequence[Any], batch: Any, means: A
     unit's neurons and heads are checked against its mean's shape — the activation's
     without batch (and position) — at no cost; positions are checked where the hooks run.
     Otherwise ``model`` runs once on the first example of ``batch`` and every selector is
-    checked against the real activation. A module that never runs has nothing to index.
+    checked against the real activation. A module that never runs is an error (ablating
+    it would change nothing).
     """
     from meanablate.families import check_sites
     from meanablate.sites import check_units_in_range
@@ -96,5 +97,11 @@ def check_units_fit(model: nn.Module, units: Sequence[Any], batch: Any, means: A
         return
     shapes = activation_shapes(model, [s.key for s in sites], batch)
     for site in sites:
-        if site.key in shapes:
-            check_units_in_range(site, shapes[site.key])
+        if site.key not in shapes:
+            # its ablation would change nothing: an effect of exactly 0, silently
+            raise ValueError(
+                f"site {site}: its module never ran in the forward pass on the batch's first "
+                "example (e.g. nn.MultiheadAttention's out_proj, whose weight the fused "
+                "attention reads directly); ablate a module that runs"
+            )
+        check_units_in_range(site, shapes[site.key])

@@ -172,9 +172,15 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
         fn = _framework_view(model, path, module, fn)
         if is_input:
 
-            def pre_hook(_m: nn.Module, args: tuple, _fn: ActivationFn = fn) -> tuple:
+            def pre_hook(
+                _m: nn.Module, args: tuple, _fn: ActivationFn = fn, _key: str = key
+            ) -> tuple:
                 if not args:
-                    raise TypeError("input hooks need the activation as a positional arg")
+                    raise TypeError(
+                        f"site {_key}: the module was called with keyword arguments only, "
+                        "so it has no positional input to read; hook the output of the "
+                        "module before it instead"
+                    )
                 return (_replace_first(args[0], _fn), *args[1:])
 
             planned.append((module, "forward_pre", pre_hook))
@@ -190,12 +196,18 @@ def hooked(model: nn.Module, hooks: Mapping[str, ActivationFn]) -> Iterator[None
 
 @contextmanager
 def capture(
-    model: nn.Module, keys: list[str], *, detach: bool = True
+    model: nn.Module, keys: list[str], *, detach: bool = True, once: bool = False
 ) -> Iterator[dict[str, Tensor]]:
     """Record the activations at ``keys`` during forward passes inside the block.
 
     Yields a dict filled as the model runs (the last forward's activation per key); the
-    hooks leave when the block ends.
+    hooks leave when the block ends. With ``detach`` (the default) each activation is
+    copied when it is seen: a model that later adds into it in place (Falcon's
+    ``mlp_output += attention_output``) would otherwise change what was recorded.
+    ``once``: a site that runs more than once in one forward of ``model`` (a module
+    shared between layers, as in ALBERT, or called per chunk) is a ``ValueError``
+    instead of keeping its last call — for callers that need the one activation of a
+    forward (a resample source, a cached clean run).
 
     >>> import torch, meanablate as ma
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
@@ -205,15 +217,30 @@ def capture(
     torch.Size([2, 5, 4])
     """
     store: dict[str, Tensor] = {}
+    seen: set[str] = set()  # keys recorded in the current forward of ``model``
 
     def recorder(key: str) -> ActivationFn:
         def record(act: Tensor) -> None:
-            store[key] = act.detach() if detach else act
+            if once:
+                if key in seen:
+                    raise ValueError(
+                        f"site {key} ran more than once in one forward pass (a module "
+                        "shared between layers, or called per chunk), so it has no single "
+                        "activation per forward to resample from; use a site that runs "
+                        "once per forward (e.g. a module inside one layer), or "
+                        "method='mean'/'zero' (which replace every call)"
+                    )
+                seen.add(key)
+            store[key] = act.detach().clone() if detach else act
             return None
 
         return record
 
-    with hooked(model, {k: recorder(k) for k in keys}):
+    def new_forward(_m: nn.Module, _args: tuple) -> None:
+        seen.clear()
+
+    starts = [(unwrap(model), "forward_pre", new_forward)] if once else []
+    with attached(starts), hooked(model, {k: recorder(k) for k in keys}):  # type: ignore[arg-type]
         yield store
 
 
@@ -237,9 +264,16 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
     """
     model = unwrap(model)
     if isinstance(batch, Tensor):
+        _check_ids(model, "batch", batch)
         return model(batch)
     if not isinstance(batch, Mapping):
         raise TypeError(f"a batch is a tensor or a dict of tensors, got {type(batch).__name__}")
+    ids = None
+    for name in ("input_ids", "tokens"):
+        if isinstance(batch.get(name), Tensor):
+            ids = batch[name]
+            _check_ids(model, f"batch[{name!r}]", ids, named=True)
+    _check_mask(batch.get("attention_mask"), ids)
     accepted, var_kw = _accepted_kwargs(model)
     items = {k: v for k, v in batch.items() if k not in TASK_KEYS}
     # Token ids go by the name the forward declares (renamed before filtering, so that a
@@ -259,6 +293,61 @@ def run_model(model: nn.Module, batch: Tensor | Mapping[str, Any]) -> Any:
             f"{type(model).__name__}.forward (accepts {sorted(accepted)})"
         )
     return model(**kwargs)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model embeds (``None``: not known)."""
+    get = getattr(model, "get_input_embeddings", None)  # Hugging Face
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # some HF classes raise NotImplementedError here
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return int(emb.num_embeddings)
+    cfg = getattr(model, "cfg", None)  # ours, TransformerLens
+    vocab = getattr(cfg, "d_vocab", None)
+    ok = isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0  # TL: -1 = unset
+    return vocab if ok else None
+
+
+def _check_ids(model: nn.Module, what: str, ids: Tensor, *, named: bool = False) -> None:
+    """Token ids checked before the forward: an empty batch, float ids, or an id outside
+    the embedding would otherwise fail deep inside the model (or not at all)."""
+    if ids.ndim and ids.shape[0] == 0:
+        raise ValueError(f"{what} has shape {tuple(ids.shape)}: a batch needs at least one example")
+    if ids.is_floating_point() or ids.is_complex():
+        if named:
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        return  # a float tensor batch is a model input of its own (features, images)
+    if ids.dtype == torch.bool or ids.numel() == 0:
+        return
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"{what} holds token ids in [{lo}, {hi}], but the model embeds ids 0..{vocab - 1} "
+            f"(a vocabulary of {vocab}); check the tokenizer matches the model"
+        )
+
+
+def _check_mask(mask: Any, ids: Tensor | None) -> None:
+    """A ``[batch, pos]`` attention mask: the ids' shape, 0 (padding) and 1 only. (A 4-d
+    mask is the model's own business.)"""
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return
+    if ids is not None and ids.ndim == 2 and tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"batch['attention_mask'] has shape {tuple(mask.shape)}, but the token ids are "
+            f"{tuple(ids.shape)}; it needs one entry per token"
+        )
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        values = sorted({float(v) for v in mask.unique()[:6].tolist()})
+        raise ValueError(
+            f"batch: attention_mask must hold only 0 (padding) and 1 (a real token), "
+            f"got values {values}"
+        )
 
 
 def output_tensor(out: Any) -> Tensor:

@@ -24,7 +24,7 @@ from meanablate._unwrap import unwrap
 from meanablate._validate import check_source
 from meanablate.core import replace_where
 from meanablate.families import check_sites
-from meanablate.hooks import capture, hooked, output_tensor, run_model
+from meanablate.hooks import attached, capture, hooked, output_tensor, run_model
 from meanablate.metrics import Metric, get_metric
 from meanablate.sites import Site, as_sites, check_units_in_range, resolve_module
 from meanablate.stats import Means, is_pattern_key
@@ -77,6 +77,12 @@ def _fill_for(
         return src.to(act.dtype).reshape(vshape)
     assert means is not None
     mean = means[site.key]
+    if not bool(torch.isfinite(mean).all()):  # would turn the whole output into NaN
+        bad = int((~torch.isfinite(mean)).sum())
+        raise ValueError(
+            f"site {site.key}: its mean holds {bad} NaN or infinite value(s) of "
+            f"{mean.numel()}; recompute it with compute_means (padding is left out there)"
+        )
     # The mean must be the activation without batch (and without position, unless the
     # means are per position) exactly: a [d_head] mean for a [head, d_head] site would
     # broadcast one head's mean to every head.
@@ -187,12 +193,70 @@ def ablate(
     if method == "resample":
         if source is None:
             raise ValueError("resample ablation needs `source`: a batch of other inputs")
-        with torch.no_grad(), capture(model, list(groups)) as store:
+        with torch.no_grad(), capture(model, list(groups), once=True) as store:
             run_model(model, source)
         captured = dict(store)
     hooks = {key: _make_hook(group, means, method, captured) for key, group in groups.items()}
-    with hooked(model, hooks):
+    # A site whose module never runs (nn.MultiheadAttention uses out_proj's weight
+    # without calling it) would leave the output untouched: an effect of exactly 0.
+    # A positions selector indexes dim 1, which must be the input's position axis.
+    fired: set[str] = set()
+    seen: dict[str, Any] = {"runs": 0, "lead": None}
+
+    def watched(key: str, fn: Any) -> Any:
+        # pos= indexes dim 1, and heads= without n_heads reads [batch, pos, head, d_head]:
+        # both need dim 1 to be the position axis ([batch, head, pos, d_head] is not)
+        check_pos = not is_pattern_key(key) and any(
+            s.positions is not None or (s.heads is not None and s.n_heads is None)
+            for s in groups[key]
+        )
+
+        def run(act: Tensor) -> Tensor:
+            fired.add(key)
+            lead = seen["lead"]
+            if check_pos and lead is not None and tuple(act.shape[:2]) != lead:
+                raise ValueError(
+                    f"site {key}: pos= and heads= read the activation as [batch, pos, ...], "
+                    f"but its shape {tuple(act.shape)} does not start with the input's "
+                    f"[batch, pos] = {lead} (a sequence-first, head-first or flattened "
+                    "layout); ablate at a site shaped [batch, pos, ...]"
+                )
+            return fn(act)
+
+        return run
+
+    def root_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["runs"] += 1
+        seen["lead"] = _input_lead(args, kwargs)
+
+    with (
+        attached([(model, "forward_pre_kwargs", root_pre)]),
+        hooked(model, {k: watched(k, fn) for k, fn in hooks.items()}),
+    ):
         yield model
+    missing = sorted(set(groups) - fired)
+    if seen["runs"] and missing:  # reached only when the block raised nothing
+        raise ValueError(
+            f"site {missing[0]} never ran in the forward pass inside ablate(), so its "
+            "ablation changed nothing; its module is not called as a module there (e.g. "
+            "nn.MultiheadAttention's out_proj, whose weight the fused attention reads "
+            "directly); ablate a module that runs (list them with model.named_modules())"
+        )
+
+
+def _input_lead(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """``[batch, pos]`` of a model call's token input (``None``: not known)."""
+    for name in ("input_ids", "tokens", "input", "attention_mask"):
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value.ndim >= 2:
+            return (int(value.shape[0]), int(value.shape[1]))
+    first = args[0] if args else None
+    if not isinstance(first, Tensor):
+        return None
+    # [batch, pos] token ids, or [batch, pos, d] features ([batch, d] has no positions)
+    if (first.ndim == 2 and not first.is_floating_point()) or first.ndim == 3:
+        return (int(first.shape[0]), int(first.shape[1]))
+    return None
 
 
 def run_ablated(

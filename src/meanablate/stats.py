@@ -21,7 +21,7 @@ from meanablate._unwrap import unwrap
 from meanablate.data.normalize import as_batches
 from meanablate.errors import MissingSiteError
 from meanablate.families import check_sites
-from meanablate.hooks import capture, model_device, run_model, to_device
+from meanablate.hooks import capture, hooked, model_device, run_model, to_device
 from meanablate.means_io import FORMAT, read_means_file, write_safetensors
 from meanablate.sites import Site, as_sites, resolve_module
 
@@ -84,6 +84,17 @@ class MeanAccumulator:
                 f"{key} gave shape {tuple(act.shape)}"
             )
         lead = 2 if has_pos else 1
+        # [batch * pos, ...] (OPT's fc1/fc2 flatten batch and position): which rows are
+        # padding is not known here, and a mean over every row would take it in.
+        flat = not has_pos and mask is not None and x.shape[:1] != mask.shape[:1]
+        if flat and not bool(_as_keep(mask, key).all()):  # type: ignore[arg-type]
+            raise ValueError(
+                f"site {key}: the activation has shape {tuple(act.shape)}, which does "
+                f"not start with the batch's [batch, pos] = {tuple(mask.shape)} (the "
+                "module flattens batch and position), so the padding in "
+                "attention_mask cannot be left out of its mean; use a site shaped "
+                "[batch, pos, ...], or batches without padding"
+            )
         if has_pos and mask is not None:
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
@@ -314,22 +325,70 @@ def accumulate_batches(
 ) -> int:
     """Run ``model`` on ``batches``, adding the activations at ``keys`` to ``acc``.
 
-    Returns the number of batches (0 for none).
+    Each activation is added when its module runs: a model that later adds into it in
+    place (Falcon's ``mlp_output += attention_output``) cannot change what is counted,
+    and a module that runs several times in one forward (shared between layers, as in
+    ALBERT) contributes every call — the mean that its ablation, which replaces every
+    call, stands for. Returns the number of batches (0 for none).
     """
     device = model_device(model)
     n_batches = 0
-    with torch.inference_mode(), capture(model, list(keys)) as store:
+    seen: set[str] = set()
+    current: dict[str, Any] = {"mask": None, "lead": None}
+
+    def adder(key: str) -> Any:
+        def add(act: Tensor) -> None:
+            seen.add(key)
+            _check_lead(key, act, current["lead"], acc.per_position)
+            acc.add(key, act, current["mask"])
+
+        return add
+
+    with torch.inference_mode(), hooked(model, {k: adder(k) for k in keys}):
         for batch in batches:
             batch = to_device(batch, device)
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            store.clear()
+            current["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            current["lead"] = _batch_lead(batch)
+            seen.clear()
             run_model(model, batch)
             for key in keys:
-                if key not in store:
+                if key not in seen:
                     raise ValueError(f"site {key} did not run during the forward pass")
-                acc.add(key, store[key], mask)
             n_batches += 1
     return n_batches
+
+
+def _batch_lead(batch: Any) -> tuple[int, int] | None:
+    """``[batch, pos]`` of a batch's input; ``(batch, -1)`` for an input with no position
+    axis (a float tensor of 4 or more dims: images); ``None``: not known."""
+    if isinstance(batch, Mapping):
+        for name in ("input_ids", "tokens", "input", "attention_mask", "inputs_embeds"):
+            value = batch.get(name)
+            if isinstance(value, Tensor) and value.ndim >= 2:
+                return (int(value.shape[0]), int(value.shape[1]))
+        return None
+    if not isinstance(batch, Tensor) or batch.ndim < 2:
+        return None
+    if batch.ndim >= 4 and batch.is_floating_point():
+        return (int(batch.shape[0]), -1)
+    return (int(batch.shape[0]), int(batch.shape[1]))
+
+
+def _check_lead(key: str, act: Tensor, lead: tuple[int, int] | None, per_position: bool) -> None:
+    """A mean over ``[batch, pos]`` needs dim 1 to be the input's positions: a CNN's
+    ``[batch, channel, h, w]`` would be averaged over its channels, a sequence-first
+    ``[pos, batch, d]`` per batch row instead of per position."""
+    if lead is None or act.ndim < 3 or is_pattern_key(key) or tuple(act.shape[:2]) == lead:
+        return
+    if not per_position and act.shape[0] != lead[0]:
+        return  # [pos, batch, ...]: a mean over both axes is over every token all the same
+    what = "has no position axis" if lead[1] == -1 else f"has [batch, pos] = {lead}"
+    raise ValueError(
+        f"site {key}: means average over dims 0 and 1 ([batch, pos, ...]), but the "
+        f"activation has shape {tuple(act.shape)} while the input {what}, so dim 1 is "
+        "not the position axis (a CNN's channels, or a sequence-first layout); use a site "
+        "shaped [batch, pos, ...], or method='zero'"
+    )
 
 
 def compute_means(

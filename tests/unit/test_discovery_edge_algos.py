@@ -355,3 +355,80 @@ def test_fast_eap_equals_the_masked_forward_probes(mlp, norm, split):
     slow = eap(model, data, metric="loss", fast=False)
     assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
     assert fast.per_example.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("metric", ["prob", "custom"])
+def test_fast_eap_other_metrics_and_the_model_left_as_it_was(metric):
+    from meanablate.discovery.eap import eap
+    from meanablate.metrics import Metric, loss
+
+    model, batches = _setup(seed=11, pad=True)
+    model = model.double()
+    model.blocks[0].attn.W_Q.requires_grad_(False)  # a user's frozen weight stays frozen
+    flags = [q.requires_grad for q in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = Metric("custom", lambda lg, b, c: loss(lg, b, c) ** 2) if metric == "custom" else metric
+    data = EdgeData(model, batches, "mean")
+    fast = eap(model, data, metric=m, fast=True)
+    slow = eap(model, data, metric=m, fast=False)
+    assert torch.allclose(fast.per_example, slow.per_example, atol=1e-9, rtol=1e-7)
+    assert fast.per_example.abs().max() > 1e-4
+    assert [q.requires_grad for q in model.parameters()] == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(mod._forward_hooks for mod in model.modules())
+
+
+@pytest.mark.parametrize(
+    "mlp,norm,split",
+    [(True, True, True), (False, True, False), (True, False, True), (False, False, True)],
+)
+@pytest.mark.parametrize("source", ["mean", Source("counterfactual")])
+def test_circuit_metric_equals_the_masked_forward(mlp, norm, split, source):
+    from meanablate.discovery.edge_circuit import circuit_metric
+
+    model, batches = _setup(mlp=mlp, norm=norm, seed=12, pad=True)
+    model = model.double()
+    data = EdgeData(model, batches, source, split_qkv=split)
+    gen = torch.Generator().manual_seed(1)
+    loss = get_metric("loss")
+    for frac in (0.0, 0.05, 0.3, 0.8, 1.0):
+        kept = torch.rand(len(data.graph), generator=gen) < frac
+        got = circuit_metric(data, kept, loss)
+        want = data.metric_of((~kept).double(), loss)
+        assert got is not None and torch.allclose(got, want, atol=1e-12, rtol=1e-12)
+    assert circuit_metric(data, kept, get_metric("accuracy")) is None  # discrete: exact path
+
+
+@pytest.mark.parametrize("seed", [8, 9, 13])
+def test_attribute_verify_keeps_its_promises(seed):
+    from meanablate.discovery.edge_prune import VERIFY_PAST, discover_edges
+
+    model, batches = _setup(seed=seed)
+    kw = {"metric": "loss", "target_faithfulness": 0.8}
+    sweep = discover_edges(model, EdgeData(model, batches, "zero"), algorithm="sweep", **kw)
+    data = EdgeData(model, batches, "zero")
+    av = discover_edges(model, data, algorithm="attribute_verify", **kw)
+    names = av.units
+    exact = dict(zip(names, av.unit_scores.exact.tolist()))
+    # every kept edge measured exactly, the faithfulness reached and evaluated exactly
+    assert av.faithfulness >= 0.8 and all(exact[u] for u in av.kept)
+    mask = edge_mask(data.graph, [u for u in names if u not in set(av.kept)])
+    assert float(data.metric_of(mask, "loss").mean()) == pytest.approx(av.metric_circuit, abs=1e-6)
+    # the verified edges reach VERIFY_PAST past the circuit's lowest-ranked edge by EAP
+    from meanablate.discovery.eap import eap
+
+    order = eap(model, data, metric="loss").ranking()
+    reach = max(order.index(u) + 1 for u in av.kept)
+    assert sum(exact.values()) >= min(len(names), reach + VERIFY_PAST)
+    assert all(exact[u] for u in order[: min(len(names), reach + VERIFY_PAST)])
+    # where the exact ranking's top, as far as the search looked, was all verified, the
+    # circuit is the sweep's
+    looked = max(size for size, _ in sweep.curve)
+    if all(exact[u] for u in sweep.unit_scores.ranking()[:looked]):
+        assert sorted(av.kept) == sorted(sweep.kept)
+    # verifying everything is the sweep itself
+    full = discover_edges(
+        model, EdgeData(model, batches, "zero"), algorithm="attribute_verify",
+        verify_top=len(names), **kw,
+    )  # fmt: skip
+    assert sorted(full.kept) == sorted(sweep.kept)

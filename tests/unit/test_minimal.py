@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,6 +26,7 @@ from meanablate.discovery.minimal import (
     n_smaller_subsets,
     removal_pass,
 )
+from meanablate.errors import NoBehaviourError
 from meanablate.organisms import HookedTransformer, TransformerConfig
 from meanablate.stats import Means, compute_means
 
@@ -120,17 +121,22 @@ def test_every_algorithm_returns_a_1_minimal_circuit(
     batches = [{"tokens": torch.randint(7, (6, 5), generator=gen)}]
     units = transformer_units(model, "components")
     means = compute_means(model, units, batches, kind=kind)
-    circuit = discover(
-        model,
-        batches,
-        means,
-        units=units,
-        metric=metric,
-        algorithm=algorithm,
-        threshold=1 - level if algorithm == "acdc" else None,
-        target_faithfulness=None if algorithm == "acdc" else level,
-        max_exhaustive=0,  # 1-minimal only: the removal pass is what is tested
-    )
+    try:
+        circuit = discover(
+            model,
+            batches,
+            means,
+            units=units,
+            metric=metric,
+            algorithm=algorithm,
+            threshold=1 - level if algorithm == "acdc" else None,
+            target_faithfulness=None if algorithm == "acdc" else level,
+            max_exhaustive=0,  # 1-minimal only: the removal pass is what is tested
+        )
+    except NoBehaviourError:
+        # Some random weights saturate the softmax (one token at probability 1 whatever
+        # the input), so KL(full || empty) is ~1e-17: discovery rightly refuses there.
+        reject()
     assert circuit.certificate == "1-minimal" and circuit.mean_kind == kind
 
     def faith(kept) -> float:

@@ -265,6 +265,12 @@ def _one_pass(
         def fn(act: Tensor) -> Tensor:
             # Adding a zero leaf gives d(metric)/d(act) through every downstream path
             # without detaching the graph or touching the model's parameters.
+            if key in acts:  # a second call would replace the first one's gradient leaf
+                raise ValueError(
+                    f"site {key} ran more than once in one forward pass (a module shared "
+                    "between layers, or called per chunk); attribute needs one activation "
+                    "per forward: use a site that runs once (e.g. a module inside one layer)"
+                )
             acts[key] = act.detach()
             zs[key] = torch.zeros_like(act, requires_grad=True)
             return act + zs[key]
@@ -303,7 +309,7 @@ def _one_pass(
     source = None
     other = resample_batch(batch, method)
     if other is not None:
-        with torch.no_grad(), capture(model, keys) as store:
+        with torch.no_grad(), capture(model, keys, once=True) as store:
             run_model(model, other)
         source = dict(store)
     parts = [_site_rows(sites, acts, dict(zip(keys, g)), means, method, source) for g in grads]

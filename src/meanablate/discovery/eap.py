@@ -50,8 +50,9 @@ def eap(
     the estimate is of ``metric(ablated) - metric(clean)``. Comparing metrics (``kl``,
     ``l2``) have zero gradient at the clean run: use :func:`eap_ig` for them.
     ``fast``: take the gradients from the model's own forward and backward
-    (:mod:`~meanablate.discovery.eap_fast`; the same numbers, about half the time; our
-    transformer and its exact copies only, other families use the masked forward).
+    (:mod:`~meanablate.discovery.eap_fast`; the same numbers to float rounding, about
+    half the time; our transformer and its exact copies only, other families use the
+    masked forward).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)

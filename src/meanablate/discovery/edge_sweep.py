@@ -99,7 +99,10 @@ def edge_sweep(
 
 def _sweep_item(data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, rows: dict) -> None:
     fam, graph, model = data.family, data.graph, data.family.model
-    run = fam.run(graph, item.tokens, item.mask, keep_outs=True, record_inputs=True)
+    key = ("sweep clean run", id(item))
+    if key not in data.cache:  # kept on the data: sweeps over a few edges at a time
+        data.cache[key] = fam.run(graph, item.tokens, item.mask, keep_outs=True, record_inputs=True)
+    run = data.cache[key]
     outs, inputs = run.outs, run.inputs
     assert outs is not None and inputs is not None
     positions, sub = restrict_positions(item.batch, run.logits)

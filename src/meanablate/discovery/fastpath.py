@@ -146,7 +146,7 @@ def clean_state(
     stream += [f"blocks.{i}.hook_resid_post" for i in range(n)]
     if model.cfg.d_mlp is not None:
         stream += [f"blocks.{i}.hook_resid_mid" for i in range(n)]
-    with capture(model, sorted(set(stream) | set(keys))) as store:
+    with capture(model, sorted(set(stream) | set(keys)), once=True) as store:
         logits = model(tokens, attention_mask)
     mids = [store.get(f"blocks.{i}.hook_resid_mid") for i in range(n)]
     return CleanState(

@@ -274,7 +274,7 @@ def _hooked_effects(
             writes = {u: w for u, w in writes.items() if w is not None}
         streams = {u: family.stream_key(w) for u, w in writes.items()}
         keys = sorted({sites[u].key for u in writes} | {k for k in streams.values() if k})
-        with capture(model, keys) as acts:
+        with capture(model, keys, once=True) as acts:
             clean = output_tensor(run_model(model, batch))
     if calls is not None:
         writes = {

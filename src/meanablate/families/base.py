@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from meanablate.sites import Site
 
-__all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo", "check_heads"]
+__all__ = ["Family", "HeadLayout", "LinearWrite", "UnitInfo", "check_heads", "stock_modules"]
 
 Granularity = Literal["heads", "mlps", "components", "neurons", "layers", "positions"]
 GRANULARITIES = ("heads", "mlps", "components", "neurons", "layers", "positions")
@@ -218,3 +218,14 @@ def check_heads(site: Site, layout: HeadLayout | None, *, hint: str | None) -> S
     if layout.flat and site.n_heads is None:
         return site.with_units(n_heads=layout.n_heads)
     return site
+
+
+def stock_modules(model: nn.Module, packages: tuple[str, ...]) -> bool:
+    """Whether every module of ``model`` is of a class defined in ``packages`` (e.g.
+    ``("transformers", "torch")``): no subclass or swapped-in module of the user's own,
+    whose forward a family's shortcut (resume, tail, linear write) would not mirror.
+
+    >>> stock_modules(nn.Sequential(nn.Linear(2, 2)), ("torch",))
+    True
+    """
+    return all(type(m).__module__.split(".")[0] in packages for m in model.modules())

@@ -21,6 +21,7 @@ from meanablate.families.base import (
     LinearWrite,
     UnitInfo,
     check_heads,
+    stock_modules,
 )
 from meanablate.sites import Site
 
@@ -215,13 +216,23 @@ class HFFamily(Family):
         if self.prefix == "":
             return True, None
         for name, head in self.roots.items():
-            if name in _class_names(self.model):
+            if type(self.model).__name__ == name:  # a subclass may compute its own logits
                 return True, head
         return False, None
 
     def can_resume(self) -> bool:
+        # The tail and the linear writes mirror the stock classes' forwards: any class of
+        # the user's own (a subclass scaling the logits, a swapped-in block or attention)
+        # takes the full hooked forward instead. (TransformerLens modules: a bridge's
+        # components inside the HF model it wraps, checked by the bridge's own tests.)
         known, _ = self._root_head()
-        return known and not self.model.training
+        base_ok = type(self.base).__name__ in self.base_classes
+        return (
+            known
+            and base_ok
+            and not self.model.training
+            and stock_modules(self.model, ("transformers", "torch", "transformer_lens"))
+        )
 
     def resume_call(
         self, args: tuple, kwargs: dict[str, Any], *, block: int | None = None

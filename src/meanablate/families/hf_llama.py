@@ -9,7 +9,7 @@ neurons: input of ``mlp.down_proj`` ``[batch, pos, intermediate_size]``, i.e.
 A model is Llama-style when its base model has ``layers``, ``norm`` and ``embed_tokens``
 and its first layer has exactly Llama's modules; resuming from a layer is declared safe
 only for the classes listed in ``roots`` (others, e.g. Gemma, scale or cap what they
-compute outside the layers).
+compute outside the layers; :meth:`HFFamily.can_resume` checks the exact classes).
 """
 
 from __future__ import annotations
@@ -71,12 +71,6 @@ class HFLlama(HFFamily):
             and {n for n, _ in mlp.named_children()} == _MLP_CHILDREN
             and isinstance(getattr(attn, "o_proj", None), nn.Linear)
         )
-
-    def can_resume(self) -> bool:
-        # A structurally Llama-like base of another class: its layers may be called
-        # differently; only the listed classes are known to be plain layer sequences.
-        base_ok = bool(set(self.base_classes) & {c.__name__ for c in type(self.base).__mro__})
-        return base_ok and super().can_resume()
 
     def neuron_weight(self, layer: int) -> Tensor:
         # block output = resid_mid + down_proj(act); nn.Linear's weight is [out, in]

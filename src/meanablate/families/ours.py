@@ -20,6 +20,7 @@ from meanablate.families.base import (
     LinearWrite,
     UnitInfo,
     check_heads,
+    stock_modules,
 )
 from meanablate.sites import Site
 
@@ -105,7 +106,8 @@ class Ours(Family):
         )
 
     def can_resume(self) -> bool:
-        return True
+        # A subclass of the user's (another forward, another unembedding) runs in full.
+        return stock_modules(self.model, ("meanablate", "torch"))
 
     def tail(self, hidden: Tensor) -> Tensor:
         return self.model.unembed(hidden)  # type: ignore[operator]
