@@ -15,12 +15,13 @@ Prints, per model:
 
 Times are CPU seconds of this process (one thread), best of ``--repeats``.
 
-Measured 2026-11-30 (2 shared cores, one thread, noisy): Llama 479 edges, NeoX 463 edges;
-the edge forward 0.95-1.45x the model's own forward (every head reads its own normalised
-q/k/v inputs); EAP 3.4-6 forward-equivalents; exact sweep, whole layer rerun (before):
-ratio 1.17 (Llama) / 1.43 (NeoX), 0.78 / 0.58 HF forwards per edge; only the changed head
-(after): ratio 0.84 / 0.75, 0.56 / 0.31 HF forwards per edge; stack=8 is slower on a CPU
-(1.03 / 0.89).
+Measured 2026-11-30, two runs (2 shared cores, one thread, noisy: the baseline itself
+moved 25-31 s): Llama 479 edges, NeoX 463 edges; the edge forward 0.95-1.42x the model's
+own forward (every head reads its own normalised q/k/v inputs); EAP 3.4-5.3
+forward-equivalents; exact sweep, whole layer rerun (before): ratio 1.17, 0.87 (Llama) /
+1.43, 1.14 (NeoX); only the changed head (after): 0.84, 0.69 / 0.75, 0.70 — sweep time
+after/before 0.71-0.79 (Llama), 0.53-0.61 (NeoX); per edge 0.42-0.56 (Llama) and
+0.31-0.43 (NeoX) plain HF forwards; stack=8 is slower on a CPU (0.77-1.03 / 0.76-0.89).
 
 Run: ``python benchmarks/bench_edges_hf.py [--repeats N]``.
 """
