@@ -432,3 +432,24 @@ def test_attribute_verify_keeps_its_promises(seed):
         verify_top=len(names), **kw,
     )  # fmt: skip
     assert sorted(full.kept) == sorted(sweep.kept)
+
+
+@pytest.mark.parametrize("source", ["mean", Source("counterfactual")])
+def test_edge_sweep_with_a_discrete_metric_is_the_masked_forward_bit_for_bit(source, monkeypatch):
+    # accuracy reads an argmax: the shortcuts equal the masked forward only to float error,
+    # which can flip a tie, so a discrete metric takes the masked forward for every edge
+    import importlib
+
+    module = importlib.import_module("meanablate.discovery.edge_sweep")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a discrete metric took a float-error shortcut")
+
+    monkeypatch.setattr(module, "_sweep_item", refuse)
+    monkeypatch.setattr(module, "_sweep_item_heads", refuse)
+    model, batches = _setup(pad=True)
+    data = EdgeData(model, batches, source)
+    got = edge_sweep(model, data, metric="accuracy")
+    want = _one_by_one(data, "accuracy")
+    assert torch.equal(got.per_example, want)
+    assert want.abs().max() > 0  # some edge flips a prediction

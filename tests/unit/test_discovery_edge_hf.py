@@ -500,3 +500,17 @@ def test_half_precision_models_run_in_their_dtype(dtype):
     err_ours = (got[real].float() - ref[real]).abs().max()
     err_hf = (want[real].float() - ref[real]).abs().max()
     assert err_ours <= 2 * err_hf + 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel"])
+def test_edge_sweep_with_a_discrete_metric_is_the_masked_forward_bit_for_bit(name):
+    model = MODELS[name](40)
+    b = batch(41, "left", b=3, p=5)
+    with torch.no_grad():  # targets the clean predictions: an edge that moves one counts
+        pred = model(input_ids=b["tokens"], attention_mask=b["attention_mask"]).logits
+    b["target"] = pred.argmax(-1).masked_fill(b["attention_mask"] == 0, -100)
+    data = EdgeData(model, [b], Source("counterfactual"))
+    got = edge_sweep(model, data, metric="accuracy")
+    want = _one_at_a_time(data, "accuracy", data.graph.names)
+    assert torch.equal(got.per_example, want)
+    assert want.abs().max() > 0

@@ -6,12 +6,13 @@ query, key or value input changed; one MLP; or the unembedding), its output chan
 added to the clean stream, and only the blocks after it run — with logits only at the
 positions the metric reads. Edges into one destination share stacked forwards.
 This equals :class:`~meanablate.discovery.edges.EdgeData` with the one edge ablated
-(to float error), which the tests check. Hugging Face Llama-style and NeoX models do the
-same with their own pieces (:mod:`~meanablate.discovery.edge_hf`): one head recomputed
-(with grouped-query attention, its own copy of the shared key/value head), the rest of
-its block finished from the clean run, then the family's forward resumed after that
-block. A family without per-head pieces resumes its edge forward at the destination's
-layer, one edge at a time.
+(to float error), which the tests check; discrete metrics (accuracy, custom metrics),
+where float error could flip an argmax tie, run the masked forward itself for each edge.
+Hugging Face Llama-style and NeoX models do the same with their own pieces
+(:mod:`~meanablate.discovery.edge_hf`): one head recomputed (with grouped-query
+attention, its own copy of the shared key/value head), the rest of its block finished
+from the clean run, then the family's forward resumed after that block. A family without
+per-head pieces resumes its edge forward at the destination's layer, one edge at a time.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def edge_sweep(
     ours = isinstance(data.family, OursEdges)
     with torch.inference_mode():
         for item in data.items:
-            if ours:
+            if m.discrete:
+                _sweep_item_masked(data, item, by_dst, m, rows)
+            elif ours:
                 _sweep_item(data, item, by_dst, m, stack, rows)
             elif hasattr(data.family, "attend"):
                 _sweep_item_heads(data, item, by_dst, m, stack, rows)
@@ -182,6 +185,27 @@ def _sweep_item_resumed(data: EdgeData, item: Any, by_dst: dict, m: Metric, rows
         for e in group:
             x = inputs[graph.dsts[d]] + (item.ablated[e.src_index] - outs[e.src_index])
             logits = fam.run(graph, item.tokens, item.mask, in_override={d: x}, start=start).logits
+            logits = logits if positions is None else logits[:, positions]
+            rows[e.index].append(effect_of(logits).double().cpu())
+
+
+def _sweep_item_masked(data: EdgeData, item: Any, by_dst: dict, m: Metric, rows: dict) -> None:
+    """Discrete metrics (accuracy, custom argmax metrics): each edge through the masked edge
+    forward itself, resumed at its destination's layer. The shortcuts above equal it only to
+    float error, which can flip an argmax tie; a resumed masked run does the masked forward's
+    own operations (a mask that is zero before the destination's layer changes nothing
+    there), so its logits are the masked forward's, bit for bit."""
+    fam, graph = data.family, data.graph
+    states: list = []
+    clean = fam.run(graph, item.tokens, item.mask, states=states).logits
+    positions, sub = restrict_positions(item.batch, clean)
+    effect_of = m.bind(sub, clean if positions is None else clean[:, positions])
+    for d, group in by_dst.items():
+        start = states[graph.dst_layer[d]]
+        for e in group:
+            mask = torch.zeros(len(graph), dtype=item.ablated.dtype, device=item.tokens.device)
+            mask[e.index] = 1
+            logits = data.logits(item, mask, start=start)
             logits = logits if positions is None else logits[:, positions]
             rows[e.index].append(effect_of(logits).double().cpu())
 
