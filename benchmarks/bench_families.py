@@ -43,6 +43,7 @@ from meanablate.hooks import output_tensor, run_model
 from meanablate.peakmem import PeakMemory
 
 MIB = 2**20
+AB_REPEATS = 0  # --ab-last: interleaved pairs of last-token sweeps (see ab_last)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -203,12 +204,15 @@ def keys_of(units: list[str]) -> list[str]:
     return sorted({s.key for s in ma.sites.as_sites(units)})
 
 
-def measure(fam: Family, n_naive: int) -> dict[str, Any]:
-    """Every number of one family (see the module docstring)."""
+def measure(fam: Family, n_naive: int, sweeps_only: bool = False) -> dict[str, Any]:
+    """Every number of one family (see the module docstring); ``sweeps_only``: the
+    per-unit sweep ratios only (no estimates, ACDC or naive loops)."""
     model, batch, metric = fam.model, fam.batch, fam.metric
     r: dict[str, Any] = {"name": fam.name, "n_neurons": len(fam.neurons)}
     means = ma.compute_means(model, keys_of(fam.neurons + fam.heads), [batch])
     r["forward"] = fwd = forward_seconds(model, batch)
+    if sweeps_only:
+        return _sweeps(fam, means, r)
     r["calibration"], est = timed(
         lambda: ma.estimate(model, [batch], fam.neurons, means, metric=metric, warn=False)
     )
@@ -253,6 +257,46 @@ def measure(fam: Family, n_naive: int) -> dict[str, Any]:
     return r
 
 
+def _sweeps(fam: Family, means: Any, r: dict[str, Any]) -> dict[str, Any]:
+    model, batch, metric, fwd = fam.model, fam.batch, fam.metric, r["forward"]
+    t, _ = timed(lambda: ma.sweep(model, [batch], fam.neurons, means, metric=metric))
+    r["sweep"], r["per_unit_all"] = t, t / len(fam.neurons) / fwd
+    if fam.last is not None:
+        t, _ = timed(lambda: ma.sweep(model, [fam.last], fam.neurons, means, metric=metric))
+        r["per_unit_last"] = t / len(fam.neurons) / fwd
+    t, _ = timed(lambda: ma.sweep(model, [batch], fam.heads, means, metric=metric))
+    r["per_unit_heads"] = t / len(fam.heads) / fwd
+    r["naive"] = {}
+    if fam.last is not None and AB_REPEATS:
+        r["ab_last"] = ab_last(fam, means, AB_REPEATS)
+    return r
+
+
+def ab_last(fam: Family, means: Any, repeats: int) -> tuple[float, float]:
+    """KL at the last token, per unit / forward, without and with the positions-only last
+    block, interleaved in this process: the median of ``repeats`` pairs. "Without" is
+    the sweep with the metric's positions not restricted (``restrict_positions`` patched
+    to keep every position: the whole last block and tail, as before the route existed);
+    on our own model that also turns off the fast path's own cut last block."""
+    import importlib
+
+    sweep_mod = importlib.import_module("meanablate.discovery.sweep")  # not the function
+    model, metric = fam.model, fam.metric
+    original = sweep_mod.restrict_positions
+    before, after = [], []
+    for _ in range(repeats):
+        fwd = forward_seconds(model, fam.batch, repeats=3)
+        for restrict, out in ((False, before), (True, after)):
+            if not restrict:
+                sweep_mod.restrict_positions = lambda batch, logits: (None, dict(batch))
+            try:
+                t, _ = timed(lambda: ma.sweep(model, [fam.last], fam.neurons, means, metric=metric))
+            finally:
+                sweep_mod.restrict_positions = original
+            out.append(t / len(fam.neurons) / fwd)
+    return statistics.median(before), statistics.median(after)
+
+
 def err(estimated: float, real: float) -> str:
     return f"{100 * (estimated - real) / real:+.0f}%" if real > 0 else "n/a"
 
@@ -287,6 +331,17 @@ def report(results: list[dict[str, Any]]) -> None:
             + " / ".join(speed)
             + " |"
         )
+    if any("ab_last" in r for r in results):
+        print("\n## KL at the last token, per unit / forward: whole last block vs positions only")
+        print(f"(interleaved in one process, median of {AB_REPEATS} pairs)\n")
+        print("| family | whole last block + tail | positions only | ratio |")
+        print("|---|---|---|---|")
+        for r in results:
+            if "ab_last" in r:
+                b, a = r["ab_last"]
+                print(f"| {r['name']} | {b:.2f} | {a:.2f} | {b / a:.2f}x |")
+    if not all("estimate" in r for r in results):
+        return
     print("\n## Estimate before the run vs the run\n")
     print(
         "| family | run | estimated | real | time error | est. peak | real peak | "
@@ -315,11 +370,23 @@ def main() -> None:
         choices=["own", "hf-gpt2", "llama", "minilm"],
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sweeps-only",
+        action="store_true",
+        help="the sweep ratios only (no estimates, ACDC, loops)",
+    )
     parser.add_argument("--neurons", type=int, help="layer-1 neurons (default 512; quick 32)")
     parser.add_argument(
         "--minilm-neurons", type=int, help="MiniLM layer-2 neurons (default 1536; quick 64)"
     )
+    parser.add_argument(
+        "--ab-last", type=int, default=0, metavar="N",
+        help="with --sweeps-only: N interleaved pairs of last-token sweeps, without and with "
+        "the positions-only last block",
+    )  # fmt: skip
     args = parser.parse_args()
+    global AB_REPEATS
+    AB_REPEATS = args.ab_last
     torch.set_num_threads(args.threads)
     n_neurons, n_minilm, n_naive, n_prompts = (32, 64, 4, 8) if args.quick else (512, 1536, 32, 32)
     n_neurons = args.neurons or n_neurons
@@ -328,7 +395,7 @@ def main() -> None:
     results = []
     for fam in families(args.families, n_neurons, n_minilm, n_prompts):
         t = time.perf_counter()
-        results.append(measure(fam, n_naive))
+        results.append(measure(fam, n_naive, args.sweeps_only))
         print(f"{fam.name}: measured in {time.perf_counter() - t:.0f} s", flush=True)
     report(results)
     print(f"\n(total {time.perf_counter() - t0:.0f} s, torch threads {args.threads})")

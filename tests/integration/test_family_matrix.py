@@ -532,10 +532,8 @@ def test_sweeps_resume_from_the_units_block(name: str, monkeypatch) -> None:
     n_embeddings = calls["embedding"]
     calls["embedding"] = 0
     full = ma.sweep(model, batches, units, means, metric="kl", fast=False)
-    if name == "bert":  # its last layer's neuron takes the pre-LN linear write
-        torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
-    else:
-        assert torch.equal(fast.per_example, full.per_example)
+    # continuous metrics promise float tolerance: the tail runs at the read positions only
+    torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
     per_run = calls["embedding"] // (len(batches) * (1 + len(units)))
     assert per_run >= 1 and n_embeddings == per_run * len(batches)
 
@@ -625,9 +623,6 @@ def test_continuous_sweeps_take_the_linear_write_of_heads_and_post_ln_neurons(
         assert full.per_example.abs().max() > 1e-3
         if ".0." in unit:  # block 0's attention ran in the clean runs only
             assert sum(attn_calls[:n_clean]) == len(batches)
-        if name != "neox":
-            # the projection (and MLP half, norm) run as the block runs them: same bits
-            assert torch.equal(fast.per_example, full.per_example)
 
 
 @pytest.mark.parametrize("fault", ["shape", "padding", "mask_shape"])
@@ -682,7 +677,8 @@ def _any_hooks(model: nn.Module) -> bool:
 
 def test_sequential_neox_heads_finish_their_block_like_the_hooked_forward(monkeypatch) -> None:
     """``use_parallel_residual=False``: the heads' change enters the stream the MLP reads
-    (not only the block output), so the route re-runs the MLP half: the same bits."""
+    (not only the block output), so the route re-runs the MLP half (float tolerance: the
+    tail runs at the read positions only)."""
     from meanablate.discovery import layerskip
 
     torch.manual_seed(0)
@@ -701,7 +697,7 @@ def test_sequential_neox_heads_finish_their_block_like_the_hooked_forward(monkey
     fast = ma.sweep(model, batches, units, means, metric="loss")
     assert len(used) == len(units) * len(batches)
     full = ma.sweep(model, batches, units, means, metric="loss", fast=False)
-    assert torch.equal(fast.per_example, full.per_example)
+    torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
     assert full.per_example.abs().max() > 1e-3
 
 

@@ -474,9 +474,9 @@ def test_sweep_resumes_from_the_units_block(bridge, monkeypatch) -> None:
     resumed: list[int] = []
     run_from = layerskip.run_from
 
-    def spy(family, calls, layer):
+    def spy(family, calls, layer, **kwargs):
         resumed.append(layer)
-        return run_from(family, calls, layer)
+        return run_from(family, calls, layer, **kwargs)
 
     monkeypatch.setattr(layerskip, "run_from", spy)
     means = compute_means(bridge, UNITS, BATCHES)

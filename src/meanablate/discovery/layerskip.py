@@ -92,23 +92,45 @@ def record_block_calls(family: Family) -> Iterator[BlockCalls | None]:
         yield record
 
 
-def run_from(family: Family, calls: BlockCalls, layer: int, hidden: Tensor | None = None) -> Tensor:
+def run_from(
+    family: Family,
+    calls: BlockCalls,
+    layer: int,
+    hidden: Tensor | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
     """The model's output tensor, running blocks ``layer..`` from the recorded calls.
 
     Block ``layer`` gets its recorded input (or ``hidden``); each later block the previous
     one's output in place of its recorded stream (its first positional argument).
+
+    ``positions`` (1-D indices; continuous metrics only): the output at those positions
+    only, ``[batch, len(positions), ...]``. The last block runs there only
+    (:meth:`Family.block_at`: queries, the MLP half; keys and values from every position)
+    unless it is block ``layer`` run from its recorded input (``hidden`` is ``None``:
+    it may carry the ablation's hooks, so it runs whole); the tail runs at the positions
+    only. Equal to the full output cut there up to float rounding.
     """
     found = family.blocks()
     assert found is not None
     blocks = found[1]
+    last = len(blocks) - 1
+    cut = False
     for i in range(layer, len(blocks)):
         call = calls.calls[i]
         assert call is not None
         args, kwargs = call
         if hidden is not None:
             args = (hidden, *args[1:])
+        if positions is not None and i == last and (i > layer or hidden is not None):
+            out = family.block_at(i, args, kwargs, positions)
+            if out is not None:
+                hidden, cut = out, True
+                continue
         hidden = family.block_output(blocks[i](*args, **kwargs))
     assert hidden is not None
+    if positions is not None and not cut:
+        hidden = hidden[:, positions]
     return family.tail(hidden)
 
 
@@ -194,8 +216,10 @@ def run_linear(
     act: Tensor,
     fill: Tensor,
     stream: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
-    """The output with ``site``'s units set to ``fill``, resumed where they write.
+    """The output with ``site``'s units set to ``fill``, resumed where they write
+    (at ``positions`` only, when given: see :func:`run_from`).
 
     The units reach the stream only through ``write.weight``, so nothing before it in
     block ``L`` (the attention, for a neuron or a head) needs to re-run:
@@ -222,12 +246,13 @@ def run_linear(
         call = calls.calls[write.layer]
         assert call is not None
         hidden = family.finish_heads(write, z, call[0][0])
-        return run_from(family, calls, write.layer + 1, hidden=hidden)
+        return run_from(family, calls, write.layer + 1, hidden=hidden, positions=positions)
     if write.enters == "post":
         delta = write_delta(site, write, act, fill)
         call = calls.calls[write.layer + 1]
         assert call is not None
-        return run_from(family, calls, write.layer + 1, hidden=call[0][0] + delta)
+        hidden = call[0][0] + delta
+        return run_from(family, calls, write.layer + 1, hidden=hidden, positions=positions)
     assert stream is not None
     hidden = family.finish_block(write, ablated_neurons(site, act, fill), stream)
-    return run_from(family, calls, write.layer + 1, hidden=hidden)
+    return run_from(family, calls, write.layer + 1, hidden=hidden, positions=positions)

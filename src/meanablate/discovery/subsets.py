@@ -10,7 +10,9 @@ the way down. For discrete metrics the group's block is replayed as the block co
 it and every block runs in full, so the logits are bit for bit those of the hooked
 forward (ties included); continuous metrics take the linear shortcut. Anything else
 (other models, foreign hooks, resampling, units the fast path does not know) takes one
-hooked full forward per batch, the plain definition.
+hooked full forward per batch, the plain definition — except on families that resume
+from a block (Hugging Face, TransformerLens bridges): there a set runs from its earliest
+unit's block, its units ablated by their hooks (:mod:`~meanablate.discovery.set_resume`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from meanablate.discovery.evaluate import (
     metric_per_example,
     needs_clean,
 )
+from meanablate.discovery.set_resume import ResumedSets
 from meanablate.discovery.sweep import restrict_positions
 from meanablate.hooks import model_device, to_device
 from meanablate.intervene import Method, ablate
@@ -73,8 +76,13 @@ class SetMetric:
             plans = {u: fastpath.plan_unit(model, u) for u in units}
             self.plans = {u: p for u, p in plans.items() if p is not None}
             self.states = self._clean_states() if self.plans else None
+        self.resumed: ResumedSets | None = None
+        if self.states is None:
+            self.resumed = ResumedSets.build(model, self.batches, self.metric, method)
         if self.states is not None:
             self.clean: list[Tensor] | None = [s.logits for s in self.states]
+        elif self.resumed is not None:  # its clean run is the one clean_outputs would run
+            self.clean = self.resumed.clean if needs_clean(self.metric) else None
         else:
             self.clean = clean_outputs(model, self.batches) if needs_clean(self.metric) else None
 
@@ -108,6 +116,10 @@ class SetMetric:
     def __call__(self, ablated: Sequence[str]) -> Tensor:
         ablated = list(ablated)
         split = self._split(ablated) if ablated else None
+        if split is None and ablated and self.resumed is not None:
+            span = self.resumed.start(ablated)
+            if span is not None:
+                return self.resumed(ablated, self.means, self.method, span)
         if split is None:
             return metric_per_example(
                 self.model,

@@ -137,8 +137,10 @@ def sweep(
     continuous metrics, heads finish their block from the re-projected ablated input
     (no attention re-run), BERT neurons re-run only ``output.dense`` and the layer norm,
     and GPT-2/Llama/NeoX neurons start the next block from ``resid + (fill - act) @ W``
-    (:mod:`~meanablate.discovery.layerskip`). Other models and sites run one hooked
-    forward per unit.
+    (:mod:`~meanablate.discovery.layerskip`); a continuous metric that reads some
+    positions only (the last token, a ``metric_mask``, masked-LM targets) gets the last
+    block's queries, MLP half and the tail there only (``Family.block_at``). Other models
+    and sites run one hooked forward per unit.
 
     ``method="resample"`` (each batch carries ``corrupt``, see
     :func:`~meanablate.discovery.source.check_corrupt`): with ``fast=True`` the corrupted
@@ -290,7 +292,13 @@ def _hooked_effects(
         writes = {
             u: w for u, w in writes.items() if calls.resumable_from(layerskip.resume_layer(w))
         }
-    effect_of = m.bind(batch, clean)
+    # Continuous metrics on a resumed run: the last block and the tail only at the
+    # positions the metric reads (float rounding apart, the same numbers); a discrete
+    # metric takes the hooked forward's own steps on the whole batch.
+    positions, sub = None, batch
+    if calls is not None and not m.discrete and isinstance(batch, Mapping):
+        positions, sub = restrict_positions(batch, clean)
+    effect_of = m.bind(sub, clean if positions is None else clean[:, positions])
     n_blocks = len(calls.calls) if calls is not None else 0
     prefix = family.blocks()[0] if calls is not None else ""  # type: ignore[index]
     effects: dict[str, Tensor] = {}
@@ -299,7 +307,16 @@ def _hooked_effects(
             site, act = sites[u], acts[sites[u].key]
             fill = _fill_for(site, act, means, method, source_acts)
             stream = acts[streams[u]] if streams[u] else None
-            out = layerskip.run_linear(family, calls, site, writes[u], act, fill, stream)  # type: ignore[arg-type]
+            out = layerskip.run_linear(
+                family,
+                calls,  # type: ignore[arg-type]
+                site,
+                writes[u],
+                act,
+                fill,
+                stream,
+                positions,
+            )
             effects[u] = effect_of(out)
             if bar is not None:
                 bar.update(1)
@@ -318,8 +335,9 @@ def _hooked_effects(
         with ablate(model, u, means, method=method, source=source):
             if layer is None:
                 out = output_tensor(run_model(model, batch))
+                out = out if positions is None else out[:, positions]
             else:
-                out = layerskip.run_from(family, calls, layer)  # type: ignore[arg-type]
+                out = layerskip.run_from(family, calls, layer, positions=positions)  # type: ignore[arg-type]
         effects[u] = effect_of(out)
         if bar is not None:
             bar.update(1)

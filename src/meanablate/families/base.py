@@ -163,6 +163,17 @@ class Family:
         """Final norm + unembedding: the last block's output -> the model's logits."""
         raise NotImplementedError
 
+    def block_at(
+        self, index: int, args: tuple, kwargs: dict[str, Any], positions: Tensor
+    ) -> Tensor | None:
+        """Block ``index``'s output ``[batch, len(positions), d_model]`` at ``positions``
+        only (1-D indices), from its recorded call ``(args, kwargs)`` whose first
+        positional argument is the stream ``[batch, pos, d_model]``: queries and the rest
+        of the block at ``positions``, keys and values from every position. Equal to the
+        block's output there up to float rounding; ``None``: not known here (the caller
+        runs the whole block and cuts its output)."""
+        return None
+
     def scored_positions(self, batch: Any) -> Tensor | None:
         """Bool ``[batch, pos]`` of the positions a task metric reads by default
         (masked LMs: the mask tokens); ``None``: the metric's own default."""

@@ -10,12 +10,13 @@ layer norm, so there is no final norm: the tail is the masked-LM head ``cls`` (a
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
+from meanablate.families.hf_positions import attend_at, bound_call, heads_view
 
 __all__ = ["HFBert"]
 
@@ -71,3 +72,32 @@ class HFBert(HFFamily):
         layer = self._module("encoder.layer.{L}", write.layer)
         attention_output = layer.attention.output(z, block_input)
         return layer.output(layer.intermediate(attention_output), attention_output)
+
+    def block_at(
+        self, index: int, args: tuple, kwargs: dict[str, Any], positions: Tensor
+    ) -> Tensor | None:
+        # BertLayer without cross-attention: self-attention (queries at positions),
+        # BertSelfOutput (dense, dropout, LayerNorm of the sum with the input), then the
+        # feed-forward chunk (can_resume excludes chunking)
+        layer = self.blocks()[1][index]
+        attention = getattr(layer, "attention", None)
+        sa = getattr(attention, "self", None)
+        call = bound_call(layer, args, kwargs)
+        if (
+            call is None
+            or type(layer).__name__ != "BertLayer"
+            or type(attention).__name__ != "BertAttention"
+            or type(sa).__name__ != "BertSelfAttention"
+            or call.get("encoder_hidden_states") is not None
+        ):
+            return None
+        hidden = call["hidden_states"]
+        here = hidden[:, positions]
+        hd = sa.attention_head_size
+        q = heads_view(sa.query(here), hd)
+        k, v = heads_view(sa.key(hidden), hd), heads_view(sa.value(hidden), hd)
+        z = attend_at(sa, q, k, v, call.get("attention_mask"), positions)
+        if z is None:
+            return None
+        out = attention.output(z, here)
+        return layer.output(layer.intermediate(out), out)

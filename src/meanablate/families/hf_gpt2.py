@@ -8,12 +8,14 @@ tail: ``transformer.ln_f`` then ``lm_head``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
+from meanablate.families.hf_positions import attend_at, bound_call, heads_view
 
 __all__ = ["HFGPT2"]
 
@@ -65,3 +67,40 @@ class HFGPT2(HFFamily):
         mid = attn.resid_dropout(attn.c_proj(z)) + block_input
         mlp = self._module("h.{L}.mlp", write.layer)
         return mid + mlp(self._module("h.{L}.ln_2", write.layer)(mid))
+
+    def block_at(
+        self, index: int, args: tuple, kwargs: dict[str, Any], positions: Tensor
+    ) -> Tensor | None:
+        # GPT2Block without cross-attention, its attention's q/k/v split from c_attn
+        block = self.blocks()[1][index]
+        attn = getattr(block, "attn", None)
+        call = bound_call(block, args, kwargs)
+        if (
+            call is None
+            or type(block).__name__ != "GPT2Block"
+            or type(attn).__name__ != "GPT2Attention"
+            or call.get("encoder_hidden_states") is not None
+            or (attn.reorder_and_upcast_attn and attn.config._attn_implementation == "eager")
+        ):
+            return None
+        hidden = call["hidden_states"]
+        x = block.ln_1(hidden)
+        b, n, d = x.shape
+        split, hd = attn.split_size, attn.head_dim
+        w, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: [d, 3 * split]
+        xq = x[:, positions].reshape(-1, d)
+        q = torch.addmm(bias[:split], xq, w[:, :split]).view(b, -1, split)
+        kv = torch.addmm(bias[split:], x.reshape(-1, d), w[:, split:]).view(b, n, 2 * split)
+        k, v = kv.split(split, dim=-1)
+        z = attend_at(
+            attn,
+            heads_view(q, hd),
+            heads_view(k, hd),
+            heads_view(v, hd),
+            call.get("attention_mask"),
+            positions,
+        )
+        if z is None:
+            return None
+        h = attn.resid_dropout(attn.c_proj(z)) + hidden[:, positions]
+        return h + block.mlp(block.ln_2(h))

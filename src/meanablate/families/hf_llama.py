@@ -14,17 +14,21 @@ compute outside the layers; :meth:`HFFamily.can_resume` checks the exact classes
 
 from __future__ import annotations
 
-from typing import ClassVar
+import sys
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
+from meanablate.families.hf_positions import attend_at, bound_call, heads_view
 
 __all__ = ["HFLlama"]
 
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+_ATTNS = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 
 
 @register
@@ -81,3 +85,36 @@ class HFLlama(HFFamily):
         mid = block_input + self._module("layers.{L}.self_attn.o_proj", write.layer)(z)
         norm = self._module("layers.{L}.post_attention_layernorm", write.layer)
         return mid + self._module("layers.{L}.mlp", write.layer)(norm(mid))
+
+    def block_at(
+        self, index: int, args: tuple, kwargs: dict[str, Any], positions: Tensor
+    ) -> Tensor | None:
+        # LlamaDecoderLayer: h = x + o_proj(attn(input_layernorm(x))), then the MLP half;
+        # rotary with the recorded (cos, sin), queries rotated at their own positions
+        layer = self.blocks()[1][index]
+        attn = getattr(layer, "self_attn", None)
+        call = bound_call(layer, args, kwargs)
+        rope = call.get("position_embeddings") if call is not None else None
+        module = sys.modules.get(type(attn).__module__)
+        rotate = getattr(module, "apply_rotary_pos_emb", None)
+        if (
+            type(layer).__name__ not in _LAYERS
+            or type(attn).__name__ not in _ATTNS
+            or not isinstance(rope, tuple)
+            or rotate is None
+        ):
+            return None
+        cos, sin = rope
+        hidden = call["hidden_states"]  # type: ignore[index]
+        x = layer.input_layernorm(hidden)
+        hd = attn.head_dim
+        q = heads_view(attn.q_proj(x[:, positions]), hd)
+        k = heads_view(attn.k_proj(x), hd)
+        v = heads_view(attn.v_proj(x), hd)
+        q = rotate(q, q, cos[:, positions], sin[:, positions])[0]
+        k = rotate(k, k, cos, sin)[1]
+        z = attend_at(attn, q, k, v, call.get("attention_mask"), positions)  # type: ignore[union-attr]
+        if z is None:
+            return None
+        h = hidden[:, positions] + attn.o_proj(z)
+        return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -8,12 +8,14 @@ and keys are rotary. Heads: input of ``gpt_neox.layers.L.attention.dense``
 
 from __future__ import annotations
 
-from typing import ClassVar
+import sys
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from meanablate.families import LinearWrite, register
 from meanablate.families.hf import HFFamily
+from meanablate.families.hf_positions import attend_at, bound_call
 
 __all__ = ["HFNeoX"]
 
@@ -51,3 +53,40 @@ class HFNeoX(HFFamily):
         attn_output = layer.post_attention_dropout(layer.attention.dense(z)) + block_input
         mlp_output = layer.post_mlp_dropout(layer.mlp(layer.post_attention_layernorm(attn_output)))
         return mlp_output + attn_output
+
+    def block_at(
+        self, index: int, args: tuple, kwargs: dict[str, Any], positions: Tensor
+    ) -> Tensor | None:
+        # GPTNeoXLayer: fused per-head q/k/v, partial rotary (the recorded cos/sin span
+        # the rotary dims), then the parallel or sequential residual
+        layer = self.blocks()[1][index]
+        attn = getattr(layer, "attention", None)
+        call = bound_call(layer, args, kwargs)
+        rope = call.get("position_embeddings") if call is not None else None
+        rotate = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+        if (
+            type(layer).__name__ != "GPTNeoXLayer"
+            or type(attn).__name__ != "GPTNeoXAttention"
+            or not isinstance(rope, tuple)
+            or rotate is None
+        ):
+            return None
+        cos, sin = rope
+        hidden = call["hidden_states"]  # type: ignore[index]
+        x = layer.input_layernorm(hidden)
+        hs = attn.head_size
+        qkv = attn.query_key_value(x).view(*x.shape[:2], -1, 3 * hs).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q = q[:, :, positions]
+        q = rotate(q, q, cos[:, positions], sin[:, positions])[0]
+        k = rotate(k, k, cos, sin)[1]
+        z = attend_at(attn, q, k, v, call.get("attention_mask"), positions)  # type: ignore[union-attr]
+        if z is None:
+            return None
+        a = layer.post_attention_dropout(attn.dense(z))
+        here = hidden[:, positions]
+        if layer.use_parallel_residual:
+            mlp = layer.post_mlp_dropout(layer.mlp(layer.post_attention_layernorm(here)))
+            return mlp + a + here
+        a = a + here
+        return layer.post_mlp_dropout(layer.mlp(layer.post_attention_layernorm(a))) + a
