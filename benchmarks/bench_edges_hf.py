@@ -8,15 +8,20 @@ Prints, per model:
 - the edge forward with nothing ablated / the model's own forward;
 - EAP over all edges in forward-equivalents (EAP time / one forward of the model);
 - the exact edge sweep: time / (sum over edges of one edge forward resumed at the edge's
-  destination layer, each timed alone) — what an edge costs beyond the forward it needs.
+  destination layer, each timed alone) — what an edge costs beyond the forward it needs —
+  for the sweep as it was (each edge reruns its destination's whole layer) and as it is
+  (only the changed head, MLP or unembedding, then the blocks after it; also with
+  ``stack=8``), and per edge in plain Hugging Face forwards. Both sweeps must agree.
 
 Times are CPU seconds of this process (one thread), best of ``--repeats``.
 
-Measured (2 shared cores, one thread, noisy): Llama 479 edges, NeoX 463 edges; the edge
-forward 1.3-1.45x the model's own forward (every head reads its own normalised q/k/v
-inputs); EAP 4.5-6 forward-equivalents (the masked forward with probes: forward + backward
-~3.9, the contraction ~0.6; our transformer has a faster clean-run path, ~3); the exact
-sweep 1.16-1.21x the sum of one resumed edge forward per edge.
+Measured 2026-11-30, two runs (2 shared cores, one thread, noisy: the baseline itself
+moved 25-31 s): Llama 479 edges, NeoX 463 edges; the edge forward 0.95-1.42x the model's
+own forward (every head reads its own normalised q/k/v inputs); EAP 3.4-5.3
+forward-equivalents; exact sweep, whole layer rerun (before): ratio 1.17, 0.87 (Llama) /
+1.43, 1.14 (NeoX); only the changed head (after): 0.84, 0.69 / 0.75, 0.70 — sweep time
+after/before 0.71-0.79 (Llama), 0.53-0.61 (NeoX); per edge 0.42-0.56 (Llama) and
+0.31-0.43 (NeoX) plain HF forwards; stack=8 is slower on a CPU (0.77-1.03 / 0.76-0.89).
 
 Run: ``python benchmarks/bench_edges_hf.py [--repeats N]``.
 """
@@ -30,6 +35,8 @@ import torch
 import transformers
 
 from meanablate.discovery import EdgeData, eap, edge_sweep
+from meanablate.discovery.edge_sweep import _sweep_item_resumed
+from meanablate.metrics import get_metric
 
 
 def timed(fn, repeats: int = 1):  # type: ignore[no-untyped-def]
@@ -83,13 +90,37 @@ def bench(name: str, model: torch.nn.Module, repeats: int) -> None:
         }
     t_eap, _ = timed(lambda: eap(model, data, metric="loss"), repeats)
     baseline = sum(per_layer[graph.dst_layer[e.dst_index]] for e in graph.edges)
-    t_sweep, _ = timed(lambda: edge_sweep(model, data, metric="kl"))
+    t_sweep, got = timed(lambda: edge_sweep(model, data, metric="kl"))
+    t_stack, stacked = timed(lambda: edge_sweep(model, data, metric="kl", stack=8))
+    t_old, old = timed(lambda: resumed_sweep(data))
+    assert torch.allclose(got.per_example, old, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(stacked.per_example, old, atol=1e-5, rtol=1e-4)
+    n = len(graph)
     print(
-        f"{name}: {len(graph)} edges; edge forward / HF forward {t_edge / t_hf:.2f}; "
-        f"EAP {t_eap / t_hf:.2f} forward-equivalents; exact edge sweep {t_sweep:.2f} s, "
-        f"edges x one forward from the destination's layer {baseline:.2f} s, ratio "
-        f"{t_sweep / baseline:.2f}"
+        f"{name}: {n} edges; edge forward / HF forward {t_edge / t_hf:.2f}; "
+        f"EAP {t_eap / t_hf:.2f} forward-equivalents; edges x one forward from the "
+        f"destination's layer {baseline:.2f} s\n"
+        f"  exact sweep, whole layer rerun (before): {t_old:.2f} s, ratio "
+        f"{t_old / baseline:.2f}, per edge {t_old / n / t_hf:.2f} HF forwards\n"
+        f"  exact sweep, changed head only (after):  {t_sweep:.2f} s, ratio "
+        f"{t_sweep / baseline:.2f}, per edge {t_sweep / n / t_hf:.2f} HF forwards\n"
+        f"  the same with stack=8:                   {t_stack:.2f} s, ratio "
+        f"{t_stack / baseline:.2f}, per edge {t_stack / n / t_hf:.2f} HF forwards"
     )
+
+
+def resumed_sweep(data: EdgeData) -> torch.Tensor:
+    """The sweep as it was: each edge resumes the edge forward at its destination's layer
+    and reruns that whole layer (per-example effects ``[n_edges, n_examples]``)."""
+    graph = data.graph
+    by_dst: dict = {}
+    for e in graph.edges:
+        by_dst.setdefault(e.dst_index, []).append(e)
+    rows: dict = {e.index: [] for e in graph.edges}
+    with torch.inference_mode():
+        for item in data.items:
+            _sweep_item_resumed(data, item, by_dst, get_metric("kl"), rows)
+    return torch.stack([torch.cat(rows[e.index]) for e in graph.edges])
 
 
 def main() -> None:

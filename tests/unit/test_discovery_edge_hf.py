@@ -274,6 +274,72 @@ def test_edge_sweep_equals_one_edge_at_a_time(name):
     assert want.abs().max() > 1e-3
 
 
+def _one_at_a_time(data, metric: str, names) -> torch.Tensor:
+    m = get_metric(metric)
+    rows = []
+    for it in data.items:
+        rows.append(
+            torch.stack(
+                [
+                    m.effect(data.logits(it, edge_mask(data.graph, [n])), it.batch, it.clean)
+                    for n in names
+                ]
+            ).double()
+        )
+    return torch.cat(rows, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "pad", "stack", "split", "metric"),
+    [
+        ("llama-gqa", "right", 3, True, "kl"),
+        ("llama-gqa", None, 1, False, "loss"),
+        ("mistral-window", "left", 4, True, "loss"),  # one kv head shared by all 4
+        ("qwen2-bias", "left", 2, True, "kl"),
+        ("llama-biases-head-dim", "right", 1, True, "l2"),
+        ("neox-parallel", None, 3, True, "loss"),
+        ("neox-parallel", "right", 1, False, "kl"),
+        ("neox-sequential", "left", 5, True, "kl"),
+        ("neox-no-bias-full-rotary", "right", 2, True, "loss"),
+    ],
+)
+def test_edge_sweep_recomputing_one_head_equals_the_masked_forward(name, pad, stack, split, metric):
+    # the sweep recomputes only the destination head / MLP / unembedding and resumes after
+    # its block; the reference runs the whole masked edge forward per edge. Two batches
+    # (one with the first positions unscored, so the metric reads a subset of positions),
+    # stacked chunks that do not divide the edges into a destination.
+    model = MODELS[name](20)
+    b0 = batch(21, pad, b=2, p=5)
+    b1 = batch(22, pad, b=3, p=5)
+    b1["target"][:, :2] = -100
+    data = EdgeData(model, [b0, b1], Source("counterfactual"), split_qkv=split)
+    got = edge_sweep(model, data, metric=metric, stack=stack)
+    want = _one_at_a_time(data, metric, data.graph.names)
+    assert got.units == data.graph.names
+    assert torch.allclose(got.per_example, want, atol=1e-5, rtol=1e-4)
+    assert want.abs().max() > 1e-3
+    kinds = {n.split("->")[1].split(".")[0][0] for n in data.graph.names}
+    assert kinds == {"a", "m", "l"}  # head, MLP and logits destinations all swept
+
+
+def test_edge_sweep_into_heads_sharing_a_kv_head_uses_each_heads_own_input():
+    # GQA 4/2: query heads 0 and 1 share key/value head 0; an edge into h0<k> changes
+    # only query head 0's copy of it, so the two edges' effects differ, and each equals
+    # the masked forward. Also: a subset of edges, and the clean run reused between calls.
+    model = MODELS["llama-gqa"](30)
+    data = EdgeData(model, [batch(31, "left")], "zero")
+    names = [f"{s}->a1.h{h}<{c}>" for s in ("input", "a0.h2", "m0") for h in (0, 1) for c in "kv"]
+    first = edge_sweep(model, data, metric="kl", edges=names[:4], stack=2)
+    got = edge_sweep(model, data, metric="kl", edges=names)
+    want = _one_at_a_time(data, "kl", names)
+    assert torch.allclose(got.per_example, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(first.per_example, got.per_example[:4])
+    v = dict(zip(got.units, got.values))
+    for s in ("input", "a0.h2", "m0"):
+        for c in "kv":
+            assert abs(float(v[f"{s}->a1.h0<{c}>"] - v[f"{s}->a1.h1<{c}>"])) > 1e-6
+
+
 def test_bert_is_refused_with_the_reason():
     cfg = transformers.BertConfig(
         hidden_size=16,

@@ -166,15 +166,31 @@ class _HFEdges(StreamEdges):
     ) -> Tensor:
         """Per-head outputs ``[head, batch, pos, d_model]`` (no ``o_proj`` bias) from
         per-head inputs ``x* [batch, pos, head, d_model]`` (before the input norm)."""
-        (wq, bq), (wk, bk), (wv, bv), norm = self._qkv(layer)
+        heads, parts = slice(None), self._qkv(layer)
+        q, k, v = (self.project(layer, c, x, heads, parts) for c, x in zip("qkv", (xq, xk, xv)))
+        return self.attend(layer, q, k, v, key_mask, heads)
 
-        def proj(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            y = torch.einsum("bphd,hed->bphe", norm(x), w)
-            return y if b is None else y + b
+    # -- per-head pieces (the forward above and the exact edge sweep) ------------------
+    def project(
+        self, layer: int, which: str, x: Tensor, heads: slice, parts: tuple | None = None
+    ) -> Tensor:
+        """Query, key or value (``which``) of ``heads`` ``[batch, pos, h, d_head]`` (rotated
+        for q and k) from their inputs ``x [batch, pos, h, d_model]`` (before the norm);
+        ``parts``: :meth:`_qkv`'s answer for the layer, when the caller has it."""
+        parts = parts if parts is not None else self._qkv(layer)
+        w, b = parts["qkv".index(which)]
+        y = torch.einsum("bphd,hed->bphe", parts[3](x), w[heads])
+        y = y if b is None else y + b[heads]
+        if which == "v":
+            return y
+        cos, sin = self._rope(x)
+        return self._rotate(y, cos, sin)
 
-        q, k, v = proj(xq, wq, bq), proj(xk, wk, bk), proj(xv, wv, bv)
-        cos, sin = self._rope(xq)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, heads: slice
+    ) -> Tensor:
+        """Outputs ``[h, batch, pos, d_model]`` of ``heads`` from their (rotated) query, key
+        and value ``[batch, pos, h, d_head]``."""
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scaling
         n = q.shape[1]
         i = torch.arange(n, device=q.device)
@@ -187,7 +203,7 @@ class _HFEdges(StreamEdges):
             scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
         pattern = torch.softmax(_upcast(scores), dim=-1).nan_to_num(0.0).to(q.dtype)
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
-        return torch.einsum("bqhe,hde->hbqd", z, self._w_o(layer))
+        return torch.einsum("bqhe,hde->hbqd", z, self._w_o(layer)[heads])
 
     def _window(self, layer: int) -> int | None:
         return None

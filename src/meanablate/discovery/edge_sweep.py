@@ -6,8 +6,12 @@ query, key or value input changed; one MLP; or the unembedding), its output chan
 added to the clean stream, and only the blocks after it run — with logits only at the
 positions the metric reads. Edges into one destination share stacked forwards.
 This equals :class:`~meanablate.discovery.edges.EdgeData` with the one edge ablated
-(to float error), which the tests check. Families other than our transformer (and its
-exact copies) resume their own edge forward at the destination's layer, one edge at a time.
+(to float error), which the tests check. Hugging Face Llama-style and NeoX models do the
+same with their own pieces (:mod:`~meanablate.discovery.edge_hf`): one head recomputed
+(with grouped-query attention, its own copy of the shared key/value head), the rest of
+its block finished from the clean run, then the family's forward resumed after that
+block. A family without per-head pieces resumes its edge forward at the destination's
+layer, one edge at a time.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def edge_sweep(
     ``values [n_edges]`` mean effects, ``per_example [n_edges, n_examples]`` (effects as
     in :func:`~meanablate.discovery.sweep.sweep`: the distance for ``kl``/``l2``, the change
     for task metrics). ``stack``: edges into one destination per forward (1, the default,
-    is fastest on a CPU; more can pay on a GPU).
+    is fastest on a CPU; more can pay on a GPU; a family without per-head pieces runs one
+    edge at a time).
 
     >>> from meanablate.organisms.transformer import HookedTransformer, TransformerConfig
     >>> cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=4, d_vocab=5, n_ctx=4)
@@ -89,6 +94,8 @@ def edge_sweep(
         for item in data.items:
             if ours:
                 _sweep_item(data, item, by_dst, m, stack, rows)
+            elif hasattr(data.family, "attend"):
+                _sweep_item_heads(data, item, by_dst, m, stack, rows)
             else:
                 _sweep_item_resumed(data, item, by_dst, m, rows)
     per_example = torch.stack([torch.cat(rows[e.index]) for e in chosen])
@@ -177,6 +184,95 @@ def _sweep_item_resumed(data: EdgeData, item: Any, by_dst: dict, m: Metric, rows
             logits = fam.run(graph, item.tokens, item.mask, in_override={d: x}, start=start).logits
             logits = logits if positions is None else logits[:, positions]
             rows[e.index].append(effect_of(logits).double().cpu())
+
+
+def _sweep_item_heads(
+    data: EdgeData, item: Any, by_dst: dict, m: Metric, stack: int, rows: dict
+) -> None:
+    """Llama-style and NeoX: only the destination is recomputed (one head from its changed
+    input and the other inputs' clean projections, an MLP, or the unembedding), its output
+    change is added to the clean stream (a sequential block then reruns its MLP), and the
+    family's forward resumes at the next block. ``stack`` edges into one destination share
+    a run (their copies stacked along the batch)."""
+    fam, graph = data.family, data.graph
+    key = ("sweep clean run with states", id(item))
+    if key not in data.cache:  # kept on the data: sweeps over a few edges at a time
+        states: list = []
+        run = fam.run(
+            graph, item.tokens, item.mask, keep_outs=True, record_inputs=True, states=states
+        )
+        data.cache[key] = (run, states)
+    run, states = data.cache[key]
+    outs, inputs = run.outs, run.inputs
+    assert outs is not None and inputs is not None
+    positions, sub = restrict_positions(item.batch, run.logits)
+    clean = run.logits if positions is None else run.logits[:, positions]
+    effect_of = m.bind(sub, clean)
+    b = item.tokens.shape[0]
+    qkv_cache: dict[int, tuple] = {}
+    for d, group in by_dst.items():
+        dst = graph.dsts[d]
+        layer = graph.dst_layer[d]
+        for first in range(0, len(group), stack):
+            chunk = group[first : first + stack]
+            k = len(chunk)
+            delta = torch.cat(
+                [(item.ablated[e.src_index] - outs[e.src_index]).expand_as(outs[0]) for e in chunk]
+            )
+            x = inputs[dst].repeat(k, 1, 1) + delta
+            mask = item.mask.repeat(k, 1) if item.mask is not None else None
+            if dst == "logits":
+                logits = fam.unembed(x if positions is None else x[:, positions])
+            else:
+                node = graph.src_index(chunk[0].dst)
+                after = states[layer + 1]  # (layer + 1, clean outputs so far, clean stream)
+                if dst.startswith("m"):
+                    change = fam.mlp(layer, x) - outs[node].repeat(k, 1, 1)
+                    resid = after[2].repeat(k, 1, 1) + change
+                else:
+                    head = graph.srcs[node].head
+                    new = _hf_head(fam, layer, head, x, chunk[0].qkv, qkv_cache, inputs[dst], mask)
+                    change = new - outs[node].repeat(k, 1, 1)
+                    if fam.parallel:  # the MLP read the block's input: unchanged
+                        resid = after[2].repeat(k, 1, 1) + change
+                    else:
+                        mid = inputs[f"m{layer}"].repeat(k, 1, 1) + change
+                        resid = mid + fam.mlp(layer, mid)
+                logits = fam.run(
+                    graph, item.tokens, mask, start=(layer + 1, after[1], resid)
+                ).logits
+                logits = logits if positions is None else logits[:, positions]
+            for i, e in enumerate(chunk):
+                rows[e.index].append(effect_of(logits[i * b : (i + 1) * b]).double().cpu())
+
+
+def _hf_head(
+    fam: Any,
+    layer: int,
+    head: int,
+    x: Tensor,
+    qkv: str | None,
+    cache: dict,
+    clean_in: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """Head ``head``'s output ``[k * batch, pos, d_model]`` with its ``qkv`` input ``x``
+    (all three with ``qkv=None``); its other inputs' projections are the clean run's
+    (every head read the block's input ``clean_in [batch, pos, d_model]`` there)."""
+    if layer not in cache:
+        parts = fam._qkv(layer)
+        xin = clean_in.unsqueeze(2).expand(*clean_in.shape[:2], fam.cfg.n_heads, -1)
+        cache[layer] = (parts, [fam.project(layer, c, xin, slice(None), parts) for c in "qkv"])
+    parts, clean = cache[layer]
+    h = slice(head, head + 1)
+    k = x.shape[0] // clean_in.shape[0]
+    qkv_in = [
+        fam.project(layer, c, x.unsqueeze(2), h, parts)
+        if qkv in (c, None)
+        else (clean[i][:, :, h].repeat(k, 1, 1, 1) if k > 1 else clean[i][:, :, h])
+        for i, c in enumerate("qkv")
+    ]
+    return fam.attend(layer, *qkv_in, mask, h)[0]
 
 
 def _first_dst(graph: Any, layer: int) -> int:
