@@ -34,6 +34,17 @@ __all__ = ["Effect", "ablate", "ablation_effect", "bootstrap_ci", "run_ablated",
 Method = Literal["mean", "zero", "resample"]
 
 
+@dataclass(frozen=True)
+class CapturedSource:
+    """Counterfactual activations already captured: ``{site key: [batch, ...]}``, as
+    ``ablate(..., method="resample", source=batch)`` would capture from ``batch``.
+
+    Lets a sweep run the corrupted input once for all its units; each activation must
+    have the ablated run's shape (checked where it is used)."""
+
+    acts: Mapping[str, Tensor]
+
+
 def view_shape(site: Site, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape a site's selector indexes: flat heads are split into ``[n_heads, d_head]``."""
     if site.n_heads is None:
@@ -163,7 +174,7 @@ def ablate(
     means: Means | None = None,
     *,
     method: Method = "mean",
-    source: Tensor | Mapping[str, Any] | None = None,
+    source: Tensor | Mapping[str, Any] | CapturedSource | None = None,
 ) -> Iterator[nn.Module]:
     """Within the block, forward passes see the chosen units ablated.
 
@@ -193,9 +204,15 @@ def ablate(
     if method == "resample":
         if source is None:
             raise ValueError("resample ablation needs `source`: a batch of other inputs")
-        with torch.no_grad(), capture(model, list(groups), once=True) as store:
-            run_model(model, source)
-        captured = dict(store)
+        if isinstance(source, CapturedSource):
+            missing = sorted(set(groups) - set(source.acts))
+            if missing:
+                raise ValueError(f"resample: no captured source activation for {missing[0]}")
+            captured = dict(source.acts)
+        else:
+            with torch.no_grad(), capture(model, list(groups), once=True) as store:
+                run_model(model, source)
+            captured = dict(store)
     hooks = {key: _make_hook(group, means, method, captured) for key, group in groups.items()}
     # A site whose module never runs (nn.MultiheadAttention uses out_proj's weight
     # without calling it) would leave the output untouched: an effect of exactly 0.

@@ -10,6 +10,7 @@ exactly for accuracy, to 1e-6 for continuous metrics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -698,3 +699,34 @@ def test_sequential_neox_heads_finish_their_block_like_the_hooked_forward(monkey
     full = ma.sweep(model, batches, units, means, metric="loss", fast=False)
     torch.testing.assert_close(fast.per_example, full.per_example, rtol=1e-6, atol=1e-6)
     assert full.per_example.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ours", "gpt2", "llama", "generic"])
+def test_resample_sweep_runs_the_corrupted_input_once_per_batch(name: str, monkeypatch) -> None:
+    """The fast sweep captures every unit's counterfactual from one corrupted forward per
+    batch (``fast=False``: one per unit, which shows the count can fail); on families that
+    resume, no unit runs the whole model either."""
+    model, batches, _, _ = _setup(name)
+    key = CASES[name].ids_key
+    # a counterfactual no clean batch shares, so a forward's input tells which run it is
+    batches = [dict(b, corrupt=(b[key] + 1) % VOCAB) for b in batches]
+    units = list(CASES[name].units)
+    calls: list[str] = []
+    cls = type(model)
+    forward = cls.forward
+
+    @functools.wraps(forward)  # run_model reads the signature
+    def spy(self, *args, **kwargs):
+        ids = kwargs.get(key, args[0] if args else None)
+        is_corrupt = any(ids is not None and torch.equal(ids, b["corrupt"]) for b in batches)
+        calls.append("corrupt" if is_corrupt else "clean")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    for fast in (True, False):
+        calls.clear()
+        ma.sweep(model, batches, units, None, metric="kl", method="resample", fast=fast)
+        per_unit = 1 if fast else len(units)
+        assert calls.count("corrupt") == per_unit * len(batches), (fast, calls)
+        if fast and name != "generic":  # + check_units_fit's one-example forward
+            assert calls.count("clean") == len(batches) + 1, calls

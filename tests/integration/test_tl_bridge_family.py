@@ -497,3 +497,28 @@ def test_sweep_resumes_from_the_units_block(bridge, monkeypatch) -> None:
     finally:
         bridge.reset_hooks()
     assert resumed == []
+
+
+def test_resample_sweep_runs_the_corrupted_input_once_per_batch(bridge, monkeypatch) -> None:
+    """One corrupted forward per batch captures every unit's counterfactual (``fast=False``:
+    one per unit, which shows the count can fail)."""
+    import functools
+
+    batches = [dict(b, corrupt=(b["tokens"] + 1) % VOCAB) for b in BATCHES]
+    calls: list[str] = []
+    cls = type(bridge)
+    forward = cls.forward
+
+    @functools.wraps(forward)  # run_model reads the signature
+    def spy(self, *args, **kwargs):
+        ids = kwargs.get("input", args[0] if args else None)
+        hit = any(isinstance(ids, torch.Tensor) and torch.equal(ids, b["corrupt"]) for b in batches)
+        calls.append("corrupt" if hit else "clean")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    for fast in (True, False):
+        calls.clear()
+        sweep(bridge, batches, UNITS, None, metric="kl", method="resample", fast=fast)
+        per_unit = 1 if fast else len(UNITS)
+        assert calls.count("corrupt") == per_unit * len(batches), (fast, calls)

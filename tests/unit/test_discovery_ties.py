@@ -406,3 +406,41 @@ def test_a_replay_that_is_not_the_forward_falls_back_to_it(reverse, monkeypatch)
         ablated = hooked_logits(model, batch, [u], means)
         assert torch.equal(every.per_example[i], acc(ablated, batch) - acc(clean, batch)), u
         assert torch.equal(sm([u]), acc(ablated, batch)), u
+
+
+def _resampled_logits(model: nn.Module, batch: dict, unit: str) -> torch.Tensor:
+    """Logits with ``unit`` set to its activation on ``batch['corrupt']``: plain hooks."""
+    module, sel = parse_unit(unit)
+    store = {}
+    sub = model.get_submodule(module)
+    h = sub.register_forward_hook(lambda _m, _a, out: store.__setitem__("src", out))
+    try:
+        with torch.no_grad():
+            model(batch["corrupt"])
+    finally:
+        h.remove()
+    h = sub.register_forward_hook(lambda _m, _a, out: _replaced(out, sel, store["src"]))
+    try:
+        with torch.no_grad():
+            return model(batch["tokens"])
+    finally:
+        h.remove()
+
+
+def test_tracr_reverse_resample_sweep_is_exact_at_ties(reverse) -> None:
+    """Resample fills (one corrupted run per batch) through the exact replay: accuracy
+    equals plain hooks bit for bit on a compiled model whose ablated logits tie."""
+    org, batches, _ = reverse
+    model, batch = org.model, dict(batches[0])
+    batch["corrupt"] = batch["tokens"].roll(1, 0)  # each example patched from another
+    acc = METRICS["accuracy"]
+    clean = hooked_logits(model, batch, [], None)
+    fast = sweep(model, [batch], org.units, None, metric="accuracy", method="resample")
+    ties = 0
+    for i, u in enumerate(org.units):
+        ref_logits = _resampled_logits(model, batch, u)
+        top2 = ref_logits.topk(2, dim=-1).values
+        ties += int((top2[..., 0] == top2[..., 1]).sum())
+        assert torch.equal(fast.per_example[i], acc(ref_logits, batch) - acc(clean, batch)), u
+    assert ties > 0  # the case holds exact ties: the last bit decides
+    assert fast.per_example.abs().max() > 0  # the ablations move the accuracy

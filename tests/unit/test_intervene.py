@@ -136,6 +136,25 @@ def test_effect_with_zero_and_resample() -> None:
             MODEL, BATCH, "blocks.0.mlp.hook_post[neurons=1,6]", method=method, source=other
         )
         assert torch.equal(got, want)
+        if method == "resample":  # activations captured beforehand: the same hook's result
+            from meanablate.intervene import CapturedSource
+
+            pre = CapturedSource({"blocks.0.mlp.hook_post": store["z"]})
+            unit = "blocks.0.mlp.hook_post[neurons=1,6]"
+            got = run_ablated(MODEL, BATCH, unit, method=method, source=pre)
+            assert torch.equal(got, want)
+
+
+def test_captured_resample_source_missing_or_misshapen_is_an_error() -> None:
+    from meanablate.intervene import CapturedSource
+
+    unit = "blocks.0.mlp.hook_post[neurons=1]"
+    with pytest.raises(ValueError, match=r"no captured source activation for blocks\.0\.mlp"):
+        run_ablated(MODEL, TOKENS, unit, method="resample", source=CapturedSource({}))
+    short = CapturedSource({"blocks.0.mlp.hook_post": torch.zeros(1, 2, 3)})
+    with pytest.raises(ValueError, match=r"resample source activation has shape \(1, 2, 3\)"):
+        run_ablated(MODEL, TOKENS, unit, method="resample", source=short)
+    assert all(not m._forward_hooks for m in MODEL.modules())
 
 
 def test_resample_source_of_another_shape_is_an_error() -> None:

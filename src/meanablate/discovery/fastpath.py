@@ -159,11 +159,19 @@ def clean_state(
 
 
 def _delta(
-    model: HookedTransformer, plan: Plan, act: Tensor, means: Means | None, method: str
+    model: HookedTransformer,
+    plan: Plan,
+    act: Tensor,
+    means: Means | None,
+    method: str,
+    source: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes."""
+    """The exact change ``[batch, pos, d_model]`` (or new resid) the ablation causes.
+
+    ``source``: for ``method="resample"``, the corrupted run's activations by site key
+    (a per-example fill ``[batch, pos, ...]``; the difference is per example anyway)."""
     site = plan.site
-    fill = _fill_for(site, act, means, method, None)  # type: ignore[arg-type]
+    fill = _fill_for(site, act, means, method, source)  # type: ignore[arg-type]
     block = model.blocks[plan.layer]
     pos_w = None
     if site.positions is not None:
@@ -194,9 +202,15 @@ def _delta(
     return diff.reshape(act.shape)  # attn_out, mlp_out, resid: the activation is the stream
 
 
-def ablated_act(plan: Plan, act: Tensor, means: Means | None, method: str) -> Tensor:
+def ablated_act(
+    plan: Plan,
+    act: Tensor,
+    means: Means | None,
+    method: str,
+    source: Mapping[str, Tensor] | None = None,
+) -> Tensor:
     """The activation as the hook of ``ablate(model, plan.site, ...)`` replaces it."""
-    return _make_hook([plan.site], means, method, None)(act)  # type: ignore[arg-type]
+    return _make_hook([plan.site], means, method, source)(act)  # type: ignore[arg-type]
 
 
 def resumed_stream(model: HookedTransformer, plan: Plan, state: CleanState, new: Tensor) -> Tensor:
@@ -270,6 +284,7 @@ def ablated_logits(
     positions: Tensor | None,
     *,
     exact: bool = False,
+    source: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Logits ``[len(plans), batch, n_positions, vocab]`` with each plan ablated alone.
 
@@ -278,20 +293,21 @@ def ablated_logits(
     ``exact``: bit for bit the logits of the hooked forward (the replay, one plan, every
     block in full, the positions cut from the finished logits); otherwise the linear
     shortcut with the last block computed only at ``positions`` (the same logits up to
-    float rounding).
+    float rounding). ``source``: for ``method="resample"``, the corrupted run's
+    activations by site key (captured once for every plan).
     """
     k = len(plans)
     b = state.logits.shape[0]
     if exact:
         if k != 1:
             raise ValueError(f"exact logits come one plan at a time, got {k}")
-        new = ablated_act(plans[0], state.acts[plans[0].site.key], means, method)
+        new = ablated_act(plans[0], state.acts[plans[0].site.key], means, method, source)
         resid, start = replay_stream(model, plans, state, [new])
         logits = run_downstream(model, resid, start, attention_mask, None)
         if positions is not None:
             logits = logits[:, positions]
         return logits[None]
-    deltas = [_delta(model, p, state.acts[p.site.key], means, method) for p in plans]
+    deltas = [_delta(model, p, state.acts[p.site.key], means, method, source) for p in plans]
     delta = torch.cat(deltas, dim=0)
     mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
     resid, start = resume_stream(model, state, plans[0].layer, plans[0].resume, delta, copies=k)

@@ -16,10 +16,10 @@ from meanablate._validate import check_batch, check_source, check_units_fit
 from meanablate.data.normalize import as_batches
 from meanablate.discovery import fastpath, layerskip
 from meanablate.discovery.scores import Scores
-from meanablate.discovery.source import resample_batch
+from meanablate.discovery.source import check_corrupt, resample_batch
 from meanablate.families import check_sites, family_of
 from meanablate.hooks import capture, model_device, output_tensor, run_model, to_device
-from meanablate.intervene import Method, _fill_for, ablate
+from meanablate.intervene import CapturedSource, Method, _fill_for, ablate
 from meanablate.metrics import Metric, check_shapes, get_metric, scored_mask
 from meanablate.organisms.transformer import HookedTransformer
 from meanablate.sites import as_sites, resolve_module
@@ -142,6 +142,12 @@ def sweep(
     block's queries, MLP half and the tail there only (``Family.block_at``). Other models
     and sites run one hooked forward per unit.
 
+    ``method="resample"`` (each batch carries ``corrupt``, see
+    :func:`~meanablate.discovery.source.check_corrupt`): with ``fast=True`` the corrupted
+    input runs once per batch, capturing every unit's activation, and each unit then takes
+    the routes above with its per-example fill ``[batch, pos, ...]`` (what
+    ``ablate(model, unit, method="resample", source=corrupted)`` patches in).
+
     ``executor``: where to run (default: here). A ``RayExecutor`` splits the units into
     chunks, one model replica per worker, and concatenates the rows in unit order; the
     result equals the local run.
@@ -169,13 +175,15 @@ def sweep(
         raise ValueError("sweep needs at least one batch")
     for i, b in enumerate(batches):
         check_batch(b, f"sweep: batches[{i}]")
+        if method == "resample":  # misaligned counterfactuals fail before any work
+            check_corrupt(b)
     check_units_fit(model, units, batches[0], means if method == "mean" else None)
     if executor is not None and not executor.in_process:
         return _sweep_distributed(
             executor, model, batches, units, means, m, method, stack, fast, progress
         )
     device = model_device(model)
-    is_fast_model = fast and fastpath.supports(model) and method != "resample"
+    is_fast_model = fast and fastpath.supports(model)
     plans = {u: fastpath.plan_unit(model, u) if is_fast_model else None for u in units}
     k_stack = _choose_stack(stack, device)
     per_batch: list[Tensor] = []
@@ -252,8 +260,12 @@ def _hooked_effects(
     method: Method,
     bar: Any,
     skip_layers: bool,
+    source_acts: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """One hooked forward per unit; on a family that can resume, from the unit's block.
+
+    ``source_acts``: resample fills captured once from the corrupted run (by site key);
+    ``None`` with ``method="resample"``: each unit's ``ablate()`` runs the corrupted input.
 
     The clean run records how each block is called; a unit in block ``L`` then runs
     blocks ``L..`` and the tail only (:mod:`~meanablate.discovery.layerskip`). Other
@@ -265,7 +277,7 @@ def _hooked_effects(
     # Continuous metrics may take a unit's linear write (neurons, heads) into the stream
     # it enters; discrete ones rerun the unit's block through its hook, as the hooked
     # forward does.
-    linear = skip and not m.discrete and method in ("mean", "zero")
+    linear = skip and not m.discrete and (method != "resample" or source_acts is not None)
     sites = {u: check_sites(model, u)[0] for u in units}
     with layerskip.record_block_calls(family) if skip else nullcontext() as calls:
         writes = {}
@@ -293,7 +305,7 @@ def _hooked_effects(
     for u in units:
         if u in writes:
             site, act = sites[u], acts[sites[u].key]
-            fill = _fill_for(site, act, means, method, None)
+            fill = _fill_for(site, act, means, method, source_acts)
             stream = acts[streams[u]] if streams[u] else None
             out = layerskip.run_linear(
                 family,
@@ -314,7 +326,13 @@ def _hooked_effects(
             layer = layerskip.block_of(sites[u].module, prefix, n_blocks)
             if layer is not None and not calls.resumable_from(layer):
                 layer = None
-        with ablate(model, u, means, method=method, source=resample_batch(batch, method)):
+        if method != "resample":
+            source = None
+        elif source_acts is not None:
+            source = CapturedSource(source_acts)
+        else:
+            source = resample_batch(batch, method)
+        with ablate(model, u, means, method=method, source=source):
             if layer is None:
                 out = output_tensor(run_model(model, batch))
                 out = out if positions is None else out[:, positions]
@@ -342,12 +360,11 @@ def _sweep_batch(
     hooked_model = fastpath.any_hooks(model)  # the fast path would bypass foreign hooks
     slow = [u for u in units if plans[u] is None or hooked_model]
     fast_units = [u for u in units if plans[u] is not None and not hooked_model]
+    src = None
+    if method == "resample" and skip_layers:  # once per batch, for every unit
+        src = corrupt_acts(model, batch, sorted({check_sites(model, u)[0].key for u in units}))
     if slow:
-        effects.update(
-            _hooked_effects(
-                model, batch, slow, means, m, method, bar, skip_layers and method != "resample"
-            )
-        )
+        effects.update(_hooked_effects(model, batch, slow, means, m, method, bar, skip_layers, src))
     if not fast_units:
         return effects
     assert isinstance(model, HookedTransformer)
@@ -364,7 +381,7 @@ def _sweep_batch(
     if exact and not fastpath.replay_is_faithful(
         model, [plans[u] for u in fast_units], state, amask
     ):  # the replay would not be the forward here: the hooked forward decides
-        effects.update(_hooked_effects(model, batch, fast_units, means, m, method, bar, False))
+        effects.update(_hooked_effects(model, batch, fast_units, means, m, method, bar, False, src))
         return effects
     groups: dict[tuple[int, str], list[str]] = {}
     for u in fast_units:
@@ -375,7 +392,14 @@ def _sweep_batch(
 
             def run(kk: int, g: list[str] = group) -> Tensor:
                 return fastpath.ablated_logits(
-                    model, [plans[x] for x in g[:kk]], state, means, method, amask, positions
+                    model,
+                    [plans[x] for x in g[:kk]],
+                    state,
+                    means,
+                    method,
+                    amask,
+                    positions,
+                    source=src,
                 )
 
             k = _calibrate(run, len(group))
@@ -390,9 +414,19 @@ def _sweep_batch(
                 amask,
                 positions,
                 exact=exact,
+                source=src,
             )
             for i, u in enumerate(chunk):
                 effects[u] = effect_of(logits[i])
             if bar is not None:
                 bar.update(len(chunk))
     return effects
+
+
+def corrupt_acts(model: nn.Module, batch: Any, keys: list[str]) -> dict[str, Tensor]:
+    """Activations ``{key: [batch, ...]}`` at ``keys`` on the batch's corrupted input, from
+    one forward: the values ``ablate(..., method="resample", source=corrupted)`` patches
+    in, captured once for every unit of a sweep instead of once per unit."""
+    with capture(model, keys, once=True) as store:
+        run_model(model, resample_batch(batch, "resample"))
+    return dict(store)
