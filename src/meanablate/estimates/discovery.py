@@ -9,7 +9,7 @@ from typing import Any
 from meanablate.discovery.minimal import check_behaviour
 from meanablate.discovery.prune import discover
 from meanablate.discovery.subsets import SetMetric
-from meanablate.discovery.units import reverse_topological
+from meanablate.discovery.units import reverse_topological, unit_layer
 from meanablate.estimates.result import Estimate
 from meanablate.estimates.sweeps import Ctx, calibrate_sweep, estimate_attribute
 from meanablate.metrics import get_metric
@@ -79,15 +79,32 @@ def estimate_discover(
     check_behaviour(full, empty, force=options["force"])  # discover would refuse: say so now
     if algorithm == "acdc":
         # ACDC's j-th trial ablates unit j of the reverse order on top of those removed
-        # before it: priced as if all of them were (the most hooks), on at most an
-        # eighth of the trials (none of these is reused)
+        # before it: priced as if all of them were (the most hooks). A set resumes from
+        # its earliest unit's block where the family allows, so a trial costs what its
+        # own unit's layer costs: one trial timed per layer (the middle one of the
+        # layer's trials; at most n_calibrate layers, spread), and every trial priced at
+        # the nearest timed layer (none of these is reused)
         order = reverse_topological(ctx.units)
-        k = min(n_calibrate, n, max(2, n // 8))
-        picks = [min(n - 1, int((i + 0.5) * n / k)) for i in range(k)]
-        t0 = clock()
-        for j in picks:
-            set_metric(order[: j + 1])
-        per_eval = (clock() - t0) / len(picks)
+        by_layer: dict[int, list[int]] = {}
+        for j, u in enumerate(order):
+            by_layer.setdefault(unit_layer(u), []).append(j)
+        layers = sorted(by_layer)
+        k = min(max(1, n_calibrate), len(layers))
+        timed = sorted(
+            {layers[min(len(layers) - 1, int((i + 0.5) * len(layers) / k))] for i in range(k)}
+        )
+        cost: dict[int, float] = {}
+        for layer in timed:
+            js = by_layer[layer]
+            t0 = clock()
+            set_metric(order[: js[len(js) // 2] + 1])
+            cost[layer] = clock() - t0
+        total = sum(
+            cost[min(timed, key=lambda t: abs(t - layer))] * len(js)
+            for layer, js in by_layer.items()
+        )
+        per_eval = total / n
+        picks = timed
     del set_metric
     with PeakMemory(ctx.device) as held:  # the set metric's cache stays for the whole run
         set_metric = new_set_metric()
