@@ -13,8 +13,9 @@ A TransformerLens 4 ``TransformerBridge`` of a GPT-2-like architecture (over Hug
 GPT-2, or TransformerLens's ``NativeModel`` over our transformer) is copied the same way from
 its TL-format weights (``bridge.get_params()``, through
 :func:`~meanablate.adapters.transformer_lens.from_transformer_bridge`) and checked against
-the bridge's own forward; other bridges (Llama: RMSNorm, rotary, gated MLP) are refused
-with the reason.
+the bridge's own forward. Bridges over Llama-style and NeoX models (RMSNorm, rotary,
+gated MLP) need no copy: :mod:`~meanablate.discovery.edge_hf` reads the Hugging Face
+modules they wrap.
 """
 
 from __future__ import annotations
