@@ -379,3 +379,54 @@ def test_cli_run_shows_the_estimate_and_reuses_the_calibration(tmp_path, monkeyp
     flat = [u for c in swept for u in c]
     assert sorted(flat) == sorted(set(flat)) and len(flat) == 8  # each unit swept once
     assert (tmp_path / "sweep.json").is_file()
+
+
+class LayeredNet(nn.Module):
+    """Three blocks; its units are named by block, so ``unit_layer`` reads their layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x)
+
+
+def test_acdc_trials_are_priced_at_their_own_layers_cost(monkeypatch) -> None:
+    """A set resumes from its earliest unit's block, so a trial costs what its unit's layer
+    costs. Under a fake set metric whose cost is the number of blocks from the set's
+    earliest layer, the estimate equals the sum over ACDC's n trials exactly."""
+    from meanablate.discovery.units import reverse_topological, unit_layer
+    from meanablate.estimates import discovery as module
+
+    clock = FakeClock()
+    n_layers = 3
+
+    class FakeSets:
+        def __init__(self, model, batches, units, *args, **kwargs) -> None:
+            self.units = units
+
+        def __call__(self, ablated) -> torch.Tensor:
+            if ablated:  # the blocks a resumed run computes
+                clock.t += n_layers - min(unit_layer(u) for u in ablated)
+            return torch.full((4,), float(len(ablated)), dtype=torch.float64)
+
+    monkeypatch.setattr(module, "SetMetric", FakeSets)
+    model = LayeredNet().eval()
+    # uneven layers: 1 unit in block 0, 2 in block 1, 4 in block 2
+    units = ["blocks.0[neurons=0]"] + [f"blocks.1[neurons={i}]" for i in range(2)]
+    units += [f"blocks.2[neurons={i}]" for i in range(4)]
+    batches = [{"x": torch.randn(4, 4, generator=torch.Generator().manual_seed(2))}]
+    means = ma.compute_means(model, [f"blocks.{i}" for i in range(3)], batches)
+    est = ma.estimate(
+        model, batches, units, means, metric="l2", algorithm="acdc", threshold=0.1,
+        minimize=False, clock=clock, warn=False,
+    )  # fmt: skip
+    want = sum(n_layers - unit_layer(u) for u in reverse_topological(units))
+    assert est.parts["acdc"] == pytest.approx(want)  # 1*3 + 2*2 + 4*1 = 11
+    # two prefix trials averaged (the pricing before) gave (1 + 2) / 2 * 7 = 10.5
+    assert want == 11
