@@ -12,7 +12,6 @@ subset is enumerated, so "smallest circuit reaching the target" is checked exact
 from __future__ import annotations
 
 import itertools
-import re
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import torch
 from meanablate.discovery import discover, score_circuit
 from meanablate.organisms import registry
 from meanablate.stats import compute_means
+from tracr_reference import hand_logits, parse
 
 TARGET = 0.95
 # ACDC removes a unit when the metric moves by less than this fraction of the gap between
@@ -28,13 +28,6 @@ TARGET = 0.95
 ACDC_FRACTION = 0.01
 EXAMPLES = {"induction": 48}  # the tracr organisms are tiny: 128 examples
 ORGANISMS = ["tracr-reverse", "tracr-frac_prevs", "tracr-sort", "induction"]
-_UNIT_RE = re.compile(r"^(blocks\.\d+\.attn\.hook_z)\[heads=(\d+)\]$|^(blocks\.\d+\.hook_mlp_out)$")
-
-
-def parse(unit: str) -> tuple[str, int | None]:
-    m = _UNIT_RE.match(unit)
-    assert m, f"unexpected unit {unit!r}"
-    return (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), None)
 
 
 def hand_means(model, batches, units, per_position: bool) -> dict[str, torch.Tensor]:
@@ -59,30 +52,6 @@ def hand_means(model, batches, units, per_position: bool) -> dict[str, torch.Ten
         a = torch.cat(acts)  # [examples, pos, ...]
         out[key] = a.mean(0) if per_position else a.flatten(0, 1).mean(0)
     return out
-
-
-def hand_outputs(model, batch, ablated: list[str], means) -> torch.Tensor:
-    """Logits with every unit in ``ablated`` replaced by its mean (one hook per unit)."""
-    handles = []
-    for unit in ablated:
-        key, head = parse(unit)
-
-        def hook(_m, _a, out, key=key, head=head):
-            mean = means[key].to(out.dtype).expand(out.shape)
-            out = out.clone()
-            if head is None:
-                out[...] = mean
-            else:
-                out[:, :, head] = mean[:, :, head]
-            return out
-
-        handles.append(model.get_submodule(key).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(batch["tokens"])
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def hand_metric(metric: str, logits: torch.Tensor, batch: dict) -> np.ndarray:
@@ -113,7 +82,9 @@ class Table:
                 ablated = [u for u in self.units if u not in kept]
                 self.values[frozenset(kept)] = np.concatenate(
                     [
-                        hand_metric(org.metric, hand_outputs(org.model, b, ablated, means), b)
+                        hand_metric(
+                            org.metric, hand_logits(org.model, b["tokens"], ablated, means), b
+                        )
                         for b in batches
                     ]
                 )
