@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from torch import Tensor, nn
@@ -21,11 +22,32 @@ from meanablate.cli.records import Inputs, default_metric
 from meanablate.cli.units import resolve_units
 from meanablate.config import DEFAULT_N_EXAMPLES, InputError, Resolved
 
-__all__ = ["load_custom"]
+__all__ = ["import_user_module", "load_custom"]
 
 
 def _n_examples(cfg: Resolved) -> int:
     return cfg["n_examples"] if cfg["n_examples"] is not None else DEFAULT_N_EXAMPLES
+
+
+def import_user_module(module_name: str, label: str) -> ModuleType:
+    """The user's module: a ``.py`` file path, or a module importable from the working
+    directory. A missing file or a path that is not Python is an :class:`InputError`
+    starting with ``label``; the module's own import errors propagate to the caller."""
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise InputError(f"{label}: no such file {module_name}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise InputError(f"{label}: {module_name} is not a Python file (*.py)")
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return module
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(os.getcwd())
 
 
 def load_custom(cfg: Resolved, spec: str) -> Inputs:
@@ -33,21 +55,7 @@ def load_custom(cfg: Resolved, spec: str) -> Inputs:
     if not module_name or not func_name.isidentifier():
         raise InputError(f"--model {spec}: expected module:function, e.g. mymodels:build")
     try:
-        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-            path = Path(module_name)
-            if not path.is_file():
-                raise InputError(f"--model {spec}: no such file {module_name}")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if mod_spec is None or mod_spec.loader is None:
-                raise InputError(f"--model {spec}: {module_name} is not a Python file (*.py)")
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                sys.path.remove(os.getcwd())
+        module = import_user_module(module_name, f"--model {spec}")
     except InputError:
         raise
     except ModuleNotFoundError as exc:

@@ -8,13 +8,10 @@ its ground truth computed per mean kind) is written to ``--out`` and can then be
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from meanablate.cli.custom import import_user_module
 from meanablate.cli.errors import one_line
 from meanablate.config import InputError
 
@@ -37,20 +34,7 @@ def _program(spec: str) -> Any:
     if not module_name or not attr.isidentifier():
         raise InputError(f"PROGRAM {spec}: expected module:name or file.py:name")
     try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            path = Path(module_name)
-            if not path.is_file():
-                raise InputError(f"PROGRAM {spec}: no such file {module_name}")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                sys.path.remove(os.getcwd())
+        module = import_user_module(module_name, f"PROGRAM {spec}")
     except InputError:
         raise
     except Exception as exc:
